@@ -1,0 +1,128 @@
+"""Megatron `GPTModel` from a HuggingFace config directory (Qwen3, Qwen2, Llama).
+
+megatron-bridge's `AutoBridge` is the seam: it maps the HF config to a megatron `TransformerConfig`
+(its provider) and maps weights both ways. We pick the layer spec (TransformerEngine on CUDA when TE
+imports, the local spec with packed-sequence attention otherwise), the parallel layout, dtype, and
+turn off fusions that have no CPU kernels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_matpo import platform
+from megatron_matpo.model.layout import LayoutError, ParallelLayout
+
+SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+
+
+class UnsupportedArchitecture(ValueError):
+    pass
+
+
+def load_hf_config(hf_dir: str | Path):
+    from transformers import AutoConfig
+
+    path = Path(hf_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}/config.json not found: expected a HuggingFace model directory")
+    config = AutoConfig.from_pretrained(path)
+    archs = getattr(config, "architectures", None) or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise UnsupportedArchitecture(
+            f"{path}/config.json declares architectures={archs}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return config
+
+
+def check_layout(hf_dir: str | Path, layout: ParallelLayout) -> ParallelLayout:
+    """Validate before launching anything: raises LayoutError / UnsupportedArchitecture."""
+    return layout.validate(load_hf_config(hf_dir))
+
+
+def layer_spec(config):
+    """TE spec where TE runs; else megatron's local spec with THD-capable core attention."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec)
+
+    if platform.use_transformer_engine():
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+    from megatron_matpo.model.attention import PackedDotProductAttention
+
+    spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
+    spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    return spec
+
+
+@dataclass
+class BuiltModel:
+    chunks: list  # megatron model chunks on this rank (one per virtual stage; we use one)
+    bridge: Any  # megatron-bridge AutoBridge (HF name mapping, weight streaming)
+    provider: Any  # megatron-bridge GPT provider == the model's TransformerConfig
+    layout: ParallelLayout
+
+
+def make_bridge(hf_dir: str | Path):
+    from megatron_matpo.compat import import_auto_bridge
+
+    config = load_hf_config(hf_dir)  # clear error before megatron-bridge's own
+    auto_bridge = import_auto_bridge()
+    if any(Path(hf_dir).glob("*.safetensors")):
+        return auto_bridge.from_hf_pretrained(str(hf_dir), dtype=torch.float32)
+    # config and tokenizer only (a Megatron checkpoint's hf/ dir): weights come from elsewhere
+    return auto_bridge.from_hf_config(config)
+
+
+def build_model(hf_dir: str | Path, layout: ParallelLayout, *, load_weights: bool = True,
+                dtype: torch.dtype = torch.float32, seq_length: int = 4096, ddp_config=None,
+                bridge=None) -> BuiltModel:
+    """Build this rank's model chunks. Requires `dist.init_megatron(layout)` to have run.
+
+    With `ddp_config`, the chunks come wrapped in megatron's DistributedDataParallel (training);
+    without, they are bare modules (inference, reference model, conversion).
+    """
+    from megatron.core import parallel_state
+
+    layout.validate(load_hf_config(hf_dir))
+    bridge = bridge or make_bridge(hf_dir)
+    if (parallel_state.get_tensor_model_parallel_world_size() != layout.tp
+            or parallel_state.get_pipeline_model_parallel_world_size() != layout.pp):
+        raise LayoutError(f"megatron parallel state is tp={parallel_state.get_tensor_model_parallel_world_size()} "
+                          f"pp={parallel_state.get_pipeline_model_parallel_world_size()}, layout asks {layout}")
+    provider = bridge.to_megatron_provider(load_weights=False)
+    provider.tensor_model_parallel_size = layout.tp
+    provider.pipeline_model_parallel_size = layout.pp
+    provider.sequence_parallel = False
+    provider.params_dtype = provider.pipeline_dtype = dtype
+    provider.bf16, provider.fp16 = dtype == torch.bfloat16, dtype == torch.float16
+    provider.seq_length = seq_length
+    provider.transformer_layer_spec = layer_spec
+    provider.attention_softmax_in_fp32 = True
+    if not platform.capabilities().cuda:  # fused kernels below are CUDA-only
+        provider.gradient_accumulation_fusion = False
+        provider.bias_activation_fusion = False
+        provider.bias_dropout_fusion = False
+        provider.masked_softmax_fusion = False
+        provider.apply_rope_fusion = False
+        provider.persist_layer_norm = False
+        provider.cross_entropy_loss_fusion = False
+    if not platform.use_transformer_engine():
+        from megatron.core.transformer.enums import AttnBackend
+
+        provider.attention_backend = AttnBackend.auto  # `local` would swap our attention back out
+    provider.finalize()
+    chunks = provider.provide_distributed_model(
+        ddp_config=ddp_config, wrap_with_ddp=ddp_config is not None,
+        use_cpu_initialization=not platform.capabilities().cuda,
+        mixed_precision_wrapper=None if dtype == torch.float32 else _float16_module(),
+        pre_wrap_hook=(lambda chunks: bridge.load_hf_weights(chunks)) if load_weights else [],
+    )
+    return BuiltModel(chunks=chunks, bridge=bridge, provider=provider, layout=layout)
+
+
+def _float16_module():
+    from megatron.core.transformer.module import Float16Module
+
+    return Float16Module

@@ -1,0 +1,42 @@
+"""Parallel layout (TP × PP × DP) and its validation against a HuggingFace model config.
+
+Validation runs in the launching process, before any worker starts, so a bad layout costs nothing
+and the message names the field and the numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class LayoutError(ValueError):
+    """A parallel layout that does not divide the model or the world."""
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def validate(self, hf_config) -> "ParallelLayout":
+        for name in ("tp", "pp", "dp"):
+            if getattr(self, name) < 1:
+                raise LayoutError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        heads = hf_config.num_attention_heads
+        kv = getattr(hf_config, "num_key_value_heads", None) or heads
+        layers = hf_config.num_hidden_layers
+        arch = (getattr(hf_config, "architectures", None) or ["?"])[0]
+        if heads % self.tp:
+            raise LayoutError(f"parallel.tp={self.tp} does not divide num_attention_heads={heads} of {arch}")
+        if kv % self.tp:
+            raise LayoutError(f"parallel.tp={self.tp} does not divide num_key_value_heads={kv} of {arch}")
+        if hf_config.intermediate_size % self.tp:
+            raise LayoutError(f"parallel.tp={self.tp} does not divide intermediate_size="
+                              f"{hf_config.intermediate_size} of {arch}")
+        if layers % self.pp:
+            raise LayoutError(f"parallel.pp={self.pp} does not divide num_hidden_layers={layers} of {arch}")
+        return self
