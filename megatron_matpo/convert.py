@@ -69,11 +69,10 @@ def load_model_dist(chunks: list, model_dir: Path) -> None:
 
 # ---- workers: run on every rank of a launched world -------------------------------------------
 
-def _hf_to_megatron_worker(hf_dir: str, out_dir: str, layout: ParallelLayout) -> None:
-    from megatron_matpo.dist import init_megatron, shutdown_megatron
+def hf_to_megatron_on_ranks(hf_dir: str, out_dir: str, layout: ParallelLayout) -> None:
+    """Collective over an initialized Megatron world (`dist.init_megatron(layout)`)."""
     from megatron_matpo.model.builder import build_model
 
-    init_megatron(layout)
     out = Path(out_dir)
     built = build_model(hf_dir, layout, load_weights=True)
     save_model_dist(built.chunks, out / "model")
@@ -81,7 +80,6 @@ def _hf_to_megatron_worker(hf_dir: str, out_dir: str, layout: ParallelLayout) ->
         copy_hf_metadata(Path(hf_dir), out / "hf")
         write_meta(out, layout, step=None)
     torch.distributed.barrier()
-    shutdown_megatron()
 
 
 def export_hf(built, out_dir: Path, show_progress: bool = True) -> None:
@@ -95,9 +93,11 @@ def export_hf(built, out_dir: Path, show_progress: bool = True) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
+    tied = bool(getattr(built.provider, "share_embeddings_and_output_weights", False))
     stream = built.bridge.export_hf_weights(built.chunks, cpu=True, show_progress=show_progress and rank0)
     for name, tensor in stream:
-        if not rank0:
+        # a tied model's lm_head is the embedding; HF checkpoints omit it (as save_pretrained does)
+        if not rank0 or (tied and name == "lm_head.weight"):
             continue
         nbytes = tensor.numel() * tensor.element_size()
         if size and size + nbytes > SHARD_BYTES:
@@ -121,11 +121,10 @@ def export_hf(built, out_dir: Path, show_progress: bool = True) -> None:
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def _megatron_to_hf_worker(ckpt_dir: str, out_dir: str, layout: ParallelLayout) -> None:
-    from megatron_matpo.dist import init_megatron, shutdown_megatron
+def megatron_to_hf_on_ranks(ckpt_dir: str, out_dir: str, layout: ParallelLayout) -> None:
+    """Collective over an initialized Megatron world (`dist.init_megatron(layout)`)."""
     from megatron_matpo.model.builder import build_model
 
-    init_megatron(layout)
     ckpt = Path(ckpt_dir)
     built = build_model(ckpt / "hf", layout, load_weights=False)
     load_model_dist(built.chunks, ckpt / "model")
@@ -134,6 +133,13 @@ def _megatron_to_hf_worker(ckpt_dir: str, out_dir: str, layout: ParallelLayout) 
     if torch.distributed.get_rank() == 0:
         copy_hf_metadata(ckpt / "hf", out)
     torch.distributed.barrier()
+
+
+def _launched(fn, *args) -> None:
+    from megatron_matpo.dist import init_megatron, shutdown_megatron
+
+    init_megatron(args[-1])
+    fn(*args)
     shutdown_megatron()
 
 
@@ -144,7 +150,7 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, layout: ParallelLayo
     from megatron_matpo.model.builder import check_layout
 
     check_layout(hf_dir, layout)
-    launch_local(_hf_to_megatron_worker, layout.world_size, str(hf_dir), str(out_dir), layout)
+    launch_local(_launched, layout.world_size, hf_to_megatron_on_ranks, str(hf_dir), str(out_dir), layout)
     return Path(out_dir)
 
 
@@ -154,5 +160,5 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, layout: ParallelLa
 
     read_meta(ckpt_dir)
     check_layout(Path(ckpt_dir) / "hf", layout)
-    launch_local(_megatron_to_hf_worker, layout.world_size, str(ckpt_dir), str(out_dir), layout)
+    launch_local(_launched, layout.world_size, megatron_to_hf_on_ranks, str(ckpt_dir), str(out_dir), layout)
     return Path(out_dir)

@@ -119,7 +119,22 @@ def build_model(hf_dir: str | Path, layout: ParallelLayout, *, load_weights: boo
         mixed_precision_wrapper=None if dtype == torch.float32 else _float16_module(),
         pre_wrap_hook=(lambda chunks: bridge.load_hf_weights(chunks)) if load_weights else [],
     )
+    if ddp_config is not None:
+        _wire_grad_sync(chunks)
     return BuiltModel(chunks=chunks, bridge=bridge, provider=provider, layout=layout)
+
+
+def _wire_grad_sync(chunks: list) -> None:
+    """Make megatron's schedules finish DDP grad reduction (DP all-reduce / reduce-scatter, tied
+    embedding and layernorm grads across PP/TP) at the end of each forward_backward call, and skip
+    the reduction on all but the last micro-batch, as megatron's own training loop wires them."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(chunks[0])
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = chunks[0].no_sync if len(chunks) == 1 else [c.no_sync for c in chunks]
+    config.grad_sync_func = None  # no overlap of grad reduction with backward
 
 
 def _float16_module():

@@ -116,7 +116,7 @@ def _hf_config(arch: str, vocab_size: int, shape: TinyShape, tok) -> dict:
 
 
 def make_tiny_model(out_dir: str | Path, arch: str = "qwen3", seed: int = 0, shape: TinyShape | None = None,
-                    corpus: Iterable[str] | None = None, tokenizer_vocab: int = 2048) -> Path:
+                    corpus: Iterable[str] | None = None, tokenizer_vocab: int = 2048, tokenizer=None) -> Path:
     """Write a random-init (fixed seed) HF model directory with its tokenizer; returns the path."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -124,7 +124,7 @@ def make_tiny_model(out_dir: str | Path, arch: str = "qwen3", seed: int = 0, sha
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shape = shape or TinyShape()
-    tok = train_tokenizer(corpus if corpus is not None else synthetic_corpus(seed=seed), tokenizer_vocab)
+    tok = tokenizer or train_tokenizer(corpus if corpus is not None else synthetic_corpus(seed=seed), tokenizer_vocab)
     vocab = (len(tok) + 127) // 128 * 128  # padded like Qwen's configs; divisible by any small TP
     cfg_dict = _hf_config(arch, vocab, shape, tok)
     (out / "config.json").write_text(json.dumps(cfg_dict, indent=2))

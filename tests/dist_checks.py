@@ -1,0 +1,181 @@
+"""Checks that run inside launched Megatron worlds (see test_megatron_parity.py).
+
+Each function runs on every rank and returns a dict of measurements from rank 0; values measured on
+other ranks (the last pipeline stage holds the logits) are brought to rank 0 with an all-reduce.
+"""
+from __future__ import annotations
+
+import torch
+
+from megatron_matpo.model.layout import ParallelLayout
+
+SEQ_LENS = [7, 13, 4]  # deliberately unequal, as packed planner/worker rows are
+
+
+def _sequences(vocab: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g) for n in SEQ_LENS]
+
+
+def _hf_logits(hf_dir: str, seqs: list[torch.Tensor]) -> list[torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return [model(s.unsqueeze(0)).logits[0] for s in seqs]
+
+
+def _max_over_world(values: dict[str, float]) -> dict[str, float]:
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return dict(zip(keys, t.tolist()))
+
+
+def logits_vs_hf(hf_dirs: dict[str, str], layout: ParallelLayout) -> dict[str, float]:
+    """Max |megatron − transformers| logits per architecture, padded and packed (THD) batches."""
+    from megatron.core import parallel_state
+
+    from megatron_matpo import platform
+    from megatron_matpo.model.builder import build_model
+    from megatron_matpo.model.forward import full_logits, pack_sequences, pad_sequences
+
+    out: dict[str, float] = {}
+    for arch, hf_dir in hf_dirs.items():
+        built = build_model(hf_dir, layout, load_weights=True)
+        seqs = _sequences(built.provider.vocab_size)
+        ref = _hf_logits(hf_dir, seqs)
+        padded = full_logits(built.chunks, [pad_sequences(seqs)], platform.device())
+        packed = full_logits(built.chunks, [pack_sequences(seqs)], platform.device())
+        d_pad = d_pack = 0.0
+        if parallel_state.is_pipeline_last_stage():
+            offs = 0
+            for i, (s, r) in enumerate(zip(seqs, ref)):
+                n = len(s)
+                d_pad = max(d_pad, (padded[0][i, :n, : r.shape[-1]] - r).abs().max().item())
+                d_pack = max(d_pack, (packed[0][0, offs:offs + n, : r.shape[-1]] - r).abs().max().item())
+                offs += n
+        out[f"{arch}/padded"], out[f"{arch}/packed"] = d_pad, d_pack
+    return _max_over_world(out)
+
+
+def packed_backward(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
+    """Packed THD forward+backward: loss equals the per-sequence loss; every grad is finite."""
+    from megatron.core import tensor_parallel
+
+    from megatron_matpo import platform
+    from megatron_matpo.model.builder import build_model
+    from megatron_matpo.model.forward import pack_sequences, pad_sequences, run_schedule
+    from megatron_matpo.train.optim import OptimConfig, ddp_config
+
+    built = build_model(hf_dir, layout, load_weights=True, ddp_config=ddp_config(OptimConfig()))
+    seqs = _sequences(built.provider.vocab_size, seed=1)
+
+    def ce(out, mb):  # next-token CE summed over real tokens
+        labels = torch.roll(mb.input_ids, -1, dims=1).to(out.device)
+        loss = tensor_parallel.vocab_parallel_cross_entropy(out.float().contiguous(),
+                                                             labels)
+        mask = mb.extras["mask"].to(out.device)
+        total = (loss * mask).sum()
+        return total, {"loss": total.detach()}
+
+    def last_token_mask(mb, lens, packed):
+        m = torch.ones_like(mb.input_ids, dtype=torch.float32)
+        if packed:
+            ends = torch.cumsum(torch.tensor(lens), 0) - 1
+            m[0, ends] = 0.0  # the last token of each sequence has no next token
+        else:
+            for i, n in enumerate(lens):
+                m[i, n - 1:] = 0.0
+        return m
+
+    lens = [len(s) for s in seqs]
+    pk, pd = pack_sequences(seqs), pad_sequences(seqs)
+    pk.extras = {"mask": last_token_mask(pk, lens, True)}
+    pd.extras = {"mask": last_token_mask(pd, lens, False)}
+    device = platform.device()
+    for c in built.chunks:
+        c.train()
+        c.zero_grad_buffer()
+    rep_packed = run_schedule(built.chunks, [pk], ce, forward_only=False, device=device)
+    grads_finite = all(torch.isfinite(p.main_grad).all().item() for c in built.chunks for p in c.parameters())
+    grad_norm = sum(p.main_grad.float().pow(2).sum().item() for c in built.chunks for p in c.parameters())
+    rep_padded = run_schedule(built.chunks, [pd], ce, forward_only=True, device=device)
+    diff = abs(rep_packed[0]["loss"].item() - rep_padded[0]["loss"].item()) if rep_packed else 0.0
+    return _max_over_world({"loss_diff": diff, "grads_nonfinite": float(not grads_finite),
+                            "grad_sq_norm": grad_norm})
+
+
+def train_losses(hf_dir: str, layout: ParallelLayout, steps: int = 3) -> dict[str, float]:
+    """Losses of `steps` optimizer steps (DDP + distributed Adam) on one fixed global batch."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    from megatron_matpo import platform
+    from megatron_matpo.model.builder import build_model
+    from megatron_matpo.model.forward import MicroBatch, run_schedule
+    from megatron_matpo.train.optim import OptimConfig, build_optimizer, ddp_config
+
+    optim = OptimConfig(lr=1e-3, use_distributed_optimizer=True)
+    built = build_model(hf_dir, layout, load_weights=True, ddp_config=ddp_config(optim))
+    opt = build_optimizer(built.chunks, optim)
+    g = torch.Generator().manual_seed(7)
+    global_ids = torch.randint(0, built.provider.vocab_size, (4, 16), generator=g)
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    ids = global_ids.chunk(dp)[dp_rank]  # equal token counts per rank: DDP's mean == global mean
+    mb = MicroBatch(ids, torch.arange(16).unsqueeze(0).expand(ids.shape[0], -1).contiguous())
+
+    def ce(out, mb):
+        labels = mb.input_ids[:, 1:].to(out.device)
+        loss = tensor_parallel.vocab_parallel_cross_entropy(out[:, :-1].float().contiguous(),
+                                                             labels).mean()
+        return loss, {"loss": loss.detach()}
+
+    losses = {}
+    for step in range(steps):
+        for c in built.chunks:
+            c.train()
+            c.zero_grad_buffer()
+        opt.zero_grad()
+        rep = run_schedule(built.chunks, [mb], ce, forward_only=False, device=platform.device())
+        ok, grad_norm, _ = opt.step()
+        loss = rep[0]["loss"].clone() if rep else torch.zeros(())
+        # mean over DP replicas, taken on the last stage; then shared with the whole world
+        if parallel_state.is_pipeline_last_stage():
+            torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+            loss /= dp
+        losses[f"loss{step}"] = loss.item() if parallel_state.is_pipeline_last_stage() else float("-inf")
+        losses[f"grad_norm{step}"] = float(grad_norm or 0.0)
+        losses[f"ok{step}"] = float(bool(ok))
+    return _max_over_world(losses)
+
+
+def world_checks(hf_dirs: dict[str, str], phases: list[tuple[str, ParallelLayout]],
+                 work_dir: str = "") -> dict[str, dict]:
+    """Run several checks in one launched world, re-forming megatron's groups for each layout
+    (one process start-up, which dominates on CPU, serves every layout of this world size)."""
+    from megatron.core import parallel_state
+
+    from megatron_matpo.dist import init_megatron
+
+    results = {}
+    for name, layout in phases:
+        init_megatron(layout)
+        if name == "logits":
+            res = logits_vs_hf(hf_dirs, layout)
+        elif name == "packed_backward":
+            res = packed_backward(hf_dirs["qwen3"], layout)
+        elif name == "roundtrip":  # HF -> megatron dist ckpt -> HF, every architecture
+            from megatron_matpo.convert import hf_to_megatron_on_ranks, megatron_to_hf_on_ranks
+
+            for arch, hf_dir in hf_dirs.items():
+                ckpt, back = f"{work_dir}/{arch}-mcore", f"{work_dir}/{arch}-hf"
+                hf_to_megatron_on_ranks(hf_dir, ckpt, layout)
+                megatron_to_hf_on_ranks(ckpt, back, layout)
+            res = {}
+        elif name == "train":
+            res = train_losses(hf_dirs["qwen3"], layout)
+        else:
+            raise ValueError(name)
+        results[f"{name}@tp{layout.tp}pp{layout.pp}dp{layout.dp}"] = res
+        parallel_state.destroy_model_parallel()
+    return results
