@@ -16,3 +16,4 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tiny")
     tok = train_tokenizer(synthetic_corpus())
     return {a: str(make_tiny_model(root / a, a, tokenizer=tok)) for a in ARCHS}
+

@@ -27,9 +27,11 @@ def _hf_logits(hf_dir: str, seqs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def _max_over_world(values: dict[str, float]) -> dict[str, float]:
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    from megatron_matpo import platform
+
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=platform.device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return dict(zip(keys, t.tolist()))
+    return dict(zip(keys, t.cpu().tolist()))
 
 
 def logits_vs_hf(hf_dirs: dict[str, str], layout: ParallelLayout) -> dict[str, float]:
@@ -141,6 +143,7 @@ def train_losses(hf_dir: str, layout: ParallelLayout, steps: int = 3) -> dict[st
         loss = rep[0]["loss"].clone() if rep else torch.zeros(())
         # mean over DP replicas, taken on the last stage; then shared with the whole world
         if parallel_state.is_pipeline_last_stage():
+            loss = loss.to(platform.device())
             torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
             loss /= dp
         losses[f"loss{step}"] = loss.item() if parallel_state.is_pipeline_last_stage() else float("-inf")

@@ -100,14 +100,15 @@ def build_model(hf_dir: str | Path, layout: ParallelLayout, *, load_weights: boo
     provider.seq_length = seq_length
     provider.transformer_layer_spec = layer_spec
     provider.attention_softmax_in_fp32 = True
-    if not platform.capabilities().cuda:  # fused kernels below are CUDA-only
+    if not platform.use_transformer_engine():  # these fused kernels come from TE (or Apex)
         provider.gradient_accumulation_fusion = False
-        provider.bias_activation_fusion = False
-        provider.bias_dropout_fusion = False
         provider.masked_softmax_fusion = False
         provider.apply_rope_fusion = False
         provider.persist_layer_norm = False
         provider.cross_entropy_loss_fusion = False
+    if not platform.capabilities().cuda:  # torch.jit-fused bias ops are CUDA-only
+        provider.bias_activation_fusion = False
+        provider.bias_dropout_fusion = False
     if not platform.use_transformer_engine():
         from megatron.core.transformer.enums import AttnBackend
 
