@@ -46,3 +46,15 @@ def import_auto_bridge():
     finally:
         del sys.modules["transformer_engine"], sys.modules["transformer_engine.pytorch"]
     return AutoBridge
+
+
+def sglang_cpu_pythonpath() -> str:
+    """Directory to prepend to PYTHONPATH/sys.path for SGLang engines on CPU.
+
+    SGLang 0.5.23's generic CPU path (no Intel `sgl_kernel` CPU build on PyPI) imports
+    `vllm._custom_ops.rotary_embedding` for RoPE; without it the scheduler process dies and takes
+    the parent down with exit 137. `compat_shims/vllm` provides just that function in pure torch.
+    """
+    from pathlib import Path
+
+    return str(Path(__file__).parent / "compat_shims")

@@ -1,0 +1,208 @@
+"""SGLang rollout engines: the SGLang seam.
+
+Each engine is a real SGLang server process (`python -m sglang.launch_server`), on CPU with the
+switches that work there (see ../shared/STACK.md) and on GPU with the configured TP. Rollouts talk
+to it over its HTTP API with token ids in and token ids + logprobs out, so trajectories are built
+from the engine's own ids (never re-tokenized text).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from megatron_matpo import platform
+from megatron_matpo.compat import sglang_cpu_pythonpath
+from megatron_matpo.dist import free_port
+
+
+@dataclass
+class EngineConfig:
+    model_path: str
+    tp_size: int = 1
+    dtype: str = "auto"  # fp32 on CPU where "auto" would pick the checkpoint's dtype
+    mem_fraction_static: float = 0.05  # of host RAM on CPU; raise it on GPU (e.g. 0.6 colocated)
+    context_length: int | None = None
+    random_seed: int = 0
+    startup_timeout_s: float = 300.0
+    request_timeout_s: float = 600.0
+    log_dir: str | None = None  # engine stdout/stderr go here (one file per engine)
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Generation:
+    output_ids: list[int]
+    logprobs: list[float]  # one per output id, from the engine's sampling distribution
+    finish_reason: str  # "stop" | "length" | "abort"
+    prompt_tokens: int
+
+
+class EngineServer:
+    """Owns one SGLang server process."""
+
+    def __init__(self, cfg: EngineConfig, gpu_ids: list[int] | None = None):
+        self.cfg = cfg
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.gpu_ids = gpu_ids
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    def command(self) -> list[str]:
+        c = self.cfg
+        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", c.model_path,
+               "--host", "127.0.0.1", "--port", str(self.port), "--tp-size", str(c.tp_size),
+               "--mem-fraction-static", str(c.mem_fraction_static), "--random-seed", str(c.random_seed),
+               "--skip-server-warmup", "--log-level", "warning"]
+        dtype = c.dtype
+        if not platform.capabilities().cuda:
+            cmd += ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph"]
+            dtype = "float32" if dtype == "auto" else dtype
+        cmd += ["--dtype", dtype]
+        if c.context_length:
+            cmd += ["--context-length", str(c.context_length)]
+        return cmd + list(c.extra_args)
+
+    def start(self) -> "EngineServer":
+        env = dict(os.environ)
+        if not platform.capabilities().cuda:
+            env["PYTHONPATH"] = os.pathsep.join([sglang_cpu_pythonpath(), env.get("PYTHONPATH", "")])
+        if self.gpu_ids is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.gpu_ids))
+        log_dir = Path(self.cfg.log_dir) if self.cfg.log_dir else None
+        if log_dir:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self._log = open(log_dir / f"engine-{self.port}.log", "w")
+        out = self._log or subprocess.DEVNULL
+        self.proc = subprocess.Popen(self.command(), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        return self
+
+    def wait_ready(self) -> "EngineServer":
+        deadline = time.time() + self.cfg.startup_timeout_s
+        while time.time() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"SGLang engine exited with code {self.proc.returncode} during start-up"
+                                   + (f"; see {self._log.name}" if self._log else "; set log_dir to see why"))
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"SGLang engine at {self.url} not ready after {self.cfg.startup_timeout_s:.0f}s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            import signal
+
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        if self._log:
+            self._log.close()
+            self._log = None
+
+
+class EngineClient:
+    """Async client of one engine's HTTP API."""
+
+    def __init__(self, url: str, timeout_s: float = 600.0):
+        self.url = url
+        self.timeout_s = timeout_s
+        self.in_flight = 0
+        self._client: httpx.AsyncClient | None = None
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+            self._client = httpx.AsyncClient(timeout=self.timeout_s, limits=limits)
+        return self._client
+
+    async def generate(self, input_ids: list[int], sampling: dict) -> Generation:
+        self.in_flight += 1
+        try:
+            r = await self._http().post(f"{self.url}/generate", json={
+                "input_ids": input_ids, "sampling_params": sampling, "return_logprob": True,
+                "logprob_start_len": len(input_ids)})
+            r.raise_for_status()
+            body = r.json()
+        finally:
+            self.in_flight -= 1
+        meta = body["meta_info"]
+        lps = meta.get("output_token_logprobs") or []
+        ids = body.get("output_ids") or [t[1] for t in lps]
+        if len(lps) != len(ids):
+            raise RuntimeError(f"engine returned {len(ids)} ids but {len(lps)} logprobs")
+        reason = (meta.get("finish_reason") or {}).get("type", "stop")
+        return Generation(output_ids=list(ids), logprobs=[float(t[0]) for t in lps], finish_reason=reason,
+                          prompt_tokens=int(meta.get("prompt_tokens", len(input_ids))))
+
+    async def post(self, route: str, payload: dict | None = None) -> dict:
+        r = await self._http().post(f"{self.url}/{route}", json=payload or {})
+        r.raise_for_status()
+        return r.json() if r.content else {}
+
+    async def flush_cache(self) -> None:
+        await self.post("flush_cache")
+
+    async def update_weights_from_disk(self, model_path: str) -> None:
+        res = await self.post("update_weights_from_disk", {"model_path": model_path})
+        if not res.get("success", False):
+            raise RuntimeError(f"engine {self.url} refused weights from {model_path}: {res.get('message')}")
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+class EngineRouter:
+    """Spreads requests over several engines: each request goes to the engine with the fewest
+    requests in flight (ties to the lowest index), which balances long and short generations."""
+
+    def __init__(self, clients: list[EngineClient]):
+        if not clients:
+            raise ValueError("EngineRouter needs at least one engine")
+        self.clients = clients
+        self.assigned = [0] * len(clients)
+
+    async def generate(self, input_ids: list[int], sampling: dict) -> Generation:
+        i = min(range(len(self.clients)), key=lambda j: (self.clients[j].in_flight, j))
+        self.assigned[i] += 1
+        return await self.clients[i].generate(input_ids, sampling)
+
+    async def broadcast(self, method: str, *args) -> None:
+        await asyncio.gather(*(getattr(c, method)(*args) for c in self.clients))
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(c.aclose() for c in self.clients))
+
+
+def launch_engines(cfg: EngineConfig, n: int) -> list[EngineServer]:
+    """Start `n` engines in parallel and wait for all (GPUs split `tp_size` each on CUDA)."""
+    servers = []
+    for i in range(n):
+        gpus = list(range(i * cfg.tp_size, (i + 1) * cfg.tp_size)) if platform.capabilities().cuda else None
+        servers.append(EngineServer(cfg, gpus).start())
+    try:
+        for s in servers:
+            s.wait_ready()
+    except BaseException:
+        for s in servers:
+            s.stop()
+        raise
+    return servers
