@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
@@ -12,8 +11,9 @@ DEFAULT_WORK_DIR = Path(os.environ.get("MATPO_WORK_DIR", "runs"))
 
 
 def _quiet_libraries() -> None:
-    # megatron-bridge logs each optional import it could not make (TE, FP8) at INFO
-    logging.getLogger("megatron.bridge").setLevel(logging.WARNING)
+    from megatron_matpo.dist import quiet_known_noise
+
+    quiet_known_noise()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 

@@ -50,11 +50,23 @@ def shutdown_megatron() -> None:
         torch.distributed.destroy_process_group()
 
 
+def quiet_known_noise() -> None:
+    """Silence start-up chatter that says nothing actionable: megatron-bridge logs every optional
+    import it could not make (TE, FP8) at INFO, megatron-core warns once per module that TE/Apex
+    are absent (the platform layer already chose the local spec)."""
+    import logging
+    import warnings
+
+    logging.getLogger("megatron.bridge").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*(not installed|Falling back).*")
+
+
 def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # oversubscribed CPU ranks slow down ~40x without it
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    quiet_known_noise()
     try:
         result = fn(*args)
         queue.put((rank, "ok", result if rank == 0 else None))

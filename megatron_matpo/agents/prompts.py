@@ -1,0 +1,193 @@
+"""Prompt text for the planner, the worker (browsing agent) and the single-agent baseline.
+
+The tool list inside the system prompt is generated from `toolbox.specs`, so the prompt, the
+tool-call validator and the MCP servers can never disagree about names or argument schemas.
+Prompts are kept short on purpose: tiny CPU test models see them too, and every token of the
+system prompt is paid for on every turn of every rollout.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from megatron_matpo.toolbox.specs import AGENT_SERVER, ToolSpec
+
+Role = Literal["planner", "worker", "single"]
+ROLES: tuple[str, ...] = ("planner", "worker", "single")
+
+TOOL_OPEN, TOOL_CLOSE = "<use_mcp_tool>", "</use_mcp_tool>"
+THINK_CLOSE = "</think>"
+DEFAULT_SUMMARY_CHARS = 20_000
+
+
+def format_tool_call(server: str, tool: str, arguments: Mapping[str, Any]) -> str:
+    """The exact text a model writes to call `server`/`tool` (used in the prompt's example)."""
+    return (f"{TOOL_OPEN}\n<server_name>{server}</server_name>\n<tool_name>{tool}</tool_name>\n"
+            f"<arguments>\n{json.dumps(dict(arguments), ensure_ascii=False)}\n</arguments>\n{TOOL_CLOSE}")
+
+
+_FORMAT_BLOCK = """# How to call a tool
+Put the call at the very end of your message, written exactly like this:
+
+{example}
+
+Rules:
+- At most one tool call per message, and nothing may follow it.
+- The arguments are one JSON object matching the tool's input schema: give every required argument and no unknown ones.
+- The tool's result comes back to you in the next user message. Wait for it; never invent a result.
+- If a call fails, read the error, fix the call or try another approach.
+- A message without a tool call means you need no more tools."""
+
+_OBJECTIVE_BLOCK = """# Objective
+Complete the task accurately. Work step by step: split it into small steps, use one tool per step and base every claim on what the tools returned. Do not guess a fact that a tool can check; if sources disagree, look for another source."""
+
+
+def _tools_block(tools: Sequence[ToolSpec]) -> str:
+    if not tools:
+        return "# Available tools\n(none: answer from what you already know)"
+    by_server: dict[str, list[ToolSpec]] = {}
+    for t in tools:  # keep first-seen order of servers and tools: stable prompt text
+        by_server.setdefault(t.server, []).append(t)
+    parts = ["# Available tools"]
+    for server, specs in by_server.items():
+        parts.append(f"## Server: {server}")
+        for t in specs:
+            parts.append(f"### Tool: {t.name}\n{t.description}\n"
+                         f"Input JSON schema: {json.dumps(t.input_schema, ensure_ascii=False)}")
+    return "\n\n".join(parts)
+
+
+def _example_call(tools: Sequence[ToolSpec]) -> str:
+    if not tools:
+        return format_tool_call("SERVER_NAME", "TOOL_NAME", {"argument": "value"})
+    t = tools[0]
+    props = t.input_schema.get("properties", {})
+    args = {n: f"<{props.get(n, {}).get('description', n)}>" for n in t.required} or {"argument": "value"}
+    return format_tool_call(t.server, t.name, args)
+
+
+def _tool_refs(tools: Sequence[ToolSpec]) -> str:
+    return " or ".join(f"`{t.name}` (server `{t.server}`)" for t in tools)
+
+
+def _role_block(role: str, tools: Sequence[ToolSpec]) -> str:
+    if role == "planner":
+        agents = [t for t in tools if t.server == AGENT_SERVER] or list(tools)
+        via = _tool_refs(agents) if agents else "the agent tool"
+        return (
+            "# Your role: planner\n"
+            "You solve the user's task by delegating the research to a browsing agent.\n"
+            f"- Split the task into subtasks and send them one at a time with {via}.\n"
+            "- The agent does not see this conversation: make each subtask self-contained and name "
+            "every entity explicitly.\n"
+            "- Read each report, then decide the next subtask. If a report is incomplete or contradicts "
+            "another, send a follow-up subtask.\n"
+            "- When you know the answer, end with a short final answer in \\boxed{}, e.g. "
+            "\\boxed{Paris}, in a message without a tool call.")
+    if role == "worker":
+        return (
+            "# Your role: browsing agent\n"
+            "A planner agent assigned you a subtask. Find the facts it needs:\n"
+            "- Search with focused queries, open promising pages and read them; snippets alone can "
+            "mislead.\n"
+            "- Cross-check important facts in a second source when you can.\n"
+            "- Report factual content only, with the URL of every source, and say clearly what you "
+            "could not find.\n"
+            "- You cannot delegate to other agents.")
+    return (
+        "# Your role: solver\n"
+        "Solve the user's task yourself: search the web, open and read the relevant pages, and verify "
+        "the facts you rely on.\n"
+        "When you know the answer, end with a short final answer in \\boxed{}, e.g. \\boxed{Paris}, "
+        "in a message without a tool call.")
+
+
+def system_prompt(role: Role, tools: Sequence[ToolSpec]) -> str:
+    """Tool-use format and rules, the generated tool list, objective, then the role block."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+    intro = "You are a capable assistant that can use tools to complete tasks."
+    return "\n\n".join([
+        intro,
+        _FORMAT_BLOCK.format(example=_example_call(tools)),
+        _tools_block(tools),
+        _OBJECTIVE_BLOCK,
+        _role_block(role, tools),
+    ])
+
+
+def _need(name: str, value: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    return value.strip()
+
+
+_BOXED_INSTRUCTION = ("Think step by step and use the tools as needed. Put your final answer, as short as "
+                      "possible, in \\boxed{} at the end of your last message.")
+
+
+def planner_user_prompt(question: str) -> str:
+    return f"{_need('question', question)}\n\n{_BOXED_INSTRUCTION}"
+
+
+def single_user_prompt(question: str) -> str:
+    return f"{_need('question', question)}\n\n{_BOXED_INSTRUCTION}"
+
+
+def worker_user_prompt(main_task: str, subtask: str) -> str:
+    """Query recap: the worker sees the planner's original question next to its own subtask."""
+    main_task, subtask = _need("main_task", main_task), _need("subtask", subtask)
+    return (
+        "You are helping a planner agent that is working on this main task:\n"
+        f"<main_task>\n{main_task}\n</main_task>\n\n"
+        "The planner assigned you this subtask:\n"
+        f"<subtask>\n{subtask}\n</subtask>\n\n"
+        "Solve the subtask with your tools. Your final answer is returned to the planner, so keep it "
+        "factual, cite source URLs and mention anything else you found that helps the main task.")
+
+
+def worker_summary_prompt(main_task: str, subtask: str) -> str:
+    """Last worker turn: no tools, a structured report the planner can rely on."""
+    main_task, subtask = _need("main_task", main_task), _need("subtask", subtask)
+    return (
+        "Stop working now. Do NOT call any tool: a tool call in this message will be ignored.\n"
+        "Write your final report for the planner.\n\n"
+        f"Main task: {main_task}\n"
+        f"Your subtask: {subtask}\n\n"
+        "Use exactly these sections:\n"
+        "## Conclusion\nThe direct answer to the subtask, or a clear statement that it was not found.\n"
+        "## Supporting Information\nThe facts behind the conclusion, each with its source URL.\n"
+        "## Observations\nUncertainties, conflicting sources, and what remains unverified.\n"
+        "## Contribution to Main Task\nHow this result helps answer the main task, and what the "
+        "planner could check next.")
+
+
+# Tolerant of case and inner spaces, like the tool-call parser: a sloppy block must not leak through.
+_TOOL_OPEN_RE = re.compile(r"<\s*use_mcp_tool\s*>", re.IGNORECASE)
+_TOOL_BLOCK_RE = re.compile(_TOOL_OPEN_RE.pattern + r".*?<\s*/\s*use_mcp_tool\s*>", re.IGNORECASE | re.DOTALL)
+
+
+def clean_worker_summary(text: str, max_chars: int = DEFAULT_SUMMARY_CHARS) -> str:
+    """Worker summary as the planner sees it: no reasoning, no tool calls, bounded length."""
+    if max_chars < 0:
+        raise ValueError(f"max_chars must be >= 0, got {max_chars}")
+    cut = text.rfind(THINK_CLOSE)
+    if cut >= 0:
+        text = text[cut + len(THINK_CLOSE):]
+    text = _TOOL_BLOCK_RE.sub("", text)
+    unterminated = _TOOL_OPEN_RE.search(text)  # a call cut off by the length limit
+    if unterminated:
+        text = text[:unterminated.start()]
+    return text.strip()[:max_chars]
+
+
+def nested_agent_refusal() -> str:
+    return ("Error: browsing agents cannot call other agents. Use your own search and scrape tools "
+            "to finish the subtask, or write your answer.")
+
+
+def tool_error_message(server: str, tool: str, error: str | BaseException) -> str:
+    return (f"Error: the call to tool `{tool}` on server `{server}` failed: {error}\n"
+            "Check the server name, tool name and arguments, then retry or try another approach.")
