@@ -7,18 +7,10 @@ import asyncio
 import pytest
 import torch
 
-from megatron_matpo.rollout.engine import EngineClient, EngineConfig, EngineRouter, launch_engines
+from megatron_matpo.rollout.engine import EngineClient, EngineRouter
 
 pytestmark = pytest.mark.slow
 PROMPTS = [[5, 17, 99, 250, 3], [700, 12, 41], list(range(100, 140))]
-
-
-@pytest.fixture(scope="session")
-def engine(tiny_models, tmp_path_factory):
-    cfg = EngineConfig(model_path=tiny_models["qwen3"], log_dir=str(tmp_path_factory.mktemp("engine-logs")))
-    (server,) = launch_engines(cfg, 1)
-    yield server
-    server.stop()
 
 
 def test_greedy_ids_and_logprobs_match_transformers(engine, tiny_models):

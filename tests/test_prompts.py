@@ -2,8 +2,9 @@ import json
 
 import pytest
 
+from megatron_matpo.agents.toolcall import render_tool_call
 from megatron_matpo.agents.prompts import (
-    clean_worker_summary, format_tool_call, nested_agent_refusal, planner_user_prompt, single_user_prompt,
+    clean_worker_summary, nested_agent_refusal, planner_user_prompt, single_user_prompt,
     system_prompt, tool_error_message, worker_summary_prompt, worker_user_prompt,
 )
 from megatron_matpo.toolbox.specs import (
@@ -57,10 +58,10 @@ def test_system_prompt_bad_role():
 
 
 def test_format_tool_call_example_matches_syntax():
-    call = format_tool_call("s", "t", {"q": "x"})
+    call = render_tool_call("s", "t", {"q": "x"})
     assert call == ('<use_mcp_tool>\n<server_name>s</server_name>\n<tool_name>t</tool_name>\n'
                     '<arguments>\n{"q": "x"}\n</arguments>\n</use_mcp_tool>')
-    assert format_tool_call(AGENT_SERVER, "search_and_browse", {"subtask": "<the subtask, self-contained>"}) in \
+    assert render_tool_call(AGENT_SERVER, "search_and_browse", {"subtask": "<the subtask, self-contained>"}) in \
         system_prompt("planner", PLANNER_TOOLS)
 
 
@@ -89,7 +90,7 @@ def test_worker_summary_prompt():
     assert positions == sorted(positions)
 
 
-CALL = format_tool_call("search_and_scrape_webpage", "scrape", {"url": "https://wiki.local/a"})
+CALL = render_tool_call("search_and_scrape_webpage", "scrape", {"url": "https://wiki.local/a"})
 
 
 @pytest.mark.parametrize("raw, expected", [

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+from megatron_matpo.agents.toolcall import render_tool_call
 from megatron_matpo.toolbox.specs import AGENT_SERVER, ToolSpec
 
 Role = Literal["planner", "worker", "single"]
@@ -20,12 +21,6 @@ ROLES: tuple[str, ...] = ("planner", "worker", "single")
 TOOL_OPEN, TOOL_CLOSE = "<use_mcp_tool>", "</use_mcp_tool>"
 THINK_CLOSE = "</think>"
 DEFAULT_SUMMARY_CHARS = 20_000
-
-
-def format_tool_call(server: str, tool: str, arguments: Mapping[str, Any]) -> str:
-    """The exact text a model writes to call `server`/`tool` (used in the prompt's example)."""
-    return (f"{TOOL_OPEN}\n<server_name>{server}</server_name>\n<tool_name>{tool}</tool_name>\n"
-            f"<arguments>\n{json.dumps(dict(arguments), ensure_ascii=False)}\n</arguments>\n{TOOL_CLOSE}")
 
 
 _FORMAT_BLOCK = """# How to call a tool
@@ -61,11 +56,11 @@ def _tools_block(tools: Sequence[ToolSpec]) -> str:
 
 def _example_call(tools: Sequence[ToolSpec]) -> str:
     if not tools:
-        return format_tool_call("SERVER_NAME", "TOOL_NAME", {"argument": "value"})
+        return render_tool_call("SERVER_NAME", "TOOL_NAME", {"argument": "value"})
     t = tools[0]
     props = t.input_schema.get("properties", {})
     args = {n: f"<{props.get(n, {}).get('description', n)}>" for n in t.required} or {"argument": "value"}
-    return format_tool_call(t.server, t.name, args)
+    return render_tool_call(t.server, t.name, args)
 
 
 def _tool_refs(tools: Sequence[ToolSpec]) -> str:

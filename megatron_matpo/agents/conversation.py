@@ -1,0 +1,89 @@
+"""A token-level conversation: the source of truth for what a trajectory trains on.
+
+Generated tokens are appended exactly as the engine returned them (with its logprobs, loss mask 1).
+Everything else (system/user/tool messages, end-of-turn markers, the next generation prompt) is
+rendered by the tokenizer's chat template and tokenized *on its own*, so no generated text is ever
+re-tokenized: re-tokenizing a turn can merge tokens across the boundary and train tokens the model
+never produced.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+_ANCHOR = [{"role": "user", "content": "\u2063"}]  # an invisible anchor message for template deltas
+
+
+class ChatTemplate:
+    """Chat-template pieces as token ids, derived from the tokenizer's own template."""
+
+    def __init__(self, tokenizer, enable_thinking: bool | None = None):
+        self.tok = tokenizer
+        self.kw = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        anchor = self._render(_ANCHOR)
+        probe = "\u2064"
+        closed = self._render(_ANCHOR + [{"role": "assistant", "content": probe}])
+        gen_prefix = self._render(_ANCHOR, add_generation_prompt=True)
+        # text the template puts after an assistant message's content, e.g. "<|im_end|>\n"
+        self.turn_close = closed[closed.index(probe) + len(probe):]
+        if not closed.startswith(anchor):
+            raise ValueError("chat template does not render conversations as a prefix-stable sequence")
+        self.assistant_open = gen_prefix[len(anchor):]
+        eos = tokenizer.eos_token or ""
+        if eos and not self.turn_close.startswith(eos):
+            raise ValueError(f"chat template closes assistant turns with {self.turn_close!r}, "
+                             f"not with eos {eos!r}; generation stop and template would disagree")
+        self.eos_id = tokenizer.eos_token_id
+
+    def _render(self, messages, add_generation_prompt: bool = False) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                            **self.kw)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        return self.encode(self._render(messages, add_generation_prompt=True))
+
+    def continuation_ids(self, messages: list[dict], ended_with_eos: bool) -> list[int]:
+        """Ids that close the last assistant turn, add `messages`, and open the next assistant turn."""
+        anchor = self._render(_ANCHOR)
+        full = self._render(_ANCHOR + messages, add_generation_prompt=True)
+        close = self.turn_close[len(self.tok.eos_token):] if ended_with_eos else self.turn_close
+        return self.encode(close + full[len(anchor):])
+
+
+@dataclass
+class Conversation:
+    """Messages (for transcripts) and the token sequence (for training) of one agent."""
+
+    template: ChatTemplate
+    messages: list[dict]
+    ids: list[int] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    prompt_len: int = 0
+
+    def __post_init__(self):
+        if not self.ids:
+            self.ids = self.template.prompt_ids(self.messages)
+            self.loss_mask = [0] * len(self.ids)
+            self.logprobs = [0.0] * len(self.ids)
+            self.prompt_len = len(self.ids)
+
+    def add_generated(self, ids: list[int], logprobs: list[float], text: str) -> None:
+        self.ids += ids
+        self.loss_mask += [1] * len(ids)
+        self.logprobs += logprobs
+        self.messages.append({"role": "assistant", "content": text})
+
+    def add_messages(self, messages: list[dict]) -> None:
+        ended_with_eos = bool(self.loss_mask) and self.loss_mask[-1] == 1 and self.ids[-1] == self.template.eos_id
+        extra = self.template.continuation_ids(messages, ended_with_eos)
+        self.ids += extra
+        self.loss_mask += [0] * len(extra)
+        self.logprobs += [0.0] * len(extra)
+        self.messages.extend(messages)
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(self.loss_mask)

@@ -1,0 +1,227 @@
+"""Agent workflows on the rollout engines: MATPO planner/worker, and the single-agent baseline.
+
+One planner rollout yields one planner trajectory plus one trajectory per worker it spawned; each
+is a separate training row (token ids, loss mask over exactly the engine-generated tokens, the
+engine's logprobs), linked to its planner by `parent_id` and sharing the prompt's `group_id`.
+Workers run with isolated contexts (system prompt + query recap only), and several worker calls of
+one planner turn run concurrently.
+"""
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from megatron_matpo.agents import prompts
+from megatron_matpo.agents.conversation import ChatTemplate, Conversation
+from megatron_matpo.agents.toolcall import Problem, format_score, parse_tool_calls, validate_call
+from megatron_matpo.toolbox.specs import (AGENT_SERVER, PLANNER_TOOLS, SEARCH_AND_BROWSE, SINGLE_AGENT_TOOLS,
+                                          WORKER_TOOLS, ToolSpec)
+
+
+@dataclass
+class AgentLimits:
+    max_turns: int = 20
+    max_context_tokens: int = 40960  # prompt + every turn of one agent
+    max_tokens_per_turn: int = 8192
+    summary_reserve_tokens: int = 4096  # a worker stops tool use when only this much room is left
+    max_calls_per_turn: int = 8  # tool calls executed from one message (MATPO: one is the rule)
+
+
+@dataclass
+class WorkflowConfig:
+    mode: str = "matpo"  # "matpo" | "single"
+    planner: AgentLimits = field(default_factory=AgentLimits)
+    worker: AgentLimits = field(default_factory=AgentLimits)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    summary_max_chars: int = prompts.DEFAULT_SUMMARY_CHARS
+    enable_thinking: bool | None = None
+    # extra sampling params for the first planner/single turn, e.g. {"regex": ...} to constrain it
+    first_turn_sampling: dict[str, Any] | None = None
+
+
+@dataclass
+class Trajectory:
+    traj_id: str
+    role: str  # planner | worker | single
+    group_id: str
+    sample_uid: str
+    parent_id: str | None
+    token_ids: list[int]
+    loss_mask: list[int]
+    logprobs: list[float]
+    prompt_len: int
+    messages: list[dict]
+    final_text: str
+    turns: int = 0
+    tool_calls: int = 0
+    tool_errors: int = 0
+    format_score: float = 1.0
+    finish: str = "answer"  # answer | max_turns | context | summary
+    children: list[str] = field(default_factory=list)
+    reward: float | None = None
+    reward_components: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class Generator(Protocol):
+    async def generate(self, input_ids: list[int], sampling: dict): ...
+
+
+class ToolCaller(Protocol):
+    async def call(self, server: str, tool: str, arguments: dict): ...
+
+
+class Workflow:
+    def __init__(self, cfg: WorkflowConfig, engine: Generator, tools: ToolCaller, tokenizer):
+        self.cfg = cfg
+        self.engine = engine
+        self.tools = tools
+        self.tok = tokenizer
+        self.template = ChatTemplate(tokenizer, cfg.enable_thinking)
+
+    # ---- entry point ------------------------------------------------------------------------------
+    async def rollout(self, question: str, sample_uid: str, group_id: str) -> list[Trajectory]:
+        if self.cfg.mode == "matpo":
+            return await self._planner(question, sample_uid, group_id)
+        if self.cfg.mode == "single":
+            return [await self._single(question, sample_uid, group_id)]
+        raise ValueError(f"workflow mode {self.cfg.mode!r}: expected 'matpo' or 'single'")
+
+    # ---- shared turn machinery --------------------------------------------------------------------
+    def _sampling(self, max_new: int, first: bool) -> dict:
+        s = {"temperature": self.cfg.temperature, "top_p": self.cfg.top_p, "max_new_tokens": max_new}
+        if first and self.cfg.first_turn_sampling:
+            s.update(self.cfg.first_turn_sampling)
+        return s
+
+    def _room(self, conv: Conversation, limits: AgentLimits, reserve: int = 0) -> int:
+        return min(limits.max_tokens_per_turn, limits.max_context_tokens - len(conv.ids) - reserve)
+
+    async def _turn(self, conv: Conversation, max_new: int, first: bool = False) -> tuple[str, str]:
+        gen = await self.engine.generate(conv.ids, self._sampling(max_new, first))
+        ids = gen.output_ids
+        body = ids[:-1] if ids and ids[-1] == self.template.eos_id else ids
+        text = self.tok.decode(body, skip_special_tokens=False)
+        conv.add_generated(ids, gen.logprobs, text)
+        return text, gen.finish_reason
+
+    async def _run_tools(self, text: str, allowed: tuple[ToolSpec, ...], traj: Trajectory, limits: AgentLimits,
+                         agent_call) -> str | None:
+        """Execute the tool calls of one message; returns the observation message text (None if the
+        message called no tool, i.e. the agent is done)."""
+        parsed = parse_tool_calls(text)
+        if not parsed.calls and parsed.error_message is None:
+            return None
+        # several calls in one message are executed together (concurrent workers), so that alone
+        # earns no complaint; any other format problem is explained to the model
+        complain = any(k != Problem.MULTIPLE_CALLS for k in parsed.problem_kinds)
+        notes = [parsed.error_message] if complain else []
+        calls = parsed.calls[: limits.max_calls_per_turn]
+        traj.tool_calls += len(calls)
+
+        async def one(call) -> str:
+            if call.server == AGENT_SERVER and agent_call is None:
+                traj.tool_errors += 1
+                return prompts.nested_agent_refusal()
+            problems = validate_call(call, allowed)
+            if problems:
+                traj.tool_errors += 1
+                return prompts.tool_error_message(call.server, call.tool, "; ".join(problems))
+            if call.server == AGENT_SERVER:
+                return await agent_call(call.arguments["subtask"])
+            res = await self.tools.call(call.server, call.tool, call.arguments)
+            if not res.ok:
+                traj.tool_errors += 1
+            return res.text
+
+        results = await asyncio.gather(*(one(c) for c in calls))  # concurrent: workers, searches
+        if not calls:
+            traj.tool_errors += 1
+        return "\n\n".join(notes + list(results))
+
+    def _trajectory(self, role: str, conv: Conversation, sample_uid: str, group_id: str,
+                    parent_id: str | None) -> Trajectory:
+        return Trajectory(traj_id=uuid.uuid4().hex[:16], role=role, group_id=group_id, sample_uid=sample_uid,
+                          parent_id=parent_id, token_ids=conv.ids, loss_mask=conv.loss_mask,
+                          logprobs=conv.logprobs, prompt_len=conv.prompt_len, messages=conv.messages,
+                          final_text="")
+
+    async def _loop(self, conv: Conversation, traj: Trajectory, limits: AgentLimits, allowed, agent_call,
+                    reserve: int, first_constrained: bool) -> str:
+        """Generate/act until the agent stops calling tools or runs out of turns or room."""
+        text = ""
+        for turn in range(limits.max_turns):
+            room = self._room(conv, limits, reserve)
+            if room <= 0:
+                traj.finish = "context"
+                return text
+            text, _ = await self._turn(conv, room, first=first_constrained and turn == 0)
+            traj.turns += 1
+            observation = await self._run_tools(text, allowed, traj, limits, agent_call)
+            if observation is None:
+                traj.finish = "answer"
+                return text
+            conv.add_messages([{"role": "user", "content": observation}])
+        traj.finish = "max_turns"
+        return text
+
+    def _finish(self, traj: Trajectory, conv: Conversation, allowed) -> None:
+        traj.token_ids, traj.loss_mask, traj.logprobs = conv.ids, conv.loss_mask, conv.logprobs
+        turns = [m["content"] for m in conv.messages if m["role"] == "assistant"]
+        traj.format_score = format_score(turns, allowed)
+
+    # ---- roles ------------------------------------------------------------------------------------
+    async def _worker(self, main_task: str, subtask: str, sample_uid: str, group_id: str, parent_id: str,
+                      out: list[Trajectory]) -> str:
+        lim = self.cfg.worker
+        conv = Conversation(self.template, [
+            {"role": "system", "content": prompts.system_prompt("worker", WORKER_TOOLS)},
+            {"role": "user", "content": prompts.worker_user_prompt(main_task, subtask)}])
+        traj = self._trajectory("worker", conv, sample_uid, group_id, parent_id)
+        out.append(traj)
+        summary_msg = {"role": "user", "content": prompts.worker_summary_prompt(main_task, subtask)}
+        # keep room for the summary instruction itself plus the summary
+        reserve = lim.summary_reserve_tokens + len(self.template.continuation_ids([summary_msg], False))
+        await self._loop(conv, traj, lim, WORKER_TOOLS, None, reserve, False)
+        # forced final summary: no tools, structured, returned to the planner
+        conv.add_messages([summary_msg])
+        room = min(lim.summary_reserve_tokens, lim.max_context_tokens - len(conv.ids))
+        summary = ""
+        if room > 0:
+            summary, _ = await self._turn(conv, room)
+            traj.turns += 1
+        traj.final_text = prompts.clean_worker_summary(summary, self.cfg.summary_max_chars)
+        self._finish(traj, conv, WORKER_TOOLS)
+        return traj.final_text or "(the browsing agent returned no summary)"
+
+    async def _planner(self, question: str, sample_uid: str, group_id: str) -> list[Trajectory]:
+        conv = Conversation(self.template, [
+            {"role": "system", "content": prompts.system_prompt("planner", PLANNER_TOOLS)},
+            {"role": "user", "content": prompts.planner_user_prompt(question)}])
+        planner = self._trajectory("planner", conv, sample_uid, group_id, None)
+        workers: list[Trajectory] = []
+
+        async def delegate(subtask: str) -> str:
+            return await self._worker(question, subtask, sample_uid, group_id, planner.traj_id, workers)
+
+        planner.final_text = await self._loop(conv, planner, self.cfg.planner, PLANNER_TOOLS, delegate, 0, True)
+        self._finish(planner, conv, PLANNER_TOOLS)
+        planner.children = [w.traj_id for w in workers]
+        return [planner, *workers]
+
+    async def _single(self, question: str, sample_uid: str, group_id: str) -> Trajectory:
+        conv = Conversation(self.template, [
+            {"role": "system", "content": prompts.system_prompt("single", SINGLE_AGENT_TOOLS)},
+            {"role": "user", "content": prompts.single_user_prompt(question)}])
+        traj = self._trajectory("single", conv, sample_uid, group_id, None)
+        traj.final_text = await self._loop(conv, traj, self.cfg.planner, SINGLE_AGENT_TOOLS, None, 0, True)
+        self._finish(traj, conv, SINGLE_AGENT_TOOLS)
+        return traj
+
+
+__all__ = ["AgentLimits", "WorkflowConfig", "Trajectory", "Workflow", "SEARCH_AND_BROWSE"]

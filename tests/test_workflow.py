@@ -1,0 +1,119 @@
+"""MATPO and single-agent workflows on a real SGLang engine and a real MCP tool server (tiny model)."""
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+import torch
+
+from megatron_matpo.agents.toolcall import render_tool_call
+from megatron_matpo.agents.workflow import AgentLimits, Workflow, WorkflowConfig
+from megatron_matpo.rollout.engine import EngineClient
+from megatron_matpo.toolbox.specs import AGENT_SERVER, SEARCH_AND_BROWSE, SEARCH_SERVER
+
+pytestmark = pytest.mark.slow
+SUBTASKS = ["Find where Alpha was born.", "Find the river of Beta."]
+QUESTION = "Which river flows through the city where Alpha was born?"
+
+
+@pytest.fixture(scope="module")
+def toolbox(tmp_path_factory):
+    from megatron_matpo.data.multihop import MultihopConfig, write_multihop
+    from megatron_matpo.toolbox.server import RunningServer, ToolboxConfig
+
+    out = tmp_path_factory.mktemp("mh")
+    write_multihop(out, MultihopConfig(n_entities=40, n_train=8, n_val=4))
+    with RunningServer(ToolboxConfig(backend="local", corpus_path=str(out / "corpus.jsonl"), port=0)) as srv:
+        yield srv.url
+
+
+def _limits(per_turn: int = 24) -> AgentLimits:
+    return AgentLimits(max_turns=3, max_context_tokens=3072, max_tokens_per_turn=per_turn, summary_reserve_tokens=48)
+
+
+def _run(engine, toolbox, tiny_models, cfg: WorkflowConfig):
+    from transformers import AutoTokenizer
+
+    from megatron_matpo.toolbox.client import ToolClient
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["qwen3"])
+
+    async def go():
+        client = EngineClient(engine.url)
+        async with ToolClient({SEARCH_SERVER: toolbox}) as tools:
+            wf = Workflow(cfg, client, tools, tok)
+            try:
+                return await wf.rollout(QUESTION, "s0#0", "s0")
+            finally:
+                await client.aclose()
+
+    return asyncio.run(go()), tok
+
+
+def _forced_delegation() -> str:
+    text = "".join(render_tool_call(AGENT_SERVER, SEARCH_AND_BROWSE.name, {"subtask": s}) for s in SUBTASKS)
+    return re.escape(text)
+
+
+@pytest.fixture(scope="module")
+def matpo_run(engine, toolbox, tiny_models):
+    # the planner's first turn must fit the two forced calls (~150 tokens of the tiny tokenizer)
+    cfg = WorkflowConfig(mode="matpo", planner=_limits(per_turn=256), worker=_limits(), temperature=1.0,
+                         first_turn_sampling={"regex": _forced_delegation()})
+    return _run(engine, toolbox, tiny_models, cfg)
+
+
+def test_planner_spawns_isolated_workers(matpo_run):
+    trajs, _ = matpo_run
+    planner, workers = trajs[0], trajs[1:]
+    assert planner.role == "planner" and len(workers) == 2, planner.messages[2:4]
+    assert planner.children == [w.traj_id for w in workers]
+    for w, sub in zip(workers, SUBTASKS):
+        assert w.role == "worker" and w.parent_id == planner.traj_id and w.group_id == planner.group_id
+        recap = w.messages[1]["content"]
+        assert QUESTION in recap and sub in recap  # query recap: main task + subtask
+        assert not any(m["content"] == planner.messages[1]["content"] for m in w.messages)  # isolated
+        assert w.messages[-2]["role"] == "user" and "Conclusion" in w.messages[-2]["content"]  # summary turn
+    # the planner receives every worker's (cleaned) summary as a user message
+    obs = planner.messages[3]
+    assert obs["role"] == "user"
+    for w in workers:
+        assert (w.final_text or "(the browsing agent returned no summary)") in obs["content"]
+
+
+def _check_tokens(traj, tok, hf):
+    ids = traj.token_ids
+    assert len(ids) == len(traj.loss_mask) == len(traj.logprobs)
+    # decoding the ids reproduces the transcript as the chat template renders it
+    rendered = tok.apply_chat_template(traj.messages, tokenize=False)
+    decoded = tok.decode(ids, skip_special_tokens=False)
+    assert rendered.startswith(decoded) and rendered[len(decoded):] in ("", "<|im_end|>\n", "\n")
+    # the loss mask covers exactly the generated assistant tokens
+    n_gen = sum(traj.loss_mask)
+    assert n_gen > 0 and traj.loss_mask[: traj.prompt_len] == [0] * traj.prompt_len
+    # stored logprobs are the engine's sampling logprobs: check against transformers at T=1
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
+    pos = [i for i, m in enumerate(traj.loss_mask) if m]
+    ref = torch.stack([logp[i - 1, ids[i]] for i in pos])
+    got = torch.tensor([traj.logprobs[i] for i in pos])
+    return (got - ref).abs()
+
+
+def test_token_level_trajectories(matpo_run, tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    trajs, tok = matpo_run
+    hf = AutoModelForCausalLM.from_pretrained(tiny_models["qwen3"], dtype=torch.float32).eval()
+    for t in trajs:
+        diff = _check_tokens(t, tok, hf)
+        if t.role == "worker":  # unconstrained sampling at T=1: engine logprobs == model logprobs
+            assert diff.max().item() < 1e-3, diff.max()
+
+
+def test_single_agent_baseline(engine, toolbox, tiny_models):
+    cfg = WorkflowConfig(mode="single", planner=_limits(), temperature=1.0)
+    (traj,), tok = _run(engine, toolbox, tiny_models, cfg)
+    assert traj.role == "single" and traj.parent_id is None and traj.turns >= 1
+    assert sum(traj.loss_mask) > 0
