@@ -9,7 +9,9 @@ one planner turn run concurrently.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -38,8 +40,12 @@ class WorkflowConfig:
     top_p: float = 1.0
     summary_max_chars: int = prompts.DEFAULT_SUMMARY_CHARS
     enable_thinking: bool | None = None
-    # extra sampling params for the first planner/single turn, e.g. {"regex": ...} to constrain it
-    first_turn_sampling: dict[str, Any] | None = None
+    # extra sampling params for an agent's first turn, e.g. {"regex": ...} to constrain it
+    first_turn_sampling: dict[str, Any] | None = None  # planner / single agent
+    worker_first_turn_sampling: dict[str, Any] | None = None
+    # run the calls of one message (several workers, several searches) concurrently; MATPO's
+    # reference code runs workers one after another (False reproduces that)
+    concurrent_calls: bool = True
 
 
 @dataclass
@@ -83,6 +89,8 @@ class Workflow:
         self.tools = tools
         self.tok = tokenizer
         self.template = ChatTemplate(tokenizer, cfg.enable_thinking)
+        # summed durations of every engine and tool call: what a fully sequential rollout would take
+        self.busy_s: Counter[str] = Counter()
 
     # ---- entry point ------------------------------------------------------------------------------
     async def rollout(self, question: str, sample_uid: str, group_id: str) -> list[Trajectory]:
@@ -93,17 +101,17 @@ class Workflow:
         raise ValueError(f"workflow mode {self.cfg.mode!r}: expected 'matpo' or 'single'")
 
     # ---- shared turn machinery --------------------------------------------------------------------
-    def _sampling(self, max_new: int, first: bool) -> dict:
+    def _sampling(self, max_new: int, extra: dict | None) -> dict:
         s = {"temperature": self.cfg.temperature, "top_p": self.cfg.top_p, "max_new_tokens": max_new}
-        if first and self.cfg.first_turn_sampling:
-            s.update(self.cfg.first_turn_sampling)
-        return s
+        return {**s, **(extra or {})}
 
     def _room(self, conv: Conversation, limits: AgentLimits, reserve: int = 0) -> int:
         return min(limits.max_tokens_per_turn, limits.max_context_tokens - len(conv.ids) - reserve)
 
-    async def _turn(self, conv: Conversation, max_new: int, first: bool = False) -> tuple[str, str]:
-        gen = await self.engine.generate(conv.ids, self._sampling(max_new, first))
+    async def _turn(self, conv: Conversation, max_new: int, extra: dict | None = None) -> tuple[str, str]:
+        t0 = time.perf_counter()
+        gen = await self.engine.generate(conv.ids, self._sampling(max_new, extra))
+        self.busy_s["generate"] += time.perf_counter() - t0
         ids = gen.output_ids
         body = ids[:-1] if ids and ids[-1] == self.template.eos_id else ids
         text = self.tok.decode(body, skip_special_tokens=False)
@@ -134,12 +142,17 @@ class Workflow:
                 return prompts.tool_error_message(call.server, call.tool, "; ".join(problems))
             if call.server == AGENT_SERVER:
                 return await agent_call(call.arguments["subtask"])
+            t0 = time.perf_counter()
             res = await self.tools.call(call.server, call.tool, call.arguments)
+            self.busy_s["tools"] += time.perf_counter() - t0
             if not res.ok:
                 traj.tool_errors += 1
             return res.text
 
-        results = await asyncio.gather(*(one(c) for c in calls))  # concurrent: workers, searches
+        if self.cfg.concurrent_calls:
+            results = await asyncio.gather(*(one(c) for c in calls))
+        else:
+            results = [await one(c) for c in calls]
         if not calls:
             traj.tool_errors += 1
         return "\n\n".join(notes + list(results))
@@ -152,7 +165,7 @@ class Workflow:
                           final_text="")
 
     async def _loop(self, conv: Conversation, traj: Trajectory, limits: AgentLimits, allowed, agent_call,
-                    reserve: int, first_constrained: bool) -> str:
+                    reserve: int, first_sampling: dict | None) -> str:
         """Generate/act until the agent stops calling tools or runs out of turns or room."""
         text = ""
         for turn in range(limits.max_turns):
@@ -160,7 +173,7 @@ class Workflow:
             if room <= 0:
                 traj.finish = "context"
                 return text
-            text, _ = await self._turn(conv, room, first=first_constrained and turn == 0)
+            text, _ = await self._turn(conv, room, first_sampling if turn == 0 else None)
             traj.turns += 1
             observation = await self._run_tools(text, allowed, traj, limits, agent_call)
             if observation is None:
@@ -187,7 +200,7 @@ class Workflow:
         summary_msg = {"role": "user", "content": prompts.worker_summary_prompt(main_task, subtask)}
         # keep room for the summary instruction itself plus the summary
         reserve = lim.summary_reserve_tokens + len(self.template.continuation_ids([summary_msg], False))
-        await self._loop(conv, traj, lim, WORKER_TOOLS, None, reserve, False)
+        await self._loop(conv, traj, lim, WORKER_TOOLS, None, reserve, self.cfg.worker_first_turn_sampling)
         # forced final summary: no tools, structured, returned to the planner
         conv.add_messages([summary_msg])
         room = min(lim.summary_reserve_tokens, lim.max_context_tokens - len(conv.ids))
@@ -209,7 +222,8 @@ class Workflow:
         async def delegate(subtask: str) -> str:
             return await self._worker(question, subtask, sample_uid, group_id, planner.traj_id, workers)
 
-        planner.final_text = await self._loop(conv, planner, self.cfg.planner, PLANNER_TOOLS, delegate, 0, True)
+        planner.final_text = await self._loop(conv, planner, self.cfg.planner, PLANNER_TOOLS, delegate, 0,
+                                             self.cfg.first_turn_sampling)
         self._finish(planner, conv, PLANNER_TOOLS)
         planner.children = [w.traj_id for w in workers]
         return [planner, *workers]
@@ -219,7 +233,8 @@ class Workflow:
             {"role": "system", "content": prompts.system_prompt("single", SINGLE_AGENT_TOOLS)},
             {"role": "user", "content": prompts.single_user_prompt(question)}])
         traj = self._trajectory("single", conv, sample_uid, group_id, None)
-        traj.final_text = await self._loop(conv, traj, self.cfg.planner, SINGLE_AGENT_TOOLS, None, 0, True)
+        traj.final_text = await self._loop(conv, traj, self.cfg.planner, SINGLE_AGENT_TOOLS, None, 0,
+                                          self.cfg.first_turn_sampling)
         self._finish(traj, conv, SINGLE_AGENT_TOOLS)
         return traj
 
