@@ -1,4 +1,5 @@
-"""`matpo` command line. Subcommands: `demo` (the embedded default), `convert`, `make-tiny`."""
+"""`matpo` command line: `demo` (the embedded default), `convert`, `rollout`, `eval`, `transcript`,
+`make-tiny`."""
 from __future__ import annotations
 
 import argparse
@@ -77,6 +78,49 @@ def cmd_demo(args) -> int:
     return 0 if exact and diff == 0.0 else 1
 
 
+def cmd_rollout(args) -> int:
+    import asyncio
+
+    from megatron_matpo import config
+    from megatron_matpo.data.parquet import read_dataset
+    from megatron_matpo.rollout.runner import RolloutConfig, RolloutSession
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data={args.data}")
+    cfg = config.load(RolloutConfig, args.config, overrides)
+    if not cfg.model or not cfg.data:
+        raise config.ConfigError("rollout needs `model` and `data` (in the config or as model=... data=...)")
+    samples = list(read_dataset(cfg.data, limit=cfg.max_prompts))
+    with RolloutSession(cfg) as session:
+        results = asyncio.run(session.run(samples, args.out))
+    accs = [r[0].reward_components.get("accuracy", 0.0) for r in results]
+    workers = [len(r) - 1 for r in results]
+    print(f"{len(results)} rollouts of {len(samples)} prompts -> {args.out}: accuracy {sum(accs) / len(accs):.3f}, "
+          f"workers/rollout {sum(workers) / len(workers):.2f}; tools {session.tool_metrics}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from megatron_matpo.rollout.evaluate import evaluate_traces
+
+    report = evaluate_traces(args.traces)
+    for src, m in report.items():
+        print(f"{src}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_transcript(args) -> int:
+    from megatron_matpo.agents import transcript
+
+    argv = [args.traces] + (["--html", args.html] if args.html else ["--terminal"])
+    return transcript.main(argv) or 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="matpo", description="Multi-agent tool-integrated RL on Megatron-core")
     sub = p.add_subparsers(dest="command", required=True)
@@ -93,6 +137,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pp", type=int, default=1, help="pipeline parallel size of the converting world")
     c.set_defaults(fn=cmd_convert)
 
+    r = sub.add_parser("rollout", help="run agent rollouts on SGLang engines with MCP tools; write traces")
+    r.add_argument("--config", help="YAML RolloutConfig (e.g. configs/rollout_tiny_cpu.yaml)")
+    r.add_argument("--data", help="MATPO-data parquet file or directory (overrides the config)")
+    r.add_argument("--out", default="traces.jsonl")
+    r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. n_samples=4 workflow.mode=single")
+    r.set_defaults(fn=cmd_rollout)
+
+    e = sub.add_parser("eval", help="accuracy and avg@k per data source from rollout traces")
+    e.add_argument("traces")
+    e.add_argument("--json", help="also write the report here")
+    e.set_defaults(fn=cmd_eval)
+
+    v = sub.add_parser("transcript", help="readable view of rollout traces (HTML file or terminal)")
+    v.add_argument("traces")
+    v.add_argument("--html", help="write a static HTML page here (default: print to the terminal)")
+    v.set_defaults(fn=cmd_transcript)
+
     t = sub.add_parser("make-tiny", help="write a tiny random-init HF model with a small tokenizer")
     t.add_argument("out")
     t.add_argument("--arch", default="qwen3", choices=["qwen3", "qwen2", "llama"])
@@ -104,12 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    from megatron_matpo.config import ConfigError
+    from megatron_matpo.data.schema import DatasetError
     from megatron_matpo.model.builder import UnsupportedArchitecture
     from megatron_matpo.model.layout import LayoutError
 
     try:
         return args.fn(args)
-    except (LayoutError, UnsupportedArchitecture, FileNotFoundError) as e:
+    except (LayoutError, UnsupportedArchitecture, FileNotFoundError, ConfigError, DatasetError) as e:
         print(f"matpo {args.command}: error: {e}", file=sys.stderr)
         return 2
 

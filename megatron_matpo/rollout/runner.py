@@ -1,0 +1,167 @@
+"""Batch rollouts: dataset → agent workflows on the engines (tools over MCP) → rewards → JSONL.
+
+Used by `matpo rollout` and, one step at a time, by the RL loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_matpo.agents.workflow import Trajectory, Workflow, WorkflowConfig
+from megatron_matpo.data.schema import Sample
+from megatron_matpo.reward import (AccuracyItem, ExactMatchScorer, JudgeConfig, LLMJudgeScorer, matpo_reward,
+                                   single_agent_reward)
+from megatron_matpo.toolbox.specs import SEARCH_SERVER
+
+
+@dataclass
+class EngineSection:
+    num_engines: int = 1
+    urls: list[str] = field(default_factory=list)  # use running SGLang servers instead of launching
+    tp_size: int = 1
+    mem_fraction_static: float = 0.05
+    dtype: str = "auto"
+    context_length: int | None = None
+
+
+@dataclass
+class ToolboxSection:
+    corpus: str | None = None  # local BM25 backend over this corpus.jsonl (started in-process)
+    url: str | None = None  # or an already running `search_and_scrape_webpage` MCP server
+    timeout_s: float = 60.0
+    injected_latency_s: float = 0.0
+
+
+@dataclass
+class RewardSection:
+    scorer: str = "exact_match"  # exact_match | judge
+    judge: dict = field(default_factory=dict)  # JudgeConfig fields (base_url/model/api_key default from env)
+
+
+@dataclass
+class RolloutConfig:
+    model: str = ""  # HF directory: tokenizer and engine weights
+    data: str = ""  # MATPO-data parquet file or directory
+    n_samples: int = 8  # rollouts per prompt (the GRPO group)
+    max_prompts: int | None = None
+    max_concurrent: int = 64  # rollouts in flight
+    log_dir: str | None = None
+    engine: EngineSection = field(default_factory=EngineSection)
+    toolbox: ToolboxSection = field(default_factory=ToolboxSection)
+    workflow: WorkflowConfig = field(default_factory=WorkflowConfig)
+    reward: RewardSection = field(default_factory=RewardSection)
+
+
+def make_scorer(cfg: RewardSection):
+    if cfg.scorer == "exact_match":
+        return ExactMatchScorer()
+    if cfg.scorer == "judge":
+        return LLMJudgeScorer(JudgeConfig(**cfg.judge))
+    raise ValueError(f"reward.scorer={cfg.scorer!r}: expected 'exact_match' or 'judge'")
+
+
+async def score(trajs: list[Trajectory], sample: Sample, scorer) -> float:
+    """Accuracy of the root's final answer; reward on the root row (workers inherit at training)."""
+    root, workers = trajs[0], trajs[1:]
+    (acc,) = await scorer.score([AccuracyItem(sample.question, sample.ground_truth, root.final_text)])
+    if root.role == "planner":
+        r = matpo_reward(acc.score, root.format_score, [w.format_score for w in workers])
+    else:
+        r = single_agent_reward(acc.score, root.format_score)
+    root.reward = r.total
+    root.reward_components = r.metrics(prefix="")
+    return acc.score
+
+
+def trace_line(t: Trajectory, sample: Sample, accuracy: float | None) -> dict:
+    d = t.to_json()
+    d.update(question=sample.question, ground_truth=sample.ground_truth, data_source=sample.data_source,
+             sample_group=sample.group)
+    if accuracy is not None:
+        d["accuracy"] = accuracy
+    return d
+
+
+class RolloutSession:
+    """Engines, tool server and workflow, started once and reused for many batches."""
+
+    def __init__(self, cfg: RolloutConfig):
+        self.cfg = cfg
+        self._stack = contextlib.ExitStack()
+        self.servers = []
+
+    def __enter__(self) -> "RolloutSession":
+        from transformers import AutoTokenizer
+
+        from megatron_matpo.rollout.engine import EngineConfig, launch_engines
+
+        cfg = self.cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        urls = list(cfg.engine.urls)
+        if not urls:
+            ecfg = EngineConfig(model_path=cfg.model, tp_size=cfg.engine.tp_size, dtype=cfg.engine.dtype,
+                                mem_fraction_static=cfg.engine.mem_fraction_static,
+                                context_length=cfg.engine.context_length, log_dir=cfg.log_dir)
+            self.servers = launch_engines(ecfg, cfg.engine.num_engines)
+            self._stack.callback(lambda: [s.stop() for s in self.servers])
+            urls = [s.url for s in self.servers]
+        self.engine_urls = urls
+        tb = cfg.toolbox
+        if tb.url:
+            self.toolbox_url = tb.url
+        elif tb.corpus:
+            from megatron_matpo.toolbox.server import RunningServer, ToolboxConfig
+
+            srv = self._stack.enter_context(RunningServer(ToolboxConfig(backend="local", corpus_path=tb.corpus,
+                                                                        port=0)))
+            self.toolbox_url = srv.url
+        else:
+            raise ValueError("toolbox: set toolbox.corpus (local search) or toolbox.url (a running MCP server)")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    async def run(self, samples: list[Sample], out_path: str | Path | None = None, progress: bool = True) -> list[
+            list[Trajectory]]:
+        """All rollouts of `samples` × n_samples; returns them grouped per rollout (root first)."""
+        from tqdm.auto import tqdm
+
+        from megatron_matpo.rollout.engine import EngineClient, EngineRouter
+        from megatron_matpo.toolbox.client import ToolClient
+
+        cfg = self.cfg
+        router = EngineRouter([EngineClient(u) for u in self.engine_urls])
+        scorer = make_scorer(cfg.reward)
+        sem = asyncio.Semaphore(cfg.max_concurrent)
+        out = open(out_path, "w") if out_path else None
+        results: list[list[Trajectory]] = []
+        bar = tqdm(total=len(samples) * cfg.n_samples, desc="rollouts", unit="rollout", disable=not progress)
+        try:
+            async with ToolClient({SEARCH_SERVER: self.toolbox_url}, timeout_s=cfg.toolbox.timeout_s,
+                                  injected_latency_s=cfg.toolbox.injected_latency_s) as tools:
+                wf = Workflow(cfg.workflow, router, tools, self.tokenizer)
+
+                async def one(sample: Sample, k: int) -> None:
+                    async with sem:
+                        trajs = await wf.rollout(sample.question, f"{sample.uid}/{k}", sample.group)
+                    acc = await score(trajs, sample, scorer)
+                    results.append(trajs)
+                    if out:
+                        for i, t in enumerate(trajs):
+                            out.write(json.dumps(trace_line(t, sample, acc if i == 0 else None)) + "\n")
+                        out.flush()
+                    bar.update(1)
+                    bar.set_postfix(acc=f"{sum(r[0].reward_components.get('accuracy', 0) for r in results) / len(results):.3f}")
+
+                await asyncio.gather(*(one(s, k) for s in samples for k in range(cfg.n_samples)))
+                self.tool_metrics = tools.metrics()
+        finally:
+            bar.close()
+            await router.aclose()
+            if out:
+                out.close()
+        return results
