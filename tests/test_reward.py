@@ -340,3 +340,20 @@ def test_matpo_reward_from_turns():
     assert r.total == pytest.approx(0.9 + 0.5 * (0.05 + 0.075))
     s = single_agent_reward_from_turns(0.0, [search, bad_search, "\\boxed{x}"])
     assert s.total == pytest.approx(0.1 * 0.5)
+
+
+@pytest.mark.slow
+def test_judge_client_against_real_sglang_server(engine, tiny_models):
+    """The judge speaks to a real OpenAI-compatible server (SGLang's /v1/chat/completions on the tiny
+    model): the request/response protocol round-trips; a random model's reply is graded 0.0 unless
+    it happens to start with a valid letter."""
+    import asyncio
+
+    from megatron_matpo.reward.judge import AccuracyItem, JudgeConfig, LLMJudgeScorer
+
+    scorer = LLMJudgeScorer(JudgeConfig(base_url=f"{engine.url}/v1", model=tiny_models["qwen3"], api_key="none",
+                                        max_retries=0))
+    (res,) = asyncio.run(scorer.score([AccuracyItem("Who?", "Alpha", r"so \boxed{Alpha}")]))
+    metrics = scorer.pop_metrics()
+    assert res.score in (0.0, 1.0)
+    assert metrics.get("acc/judge_calls") == 1 and not metrics.get("acc/judge_failures")

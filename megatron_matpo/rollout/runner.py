@@ -33,6 +33,7 @@ class ToolboxSection:
     url: str | None = None  # or an already running `search_and_scrape_webpage` MCP server
     timeout_s: float = 60.0
     injected_latency_s: float = 0.0
+    noise: dict = field(default_factory=dict)  # NoiseConfig fields for the local server (robustness runs)
 
 
 @dataclass
@@ -116,7 +117,7 @@ class RolloutSession:
             from megatron_matpo.toolbox.server import RunningServer, ToolboxConfig
 
             srv = self._stack.enter_context(RunningServer(ToolboxConfig(backend="local", corpus_path=tb.corpus,
-                                                                        port=0)))
+                                                                        port=0, noise=dict(tb.noise))))
             self.toolbox_url = srv.url
         else:
             raise ValueError("toolbox: set toolbox.corpus (local search) or toolbox.url (a running MCP server)")
