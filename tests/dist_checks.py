@@ -34,7 +34,8 @@ def _max_over_world(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.cpu().tolist()))
 
 
-def logits_vs_hf(hf_dirs: dict[str, str], layout: ParallelLayout) -> dict[str, float]:
+def logits_vs_hf(hf_dirs: dict[str, str], layout: ParallelLayout,
+                 dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """Max |megatron − transformers| logits per architecture, padded and packed (THD) batches."""
     from megatron.core import parallel_state
 
@@ -44,7 +45,7 @@ def logits_vs_hf(hf_dirs: dict[str, str], layout: ParallelLayout) -> dict[str, f
 
     out: dict[str, float] = {}
     for arch, hf_dir in hf_dirs.items():
-        built = build_model(hf_dir, layout, load_weights=True)
+        built = build_model(hf_dir, layout, load_weights=True, dtype=dtype)
         seqs = _sequences(built.provider.vocab_size)
         ref = _hf_logits(hf_dir, seqs)
         padded = full_logits(built.chunks, [pad_sequences(seqs)], platform.device())
@@ -108,7 +109,8 @@ def packed_backward(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
                             "grad_sq_norm": grad_norm})
 
 
-def train_losses(hf_dir: str, layout: ParallelLayout, steps: int = 3) -> dict[str, float]:
+def train_losses(hf_dir: str, layout: ParallelLayout, steps: int = 3,
+                 dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """Losses of `steps` optimizer steps (DDP + distributed Adam) on one fixed global batch."""
     from megatron.core import parallel_state, tensor_parallel
 
@@ -118,8 +120,8 @@ def train_losses(hf_dir: str, layout: ParallelLayout, steps: int = 3) -> dict[st
     from megatron_matpo.train.optim import OptimConfig, build_optimizer, ddp_config
 
     optim = OptimConfig(lr=1e-3, use_distributed_optimizer=True)
-    built = build_model(hf_dir, layout, load_weights=True, ddp_config=ddp_config(optim))
-    opt = build_optimizer(built.chunks, optim)
+    built = build_model(hf_dir, layout, load_weights=True, ddp_config=ddp_config(optim), dtype=dtype)
+    opt = build_optimizer(built.chunks, optim, dtype=dtype)
     g = torch.Generator().manual_seed(7)
     global_ids = torch.randint(0, built.provider.vocab_size, (4, 16), generator=g)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
@@ -165,6 +167,10 @@ def world_checks(hf_dirs: dict[str, str], phases: list[tuple[str, ParallelLayout
         init_megatron(layout)
         if name == "logits":
             res = logits_vs_hf(hf_dirs, layout)
+        elif name == "logits_bf16":
+            res = logits_vs_hf(hf_dirs, layout, torch.bfloat16)
+        elif name == "train_bf16":
+            res = train_losses(hf_dirs["qwen3"], layout, dtype=torch.bfloat16)
         elif name == "packed_backward":
             res = packed_backward(hf_dirs["qwen3"], layout)
         elif name == "roundtrip":  # HF -> megatron dist ckpt -> HF, every architecture

@@ -15,7 +15,8 @@ def gpu_world(tiny_models):
     from tests.dist_checks import world_checks
 
     n = torch.cuda.device_count()
-    phases = [("logits", L()), ("packed_backward", L()), ("train", L())]
+    phases = [("logits", L()), ("packed_backward", L()), ("train", L()), ("logits_bf16", L()),
+              ("train_bf16", L())]
     res = {"world1": launch_local(world_checks, 1, tiny_models, phases)}
     if n >= 2:
         res["world2"] = launch_local(world_checks, 2, tiny_models,
@@ -32,6 +33,18 @@ def test_packed_backward_on_cuda(gpu_world):
     res = gpu_world["world1"]["packed_backward@tp1pp1dp1"]
     assert res["grads_nonfinite"] == 0.0 and res["grad_sq_norm"] > 0
     assert res["loss_diff"] <= 1e-3
+
+
+def test_bf16_logits_close_to_fp32_transformers(gpu_world):
+    for key, val in gpu_world["world1"]["logits_bf16@tp1pp1dp1"].items():
+        assert val <= 0.1, key  # bf16 weights and activations vs the fp32 reference
+
+
+def test_bf16_training_steps(gpu_world):
+    ref, got = gpu_world["world1"]["train@tp1pp1dp1"], gpu_world["world1"]["train_bf16@tp1pp1dp1"]
+    assert all(got[f"ok{i}"] == 1.0 for i in range(3))
+    assert got["loss2"] < got["loss0"]
+    assert abs(got["loss0"] - ref["loss0"]) < 0.05  # same weights, bf16 forward
 
 
 def test_train_steps_on_cuda(gpu_world):
