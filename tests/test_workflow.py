@@ -160,3 +160,20 @@ def test_concurrent_planners_and_workers_overlap(engine, toolbox, tiny_models):
           f"sequential {wall_seq:.1f}s, ratio {ratio:.3f}")
     assert wall_seq >= 32 * 0.3  # the sequential run really waited on every tool call
     assert ratio < 0.5
+
+
+def test_worker_agent_call_is_refused(engine, toolbox, tiny_models):
+    """Nested agent calls: a worker that calls the agent tool gets a refusal as its tool result."""
+    from megatron_matpo.agents import prompts
+
+    nested = re.escape(render_tool_call(AGENT_SERVER, SEARCH_AND_BROWSE.name, {"subtask": "go deeper"}))
+    one = re.escape(render_tool_call(AGENT_SERVER, SEARCH_AND_BROWSE.name, {"subtask": SUBTASKS[0]}))
+    cfg = WorkflowConfig(mode="matpo", planner=AgentLimits(max_turns=1, max_context_tokens=3072,
+                                                           max_tokens_per_turn=256),
+                         worker=AgentLimits(max_turns=1, max_context_tokens=3072, max_tokens_per_turn=128,
+                                            summary_reserve_tokens=8),
+                         first_turn_sampling={"regex": one}, worker_first_turn_sampling={"regex": nested})
+    trajs, _ = _run(engine, toolbox, tiny_models, cfg)
+    (worker,) = trajs[1:]
+    assert worker.tool_errors == 1 and worker.messages[3]["role"] == "user"
+    assert worker.messages[3]["content"] == prompts.nested_agent_refusal()
