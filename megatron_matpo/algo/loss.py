@@ -1,0 +1,227 @@
+"""Policy-gradient losses: PPO clip with dual clip, loss aggregation, KL estimators, entropy.
+
+Token tensors are either a padded batch `[B, S]` (each row is a sequence) or a packed 1-D stream
+`[T]` whose sequences are given by `cu_seqlens` (`[N+1]`, cumulative lengths starting at 0) or by
+`segment_ids` (`[T]`, sequence index per token; negative ids mark padding tokens).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+KL_KINDS = ("k1", "k3", "abs", "mse")
+_MAX_LOG_RATIO = 20.0  # keeps exp() finite; such tokens are far in the clipped region anyway
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None, denom: float | Tensor | None = None) -> Tensor:
+    """Mean of `x` where `mask` is non-zero; `denom` overrides the mask count (e.g. a global count)."""
+    m = mask.to(x.dtype)
+    if dim is None:
+        total = (x * m).sum()
+        count = m.sum() if denom is None else torch.as_tensor(denom, dtype=x.dtype, device=x.device)
+    else:
+        total = (x * m).sum(dim)
+        count = m.sum(dim) if denom is None else torch.as_tensor(denom, dtype=x.dtype, device=x.device)
+    return total / count.clamp_min(1.0)
+
+
+def _segments(x: Tensor, mask: Tensor, cu_seqlens: Tensor | None,
+              segment_ids: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(values [T], mask [T], segment index [T]) with one segment per sequence."""
+    if x.dim() == 2:
+        b, s = x.shape
+        seg = torch.arange(b, device=x.device).repeat_interleave(s)
+        return x.reshape(-1), mask.reshape(-1), seg
+    if x.dim() != 1:
+        raise ValueError(f"expected [B, S] or packed [T] tokens, got shape {tuple(x.shape)}")
+    if segment_ids is None:
+        if cu_seqlens is None:
+            raise ValueError("a packed 1-D stream needs cu_seqlens or segment_ids for seq-level aggregation")
+        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.long)
+        if int(cu_seqlens[-1]) > x.numel():
+            raise ValueError(f"cu_seqlens covers {int(cu_seqlens[-1])} tokens, stream has {x.numel()}")
+        seg = torch.full((x.numel(),), -1, dtype=torch.long, device=x.device)
+        seg[: int(cu_seqlens[-1])] = torch.arange(lens.numel(), device=x.device).repeat_interleave(lens.to(x.device))
+    else:
+        seg = segment_ids.to(device=x.device, dtype=torch.long)
+    mask = mask * (seg >= 0).to(mask.dtype)  # padding tokens of a packed stream never count
+    return x, mask, seg.clamp_min(0)
+
+
+def per_sequence_sums(x: Tensor, mask: Tensor, cu_seqlens: Tensor | None = None,
+                      segment_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(masked token sum, masked token count) per sequence."""
+    vals, m, seg = _segments(x, mask, cu_seqlens, segment_ids)
+    n = int(seg.max()) + 1 if seg.numel() else 0
+    if cu_seqlens is not None and x.dim() == 1 and segment_ids is None:
+        n = cu_seqlens.numel() - 1
+    mf = m.to(vals.dtype)
+    sums = torch.zeros(n, dtype=vals.dtype, device=vals.device).index_add(0, seg, vals * mf)
+    counts = torch.zeros(n, dtype=vals.dtype, device=vals.device).index_add(0, seg, mf)
+    return sums, counts
+
+
+def aggregate_loss(per_token: Tensor, mask: Tensor, agg: str = "token-mean", cu_seqlens: Tensor | None = None,
+                   segment_ids: Tensor | None = None, global_token_count: float | Tensor | None = None,
+                   global_seq_count: float | Tensor | None = None) -> Tensor:
+    """Reduce a per-token loss to a scalar.
+
+    token-mean: sum over masked tokens / masked-token count (or `global_token_count`, so that data
+    parallel ranks dividing by the global count and summing gradients get the global token mean).
+    seq-mean-token-sum / seq-mean-token-mean: mean over sequences of the per-sequence token sum /
+    token mean. Sequences without any masked token (padding rows) are not counted, unless
+    `global_seq_count` gives the divisor.
+    """
+    if agg == "token-mean":
+        return masked_mean(per_token, mask, denom=global_token_count)
+    if agg not in AGG_MODES:
+        raise ValueError(f"unknown loss aggregation {agg!r}; expected one of {AGG_MODES}")
+    sums, counts = per_sequence_sums(per_token, mask, cu_seqlens, segment_ids)
+    per_seq = sums if agg == "seq-mean-token-sum" else sums / counts.clamp_min(1.0)
+    n = (counts > 0).sum().to(per_seq.dtype) if global_seq_count is None else \
+        torch.as_tensor(global_seq_count, dtype=per_seq.dtype, device=per_seq.device)
+    return per_seq.sum() / n.clamp_min(1.0)
+
+
+def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, loss_mask: Tensor,
+                    clip_low: float = 0.2, clip_high: float = 0.2, dual_clip_c: float | None = 3.0,
+                    agg: str = "token-mean", cu_seqlens: Tensor | None = None, segment_ids: Tensor | None = None,
+                    global_token_count: float | Tensor | None = None,
+                    global_seq_count: float | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate with dual clip; returns (loss, metrics of detached 0-dim tensors).
+
+    pg1 = -A·r, pg2 = -A·clip(r, 1-clip_low, 1+clip_high), loss = max(pg1, pg2); for A < 0 the
+    dual clip bounds it: min(max(pg1, pg2), -c·A) (Ye et al. 2020), so a huge ratio on a bad token
+    cannot blow up the update. `advantages` must broadcast to `logprobs` (see `broadcast_to_tokens`).
+    Metrics: clip_frac (masked tokens where the clipped term was taken, i.e. pg2 > pg1), dual_clip_frac
+    (masked tokens bounded by -c·A), approx_kl (masked mean of the k3 estimator (r-1) - log r of
+    KL(old || new)), ratio_mean / ratio_max over masked tokens.
+    """
+    if dual_clip_c is not None and dual_clip_c <= 1.0:
+        raise ValueError(f"dual_clip_c must be > 1 (got {dual_clip_c}); pass None to disable")
+    mask = loss_mask.to(logprobs.dtype)
+    adv = advantages.to(logprobs.dtype).expand_as(logprobs)
+    log_ratio = (logprobs - old_logprobs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    ratio = torch.exp(log_ratio)
+    pg1 = -adv * ratio
+    pg2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    pg_clip = torch.maximum(pg1, pg2)
+    if dual_clip_c is not None:
+        pg3 = -dual_clip_c * adv
+        dual = (adv < 0) & (pg_clip > pg3)
+        per_token = torch.where(adv < 0, torch.minimum(pg_clip, pg3), pg_clip)
+    else:
+        dual = torch.zeros_like(pg_clip, dtype=torch.bool)
+        per_token = pg_clip
+    loss = aggregate_loss(per_token, mask, agg, cu_seqlens, segment_ids, global_token_count, global_seq_count)
+
+    with torch.no_grad():
+        m = mask != 0
+        n = m.sum().clamp_min(1).to(logprobs.dtype)
+        metrics = {
+            "pg_loss": loss.detach(),
+            "clip_frac": ((pg2 > pg1) & m).sum().to(logprobs.dtype) / n,
+            "dual_clip_frac": (dual & m).sum().to(logprobs.dtype) / n,
+            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
+            "ratio_mean": masked_mean(ratio, mask),
+            "ratio_max": ratio[m].max() if bool(m.any()) else torch.zeros((), dtype=ratio.dtype),
+        }
+    return loss, metrics
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1") -> Tensor:
+    """Per-token estimator of KL(pi || ref) from sampled-token logprobs.
+
+    k1 = logp - ref (unbiased, may be negative); k3 = exp(ref - logp) - (ref - logp) - 1 (unbiased,
+    >= 0, low variance); abs = |logp - ref|; mse = 0.5·(logp - ref)^2.
+    """
+    diff = logprobs - ref_logprobs
+    if kind == "k1":
+        return diff
+    if kind == "k3":
+        d = (-diff).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+        return torch.exp(d) - d - 1.0
+    if kind == "abs":
+        return diff.abs()
+    if kind == "mse":
+        return 0.5 * diff.square()
+    raise ValueError(f"unknown KL kind {kind!r}; expected one of {KL_KINDS}")
+
+
+def apply_kl_to_rewards(rewards: Tensor, logprobs: Tensor, ref_logprobs: Tensor, loss_mask: Tensor,
+                        kl_coef: float, kind: str = "k1", cu_seqlens: Tensor | None = None,
+                        segment_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-sequence `reward - kl_coef · Σ_t kl_t` over masked tokens; returns (new rewards, per-seq KL).
+
+    One reward per sequence (rows of a padded batch, or sequences of a packed stream). In MATPO only
+    planner rows hold rewards: the caller decides whether a worker's KL is folded into its parent's.
+    """
+    kl = kl_penalty(logprobs, ref_logprobs, kind).detach()
+    seq_kl, _ = per_sequence_sums(kl, loss_mask, cu_seqlens, segment_ids)
+    if seq_kl.numel() != rewards.numel():
+        raise ValueError(f"{rewards.numel()} rewards for {seq_kl.numel()} sequences")
+    return rewards - kl_coef * seq_kl.to(rewards.dtype).reshape(rewards.shape), seq_kl
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) over the last dim, computed in float32: logsumexp - Σ p·logit."""
+    z = logits.float()
+    p = torch.softmax(z, dim=-1)
+    return torch.logsumexp(z, dim=-1) - (p * z).sum(-1)
+
+
+@dataclass
+class LossConfig:
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip_c: float | None = 3.0
+    agg: str = "token-mean"
+    kl_coef: float = 0.0  # MATPO's reference run: no KL, no reference model
+    kl_kind: str = "k3"
+    kl_as: str = "loss"  # "loss": added to the loss; "reward": use apply_kl_to_rewards before advantages
+    entropy_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.agg not in AGG_MODES:
+            raise ValueError(f"unknown loss aggregation {self.agg!r}; expected one of {AGG_MODES}")
+        if self.kl_kind not in KL_KINDS:
+            raise ValueError(f"unknown KL kind {self.kl_kind!r}; expected one of {KL_KINDS}")
+        if self.kl_as not in ("loss", "reward"):
+            raise ValueError(f"kl_as must be 'loss' or 'reward', got {self.kl_as!r}")
+
+
+def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, loss_mask: Tensor,
+                cfg: LossConfig | None = None, ref_logprobs: Tensor | None = None, entropy: Tensor | None = None,
+                cu_seqlens: Tensor | None = None, segment_ids: Tensor | None = None,
+                global_token_count: float | Tensor | None = None,
+                global_seq_count: float | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO loss + kl_coef·KL (when kl_as == "loss") - entropy_coef·entropy, all aggregated alike.
+
+    `entropy` is the per-token entropy (e.g. `entropy_from_logits`), passed in because full logits
+    may be vocab-parallel or too large to keep here.
+    """
+    cfg = cfg or LossConfig()
+    agg_kw = dict(agg=cfg.agg, cu_seqlens=cu_seqlens, segment_ids=segment_ids,
+                  global_token_count=global_token_count, global_seq_count=global_seq_count)
+    loss, metrics = ppo_policy_loss(logprobs, old_logprobs, advantages, loss_mask, cfg.clip_low, cfg.clip_high,
+                                    cfg.dual_clip_c, **agg_kw)
+    if ref_logprobs is not None:
+        kl_tok = kl_penalty(logprobs, ref_logprobs, cfg.kl_kind)
+        kl = aggregate_loss(kl_tok, loss_mask, **agg_kw)
+        metrics["kl"] = kl.detach()
+        if cfg.kl_as == "loss" and cfg.kl_coef != 0.0:
+            loss = loss + cfg.kl_coef * kl
+    elif cfg.kl_as == "loss" and cfg.kl_coef != 0.0:
+        raise ValueError("kl_coef > 0 with kl_as='loss' needs ref_logprobs")
+    if entropy is not None:
+        ent = aggregate_loss(entropy, loss_mask, **agg_kw)
+        metrics["entropy"] = ent.detach()
+        if cfg.entropy_coef != 0.0:
+            loss = loss - cfg.entropy_coef * ent
+    elif cfg.entropy_coef != 0.0:
+        raise ValueError("entropy_coef != 0 needs the per-token entropy")
+    metrics["loss"] = loss.detach()
+    return loss, metrics
