@@ -154,6 +154,50 @@ def train_losses(hf_dir: str, layout: ParallelLayout, steps: int = 3,
     return _max_over_world(losses)
 
 
+def actor_step(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
+    """Actor logprobs on packed rows equal transformers'; the first PPO step has ratio 1 (no clipping,
+    zero approx KL); positive-advantage rows gain logprob, negative ones lose it."""
+    from megatron.core import parallel_state
+
+    from megatron_matpo import platform
+    from megatron_matpo.algo.loss import LossConfig
+    from megatron_matpo.data.packing import Row, pack_rows
+    from megatron_matpo.model.builder import build_model
+    from megatron_matpo.train.actor import compute_logprobs, train_step
+    from megatron_matpo.train.optim import OptimConfig, build_optimizer, ddp_config
+
+    optim = OptimConfig(lr=1e-3, clip_grad=1.0)
+    built = build_model(hf_dir, layout, load_weights=True, ddp_config=ddp_config(optim))
+    opt = build_optimizer(built.chunks, optim)
+    seqs = _sequences(built.provider.vocab_size, seed=5)
+    hf = [torch.log_softmax(x, -1) for x in _hf_logits(hf_dir, seqs)]
+    rows = []
+    for i, (s, logp) in enumerate(zip(seqs, hf)):
+        n = len(s)
+        old = [0.0] + [logp[j - 1, s[j]].item() for j in range(1, n)]  # row convention: token j's logprob
+        mask = [0] * (n // 2) + [1] * (n - n // 2)  # the "generated" half
+        rows.append(Row(s.tolist(), mask, old, advantage=(1.0 if i != 1 else -1.0), row_id=i))
+    (mbs,) = pack_rows(rows, max_tokens_per_micro_batch=64, dp_size=1)
+    dev = platform.device()
+    before = compute_logprobs(built.chunks, mbs, dev)
+    stats = train_step(built.chunks, opt, mbs, LossConfig(), global_token_count=sum(sum(r.loss_mask) for r in rows),
+                       device=dev)
+    after = compute_logprobs(built.chunks, mbs, dev)
+    out = {"old_vs_actor": 0.0, "clip_frac": stats.get("clip_frac", 0.0), "approx_kl": stats.get("approx_kl", 0.0),
+           "skipped": stats["step_skipped"], "gain_pos": 0.0, "gain_neg": 0.0}
+    if parallel_state.is_pipeline_last_stage():
+        gains = {}
+        for p, b, a in zip(mbs, before, after):
+            m = p.loss_mask.bool()
+            out["old_vs_actor"] = max(out["old_vs_actor"], (b[m] - p.old_logprobs[m]).abs().max().item())
+            for rid in p.row_ids[m].unique().tolist():
+                sel = m & (p.row_ids == rid)
+                gains[rid] = (a[sel] - b[sel]).mean().item()
+        out["gain_pos"] = -min(gains[0], gains[2])  # reported negated: max over world keeps the worst
+        out["gain_neg"] = gains[1]
+    return _max_over_world(out)
+
+
 def world_checks(hf_dirs: dict[str, str], phases: list[tuple[str, ParallelLayout]],
                  work_dir: str = "") -> dict[str, dict]:
     """Run several checks in one launched world, re-forming megatron's groups for each layout
@@ -183,6 +227,8 @@ def world_checks(hf_dirs: dict[str, str], phases: list[tuple[str, ParallelLayout
             res = {}
         elif name == "train":
             res = train_losses(hf_dirs["qwen3"], layout)
+        elif name == "actor":
+            res = actor_step(hf_dirs["qwen3"], layout)
         else:
             raise ValueError(name)
         results[f"{name}@tp{layout.tp}pp{layout.pp}dp{layout.dp}"] = res

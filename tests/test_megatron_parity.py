@@ -16,14 +16,14 @@ LOGIT_TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def world1(tiny_models):
-    phases = [("logits", L()), ("packed_backward", L()), ("train", L())]
+    phases = [("logits", L()), ("packed_backward", L()), ("train", L()), ("actor", L())]
     return launch_local(world_checks, 1, tiny_models, phases)
 
 
 @pytest.fixture(scope="module")
 def world2(tiny_models):
     phases = [("logits", L(tp=2)), ("logits", L(pp=2)), ("packed_backward", L(tp=2)),
-              ("train", L(tp=2)), ("train", L(dp=2))]
+              ("train", L(tp=2)), ("train", L(dp=2)), ("actor", L(tp=2))]
     return launch_local(world_checks, 2, tiny_models, phases)
 
 
@@ -79,3 +79,13 @@ def test_roundtrip_bit_exact_and_loadable(world4, tiny_models, arch):
     with torch.no_grad():
         assert torch.equal(m1(ids).logits, m2(ids).logits)
     assert (back / "tokenizer.json").is_file() and (back / "config.json").is_file()
+
+
+@pytest.mark.parametrize("world,key", [("world1", "actor@tp1pp1dp1"), ("world2", "actor@tp2pp1dp1")])
+def test_actor_logprobs_and_first_ppo_step(request, world, key):
+    res = request.getfixturevalue(world)[key]
+    assert res["old_vs_actor"] <= 1e-5  # actor logprobs (vocab-parallel) == transformers'
+    assert res["clip_frac"] == 0.0 and abs(res["approx_kl"]) <= 1e-9  # first step: ratio == 1
+    assert res["skipped"] == 0.0
+    assert res["gain_pos"] < 0.0  # (negated) positive-advantage rows gained logprob
+    assert res["gain_neg"] < 0.0  # the negative-advantage row lost logprob

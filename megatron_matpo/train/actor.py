@@ -1,0 +1,104 @@
+"""The Megatron actor's two RL operations on packed micro-batches, for any TP × PP × DP:
+per-token logprobs (old/reference policy) and one PPO update.
+
+Logprobs come from the vocab-parallel logits without gathering the vocabulary: megatron's
+`vocab_parallel_cross_entropy` is exactly −log p(label) computed shard-wise.
+"""
+from __future__ import annotations
+
+import torch
+
+from megatron_matpo.algo.loss import LossConfig, policy_loss
+from megatron_matpo.data.packing import PackedMicroBatch
+from megatron_matpo.model.forward import run_schedule
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label) per position from vocab-parallel logits [1, t, V/tp] (fp32 math)."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    return -vocab_parallel_cross_entropy(logits.float().contiguous(), labels.to(logits.device))
+
+
+@torch.no_grad()
+def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy per position from vocab-parallel logits (a metric: no gradient)."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    x = logits.float()
+    m = x.max(-1, keepdim=True).values
+    torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=group)
+    e = torch.exp(x - m)
+    z = e.sum(-1, keepdim=True)
+    ex = (e * x).sum(-1, keepdim=True)
+    torch.distributed.all_reduce(z, group=group)
+    torch.distributed.all_reduce(ex, group=group)
+    return (torch.log(z) + m - ex / z).squeeze(-1)
+
+
+def compute_logprobs(chunks: list, mbs: list[PackedMicroBatch], device: torch.device) -> list[torch.Tensor] | None:
+    """Per-position logprobs of each micro-batch's labels (last pipeline stage; None elsewhere)."""
+    from megatron.core import parallel_state
+
+    by_mb = {id(p.micro_batch): p for p in mbs}
+
+    def keep(out, mb):
+        lp = token_logprobs(out, by_mb[id(mb)].labels)
+        return torch.zeros((), device=out.device), {"logprobs": lp.detach().cpu()}
+
+    for c in chunks:
+        c.eval()
+    with torch.no_grad():
+        reported = run_schedule(chunks, [p.micro_batch for p in mbs], keep, forward_only=True, device=device)
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    return [r["logprobs"] for r in reported]
+
+
+def train_step(chunks: list, optimizer, mbs: list[PackedMicroBatch], cfg: LossConfig, global_token_count: int,
+               device: torch.device) -> dict[str, float]:
+    """One optimizer step over this rank's micro-batches with the token-mean over all DP ranks.
+
+    megatron's schedule divides each micro-batch loss by the number of micro-batches and DDP averages
+    gradients over DP; the loss is pre-scaled by both so the update is the gradient of
+    (sum of per-token losses over the global batch) / global_token_count.
+    """
+    from megatron.core import parallel_state
+
+    if cfg.entropy_coef:
+        raise ValueError("loss.entropy_coef > 0 is not supported yet: entropy is a metric only (no gradient)")
+    if cfg.kl_coef and cfg.kl_as == "loss":
+        raise ValueError("loss.kl_coef with kl_as='loss' needs reference logprobs in the batch; "
+                         "not wired into the actor step yet")
+    dp = parallel_state.get_data_parallel_world_size()
+    scale = len(mbs) * dp
+    by_mb = {id(p.micro_batch): p for p in mbs}
+
+    def loss_fn(out, mb):
+        p = by_mb[id(mb)]
+        lp = token_logprobs(out, p.labels)
+        loss, metrics = policy_loss(lp, p.old_logprobs.to(lp.device), p.advantages.to(lp.device),
+                                    p.loss_mask.to(lp.device), cfg, global_token_count=global_token_count)
+        ent = vocab_parallel_entropy(out)
+        metrics = {k: v.detach().float() for k, v in metrics.items()}
+        metrics["entropy_sum"] = (ent * p.loss_mask.to(ent.device)).sum()
+        metrics["tokens"] = p.loss_mask.sum().to(lp.device)
+        return loss * scale, metrics
+
+    for c in chunks:
+        c.train()
+        c.zero_grad_buffer()
+    optimizer.zero_grad()
+    reported = run_schedule(chunks, [p.micro_batch for p in mbs], loss_fn, forward_only=False, device=device)
+    ok, grad_norm, _ = optimizer.step()
+    stats = {"grad_norm": float(grad_norm or 0.0), "step_skipped": float(not ok)}
+    if reported:
+        tokens = sum(float(r["tokens"]) for r in reported)
+        stats["loss"] = sum(float(r["loss"]) for r in reported)  # already divided by the global count
+        stats["entropy"] = sum(float(r["entropy_sum"]) for r in reported) / max(tokens, 1.0)
+        for k in ("clip_frac", "approx_kl", "ratio_max"):
+            if k in reported[0]:
+                stats[k] = max(float(r[k]) for r in reported) if k == "ratio_max" else \
+                    sum(float(r[k]) * float(r["tokens"]) for r in reported) / max(tokens, 1.0)
+    return stats
