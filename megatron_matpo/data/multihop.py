@@ -21,6 +21,8 @@ from typing import Any
 from megatron_matpo.agents.prompts import planner_user_prompt, single_user_prompt, system_prompt
 from megatron_matpo.data.parquet import write_parquet
 from megatron_matpo.data.schema import Sample, assign_uids, expand_repeats, sample_from_row
+from megatron_matpo.toolbox.local_search import Page
+from megatron_matpo.toolbox.local_search import read_corpus as iter_corpus
 from megatron_matpo.toolbox.specs import PLANNER_TOOLS, SINGLE_AGENT_TOOLS, WORKER_TOOLS
 
 URL_PREFIX = "https://wiki.local/"
@@ -99,13 +101,6 @@ class Entity:
     url: str
     attrs: dict[str, Any] = field(default_factory=dict)
     relations: dict[str, str] = field(default_factory=dict)   # relation name -> object entity name
-
-
-@dataclass(frozen=True)
-class Page:
-    url: str
-    title: str
-    text: str
 
 
 @dataclass(frozen=True)
@@ -356,16 +351,7 @@ def write_corpus(pages: list[Page], path: str | Path) -> Path:
 
 
 def read_corpus(path: str | Path) -> list[Page]:
-    pages = []
-    with Path(path).open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    d = json.loads(line)
-                    pages.append(Page(url=d["url"], title=d["title"], text=d["text"]))
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{path} line {n}: not a {{url, title, text}} JSON object: {e}") from e
-    return pages
+    return list(iter_corpus(path))
 
 
 def write_multihop(out_dir: str | Path, cfg: MultihopConfig = MultihopConfig()) -> dict[str, Path]:

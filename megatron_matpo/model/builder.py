@@ -64,10 +64,10 @@ class BuiltModel:
     layout: ParallelLayout
 
 
-def make_bridge(hf_dir: str | Path):
+def make_bridge(hf_dir: str | Path, config=None):
     from megatron_matpo.compat import import_auto_bridge
 
-    config = load_hf_config(hf_dir)  # clear error before megatron-bridge's own
+    config = config or load_hf_config(hf_dir)  # clear error before megatron-bridge's own
     auto_bridge = import_auto_bridge()
     if any(Path(hf_dir).glob("*.safetensors")):
         return auto_bridge.from_hf_pretrained(str(hf_dir), dtype=torch.float32)
@@ -85,8 +85,9 @@ def build_model(hf_dir: str | Path, layout: ParallelLayout, *, load_weights: boo
     """
     from megatron.core import parallel_state
 
-    layout.validate(load_hf_config(hf_dir))
-    bridge = bridge or make_bridge(hf_dir)
+    hf_config = load_hf_config(hf_dir)
+    layout.validate(hf_config)
+    bridge = bridge or make_bridge(hf_dir, hf_config)
     if (parallel_state.get_tensor_model_parallel_world_size() != layout.tp
             or parallel_state.get_pipeline_model_parallel_world_size() != layout.pp):
         raise LayoutError(f"megatron parallel state is tp={parallel_state.get_tensor_model_parallel_world_size()} "

@@ -2,22 +2,16 @@
 the mean over that question's attempts, whether from repeat_k eval rows or n_samples)."""
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
+from megatron_matpo.agents.transcript import load_traces
 from megatron_matpo.data.schema import avg_at_k
 
 
 def evaluate_traces(path: str | Path) -> dict[str, dict[str, float]]:
     by_source: dict[str, tuple[list[str], list[float]]] = defaultdict(lambda: ([], []))
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {n}: not JSON ({e})") from e
+    for row in load_traces(path):
         if row.get("parent_id") is not None or "accuracy" not in row:
             continue  # workers carry no accuracy of their own
         groups, scores = by_source[row.get("data_source", "?")]

@@ -140,6 +140,7 @@ class RolloutSession:
         sem = asyncio.Semaphore(cfg.max_concurrent)
         out = open(out_path, "w") if out_path else None
         results: list[list[Trajectory]] = []
+        acc_sum = 0.0
         bar = tqdm(total=len(samples) * cfg.n_samples, desc="rollouts", unit="rollout", disable=not progress)
         try:
             async with ToolClient({SEARCH_SERVER: self.toolbox_url}, timeout_s=cfg.toolbox.timeout_s,
@@ -149,14 +150,16 @@ class RolloutSession:
                 async def one(sample: Sample, k: int) -> None:
                     async with sem:
                         trajs = await wf.rollout(sample.question, f"{sample.uid}/{k}", sample.group)
+                    nonlocal acc_sum
                     acc = await score(trajs, sample, scorer)
+                    acc_sum += acc
                     results.append(trajs)
                     if out:
                         for i, t in enumerate(trajs):
                             out.write(json.dumps(trace_line(t, sample, acc if i == 0 else None)) + "\n")
                         out.flush()
                     bar.update(1)
-                    bar.set_postfix(acc=f"{sum(r[0].reward_components.get('accuracy', 0) for r in results) / len(results):.3f}")
+                    bar.set_postfix(acc=f"{acc_sum / len(results):.3f}")
 
                 await asyncio.gather(*(one(s, k) for s in samples for k in range(cfg.n_samples)))
                 self.tool_metrics = tools.metrics()
