@@ -1,5 +1,5 @@
-"""`matpo` command line: `demo` (the embedded default), `convert`, `rollout`, `eval`, `transcript`,
-`make-tiny`."""
+"""`matpo` command line: `train` (the RL loop; the embedded default is configs/tiny_cpu.yaml), `demo`,
+`convert`, `rollout`, `eval`, `transcript`, `make-tiny`."""
 from __future__ import annotations
 
 import argparse
@@ -78,6 +78,29 @@ def cmd_demo(args) -> int:
     return 0 if exact and diff == 0.0 else 1
 
 
+def cmd_train(args) -> int:
+    from megatron_matpo import config
+    from megatron_matpo.train.config import TrainConfig
+    from megatron_matpo.trainer import Trainer
+
+    cfg = config.load(TrainConfig, args.config, list(args.overrides)).validate()
+    print(yaml_dump(config.to_dict(cfg)), flush=True)  # the resolved config heads every run
+    t0 = time.time()
+    with Trainer(cfg, resume=args.resume) as trainer:
+        history = trainer.fit()
+    last = history[-1] if history else {}
+    print(f"trained {len(history)} steps in {time.time() - t0:.0f}s -> {cfg.run_dir}; last step: reward "
+          f"{last.get('reward/mean', float('nan')):.3f}, accuracy {last.get('reward/accuracy', float('nan')):.3f}, "
+          f"train/rollout logprob diff {last.get('train_rollout_logprob_abs_diff', float('nan')):.2e}")
+    return 0
+
+
+def yaml_dump(d: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(d, sort_keys=False).rstrip()
+
+
 def cmd_rollout(args) -> int:
     import asyncio
 
@@ -124,6 +147,12 @@ def cmd_transcript(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="matpo", description="Multi-agent tool-integrated RL on Megatron-core")
     sub = p.add_subparsers(dest="command", required=True)
+
+    tr = sub.add_parser("train", help="MATPO / single-agent RL: rollouts, PPO on Megatron, weight sync")
+    tr.add_argument("--config", default="configs/tiny_cpu.yaml", help="YAML TrainConfig")
+    tr.add_argument("--resume", action="store_true", help="continue from the run_dir's latest checkpoint")
+    tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=10 actor.tp=1 actor.pp=2")
+    tr.set_defaults(fn=cmd_train)
 
     d = sub.add_parser("demo", help="embedded default: tiny Qwen3 HF -> Megatron TP2xPP2 -> HF, verified")
     d.add_argument("--work-dir", default=str(DEFAULT_WORK_DIR))

@@ -62,6 +62,9 @@ class Conversation:
     loss_mask: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     prompt_len: int = 0
+    # [start, end) token spans generated under a grammar constraint (regex): the engine's logprobs
+    # there are of the masked distribution, so they are excluded from train/rollout parity metrics
+    constrained_spans: list[tuple[int, int]] = field(default_factory=list)
 
     def __post_init__(self):
         if not self.ids:
@@ -70,7 +73,9 @@ class Conversation:
             self.logprobs = [0.0] * len(self.ids)
             self.prompt_len = len(self.ids)
 
-    def add_generated(self, ids: list[int], logprobs: list[float], text: str) -> None:
+    def add_generated(self, ids: list[int], logprobs: list[float], text: str, constrained: bool = False) -> None:
+        if constrained and ids:
+            self.constrained_spans.append((len(self.ids), len(self.ids) + len(ids)))
         self.ids += ids
         self.loss_mask += [1] * len(ids)
         self.logprobs += logprobs

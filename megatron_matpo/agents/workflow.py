@@ -9,17 +9,18 @@ one planner turn run concurrently.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import re
 import time
-import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from megatron_matpo.agents import prompts
 from megatron_matpo.agents.conversation import ChatTemplate, Conversation
-from megatron_matpo.agents.toolcall import Problem, format_score, parse_tool_calls, validate_call
-from megatron_matpo.toolbox.specs import (AGENT_SERVER, PLANNER_TOOLS, SEARCH_AND_BROWSE, SINGLE_AGENT_TOOLS,
-                                          WORKER_TOOLS, ToolSpec)
+from megatron_matpo.agents.toolcall import Problem, format_score, parse_tool_calls, render_tool_call, validate_call
+from megatron_matpo.toolbox.specs import (AGENT_SERVER, GOOGLE_SEARCH, PLANNER_TOOLS, SEARCH_AND_BROWSE, SEARCH_SERVER,
+                                          SINGLE_AGENT_TOOLS, WORKER_TOOLS, ToolSpec)
 
 
 @dataclass
@@ -43,6 +44,17 @@ class WorkflowConfig:
     # extra sampling params for an agent's first turn, e.g. {"regex": ...} to constrain it
     first_turn_sampling: dict[str, Any] | None = None  # planner / single agent
     worker_first_turn_sampling: dict[str, Any] | None = None
+    # extra sampling params for the planner's / single agent's turns after the first (e.g. a regex
+    # that forces a `\\boxed{}` answer in the learnable toy task)
+    later_turn_sampling: dict[str, Any] | None = None
+    # per-request sampling seeds derived from (rollout seed, agent, turn): rollouts become a pure
+    # function of the weights and the seed, whatever the batching (needs top_p = 1 on SGLang)
+    seeded: bool = False
+    # warm start for base models that never call tools: constrain the planner's first turn to
+    # delegate this many subtasks (free-text) / the worker's first turn to one search (free query).
+    # The constrained tokens are trained like any other; parity metrics skip them.
+    force_delegation: int = 0
+    force_worker_search: bool = False
     # run the calls of one message (several workers, several searches) concurrently; MATPO's
     # reference code runs workers one after another (False reproduces that)
     concurrent_calls: bool = True
@@ -67,11 +79,28 @@ class Trajectory:
     format_score: float = 1.0
     finish: str = "answer"  # answer | max_turns | context | summary
     children: list[str] = field(default_factory=list)
+    constrained_spans: list[tuple[int, int]] = field(default_factory=list)
     reward: float | None = None
     reward_components: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def forced_call_regex(server: str, tool: str, arg: str, n: int = 1) -> str:
+    """A regex (SGLang constrained decoding) for n canonical calls of `tool` whose string argument
+    `arg` is free text (1-60 plain characters)."""
+    marker = "ARGUMENT_PLACEHOLDER"
+    one = re.escape(render_tool_call(server, tool, {arg: marker})).replace(marker, "[A-Za-z0-9 ,.?'-]{1,60}")
+    return one * n
+
+
+def derive_seed(seed: int | None, *path: object) -> int | None:
+    """A 63-bit seed for one sub-stream (agent, turn) of a rollout seed; None stays None."""
+    if seed is None:
+        return None
+    h = hashlib.blake2b(repr((seed, *path)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
 
 
 class Generator(Protocol):
@@ -89,15 +118,28 @@ class Workflow:
         self.tools = tools
         self.tok = tokenizer
         self.template = ChatTemplate(tokenizer, cfg.enable_thinking)
+        self.first_sampling = cfg.first_turn_sampling
+        self.worker_first_sampling = cfg.worker_first_turn_sampling
+        if cfg.force_delegation and self.first_sampling is None:
+            self.first_sampling = {"regex": forced_call_regex(AGENT_SERVER, SEARCH_AND_BROWSE.name, "subtask",
+                                                              cfg.force_delegation)}
+        if cfg.force_worker_search and self.worker_first_sampling is None:
+            self.worker_first_sampling = {"regex": forced_call_regex(SEARCH_SERVER, GOOGLE_SEARCH.name, "q")}
         # summed durations of every engine and tool call: what a fully sequential rollout would take
         self.busy_s: Counter[str] = Counter()
 
     # ---- entry point ------------------------------------------------------------------------------
-    async def rollout(self, question: str, sample_uid: str, group_id: str) -> list[Trajectory]:
+    async def rollout(self, question: str, sample_uid: str, group_id: str, seed: int | None = None) -> list[
+            Trajectory]:
+        """One rollout. `sample_uid` must be unique within a batch: trajectory ids derive from it.
+        `seed` (with `cfg.seeded`) fixes every sampling decision of this rollout."""
+        if self.cfg.seeded and seed is None:
+            raise ValueError("workflow.seeded needs a seed per rollout")
+        seed = seed if self.cfg.seeded else None
         if self.cfg.mode == "matpo":
-            return await self._planner(question, sample_uid, group_id)
+            return await self._planner(question, sample_uid, group_id, seed)
         if self.cfg.mode == "single":
-            return [await self._single(question, sample_uid, group_id)]
+            return [await self._single(question, sample_uid, group_id, seed)]
         raise ValueError(f"workflow mode {self.cfg.mode!r}: expected 'matpo' or 'single'")
 
     # ---- shared turn machinery --------------------------------------------------------------------
@@ -108,14 +150,19 @@ class Workflow:
     def _room(self, conv: Conversation, limits: AgentLimits, reserve: int = 0) -> int:
         return min(limits.max_tokens_per_turn, limits.max_context_tokens - len(conv.ids) - reserve)
 
-    async def _turn(self, conv: Conversation, max_new: int, extra: dict | None = None) -> tuple[str, str]:
+    async def _turn(self, conv: Conversation, max_new: int, extra: dict | None = None,
+                    seed: int | None = None) -> tuple[str, str]:
         t0 = time.perf_counter()
-        gen = await self.engine.generate(conv.ids, self._sampling(max_new, extra))
+        sampling = self._sampling(max_new, extra)
+        if seed is not None:
+            sampling["sampling_seed"] = seed
+        gen = await self.engine.generate(conv.ids, sampling)
         self.busy_s["generate"] += time.perf_counter() - t0
         ids = gen.output_ids
         body = ids[:-1] if ids and ids[-1] == self.template.eos_id else ids
         text = self.tok.decode(body, skip_special_tokens=False)
-        conv.add_generated(ids, gen.logprobs, text)
+        conv.add_generated(ids, gen.logprobs, text, constrained=bool(extra and ("regex" in extra or "json_schema" in extra
+                                                                             or "ebnf" in extra)))
         return text, gen.finish_reason
 
     async def _run_tools(self, text: str, allowed: tuple[ToolSpec, ...], traj: Trajectory, limits: AgentLimits,
@@ -157,15 +204,16 @@ class Workflow:
             traj.tool_errors += 1
         return "\n\n".join(notes + list(results))
 
-    def _trajectory(self, role: str, conv: Conversation, sample_uid: str, group_id: str,
+    def _trajectory(self, traj_id: str, role: str, conv: Conversation, sample_uid: str, group_id: str,
                     parent_id: str | None) -> Trajectory:
-        return Trajectory(traj_id=uuid.uuid4().hex[:16], role=role, group_id=group_id, sample_uid=sample_uid,
+        return Trajectory(traj_id=traj_id, role=role, group_id=group_id, sample_uid=sample_uid,
                           parent_id=parent_id, token_ids=conv.ids, loss_mask=conv.loss_mask,
                           logprobs=conv.logprobs, prompt_len=conv.prompt_len, messages=conv.messages,
                           final_text="")
 
     async def _loop(self, conv: Conversation, traj: Trajectory, limits: AgentLimits, allowed, agent_call,
-                    reserve: int, first_sampling: dict | None) -> str:
+                    reserve: int, first_sampling: dict | None, later_sampling: dict | None,
+                    seed: int | None) -> str:
         """Generate/act until the agent stops calling tools or runs out of turns or room."""
         text = ""
         for turn in range(limits.max_turns):
@@ -173,7 +221,8 @@ class Workflow:
             if room <= 0:
                 traj.finish = "context"
                 return text
-            text, _ = await self._turn(conv, room, first_sampling if turn == 0 else None)
+            text, _ = await self._turn(conv, room, first_sampling if turn == 0 else later_sampling,
+                                       derive_seed(seed, turn))
             traj.turns += 1
             observation = await self._run_tools(text, allowed, traj, limits, agent_call)
             if observation is None:
@@ -185,56 +234,61 @@ class Workflow:
 
     def _finish(self, traj: Trajectory, conv: Conversation, allowed) -> None:
         traj.token_ids, traj.loss_mask, traj.logprobs = conv.ids, conv.loss_mask, conv.logprobs
+        traj.constrained_spans = list(conv.constrained_spans)
         turns = [m["content"] for m in conv.messages if m["role"] == "assistant"]
         traj.format_score = format_score(turns, allowed)
 
     # ---- roles ------------------------------------------------------------------------------------
     async def _worker(self, main_task: str, subtask: str, sample_uid: str, group_id: str, parent_id: str,
-                      out: list[Trajectory]) -> str:
+                      out: list[Trajectory], seed: int | None) -> str:
         lim = self.cfg.worker
         conv = Conversation(self.template, [
             {"role": "system", "content": prompts.system_prompt("worker", WORKER_TOOLS)},
             {"role": "user", "content": prompts.worker_user_prompt(main_task, subtask)}])
-        traj = self._trajectory("worker", conv, sample_uid, group_id, parent_id)
+        # ids and seeds by spawn order, which is deterministic (calls start in message order)
+        index = len(out)
+        traj = self._trajectory(f"{parent_id}/w{index}", "worker", conv, sample_uid, group_id, parent_id)
         out.append(traj)
+        seed = derive_seed(seed, "worker", index)
         summary_msg = {"role": "user", "content": prompts.worker_summary_prompt(main_task, subtask)}
         # keep room for the summary instruction itself plus the summary
         reserve = lim.summary_reserve_tokens + len(self.template.continuation_ids([summary_msg], False))
-        await self._loop(conv, traj, lim, WORKER_TOOLS, None, reserve, self.cfg.worker_first_turn_sampling)
+        await self._loop(conv, traj, lim, WORKER_TOOLS, None, reserve, self.worker_first_sampling, None,
+                         seed)
         # forced final summary: no tools, structured, returned to the planner
         conv.add_messages([summary_msg])
         room = min(lim.summary_reserve_tokens, lim.max_context_tokens - len(conv.ids))
         summary = ""
         if room > 0:
-            summary, _ = await self._turn(conv, room)
+            summary, _ = await self._turn(conv, room, seed=derive_seed(seed, "summary"))
             traj.turns += 1
         traj.final_text = prompts.clean_worker_summary(summary, self.cfg.summary_max_chars)
         self._finish(traj, conv, WORKER_TOOLS)
         return traj.final_text or "(the browsing agent returned no summary)"
 
-    async def _planner(self, question: str, sample_uid: str, group_id: str) -> list[Trajectory]:
+    async def _planner(self, question: str, sample_uid: str, group_id: str, seed: int | None) -> list[Trajectory]:
         conv = Conversation(self.template, [
             {"role": "system", "content": prompts.system_prompt("planner", PLANNER_TOOLS)},
             {"role": "user", "content": prompts.planner_user_prompt(question)}])
-        planner = self._trajectory("planner", conv, sample_uid, group_id, None)
+        planner = self._trajectory(f"{sample_uid}/p", "planner", conv, sample_uid, group_id, None)
         workers: list[Trajectory] = []
 
         async def delegate(subtask: str) -> str:
-            return await self._worker(question, subtask, sample_uid, group_id, planner.traj_id, workers)
+            return await self._worker(question, subtask, sample_uid, group_id, planner.traj_id, workers, seed)
 
         planner.final_text = await self._loop(conv, planner, self.cfg.planner, PLANNER_TOOLS, delegate, 0,
-                                             self.cfg.first_turn_sampling)
+                                             self.first_sampling, self.cfg.later_turn_sampling, seed)
         self._finish(planner, conv, PLANNER_TOOLS)
         planner.children = [w.traj_id for w in workers]
         return [planner, *workers]
 
-    async def _single(self, question: str, sample_uid: str, group_id: str) -> Trajectory:
+    async def _single(self, question: str, sample_uid: str, group_id: str, seed: int | None) -> Trajectory:
         conv = Conversation(self.template, [
             {"role": "system", "content": prompts.system_prompt("single", SINGLE_AGENT_TOOLS)},
             {"role": "user", "content": prompts.single_user_prompt(question)}])
-        traj = self._trajectory("single", conv, sample_uid, group_id, None)
+        traj = self._trajectory(f"{sample_uid}/s", "single", conv, sample_uid, group_id, None)
         traj.final_text = await self._loop(conv, traj, self.cfg.planner, SINGLE_AGENT_TOOLS, None, 0,
-                                          self.cfg.first_turn_sampling)
+                                          self.first_sampling, self.cfg.later_turn_sampling, seed)
         self._finish(traj, conv, SINGLE_AGENT_TOOLS)
         return traj
 

@@ -37,7 +37,10 @@ class Row:
     advantage: float  # one per row, broadcast to its tokens
     ref_logprobs: list[float] | None = None
     row_id: int | None = None  # defaults to the row's index in the list given to `pack_rows`
-    role: str | None = None  # "planner" / "worker"; informational
+    role: str | None = None  # "planner" / "worker" / "single"; per-role metrics
+    # tokens whose `old_logprobs` came from an unconstrained engine distribution (train/rollout
+    # parity is measured there); defaults to `loss_mask`
+    parity_mask: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -58,6 +61,8 @@ class PackedMicroBatch:
     ref_logprobs: torch.Tensor | None  # float32 or None when no row had them
     row_ids: torch.Tensor  # long; owning row, PAD_ROW_ID for dummy tokens
     num_loss_tokens: int
+    parity_mask: torch.Tensor | None = None  # float32; positions counted in train/rollout parity
+    worker_mask: torch.Tensor | None = None  # float32; 1 on positions of worker rows
 
     @property
     def num_tokens(self) -> int:
@@ -78,7 +83,7 @@ def _check_rows(rows: list[Row], capacity: int, budget: int) -> None:
         n = len(r.token_ids)
         if n == 0:
             raise ValueError(f"row {rid} (index {idx}) is empty")
-        for name in ("loss_mask", "old_logprobs", "ref_logprobs"):
+        for name in ("loss_mask", "old_logprobs", "ref_logprobs", "parity_mask"):
             v = getattr(r, name)
             if v is not None and len(v) != n:
                 raise ValueError(f"row {rid} (index {idx}): {name} has {len(v)} entries, token_ids has {n}")
@@ -204,12 +209,14 @@ def _shifted(values: list, fill) -> list:
 
 def _build(rows: list[Row], ids: list[int], pad_to_multiple: int, pad_token_id: int,
            with_ref: bool) -> PackedMicroBatch:
-    seqs, labels, mask, old, ref, adv, owner = [], [], [], [], [], [], []
+    seqs, labels, mask, old, ref, adv, owner, parity, worker = [], [], [], [], [], [], [], [], []
     for r, rid in zip(rows, ids):
         n = len(r.token_ids)
         seqs.append(torch.tensor(r.token_ids, dtype=torch.long))
         labels += _shifted(r.token_ids, IGNORE_LABEL)
         mask += _shifted(r.loss_mask, 0)
+        parity += _shifted(r.parity_mask if r.parity_mask is not None else r.loss_mask, 0)
+        worker += [float(r.role == "worker")] * n
         old += _shifted(r.old_logprobs, 0.0)
         ref += _shifted(r.ref_logprobs, 0.0) if r.ref_logprobs is not None else [0.0] * n
         adv += [float(r.advantage)] * n
@@ -226,6 +233,8 @@ def _build(rows: list[Row], ids: list[int], pad_to_multiple: int, pad_token_id: 
         ref += [0.0] * pad
         adv += [0.0] * pad
         owner += [PAD_ROW_ID] * pad
+        parity += [0] * pad
+        worker += [0.0] * pad
     mb = pack_sequences(seqs)
 
     def t(x, dtype):
@@ -236,7 +245,8 @@ def _build(rows: list[Row], ids: list[int], pad_to_multiple: int, pad_token_id: 
         micro_batch=mb, labels=t(labels, torch.long), loss_mask=loss_mask,
         old_logprobs=t(old, torch.float32), advantages=t(adv, torch.float32),
         ref_logprobs=t(ref, torch.float32) if with_ref else None, row_ids=t(owner, torch.long),
-        num_loss_tokens=int(loss_mask.sum()))
+        num_loss_tokens=int(loss_mask.sum()), parity_mask=t(parity, torch.float32),
+        worker_mask=t(worker, torch.float32))
     mb.extras = {"labels": pmb.labels, "loss_mask": pmb.loss_mask, "old_logprobs": pmb.old_logprobs,
                  "advantages": pmb.advantages, "ref_logprobs": pmb.ref_logprobs, "row_ids": pmb.row_ids,
                  "num_loss_tokens": pmb.num_loss_tokens}

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_matpo.agents.workflow import Trajectory, Workflow, WorkflowConfig
+from megatron_matpo.agents.workflow import Trajectory, Workflow, WorkflowConfig, derive_seed
 from megatron_matpo.data.schema import Sample
 from megatron_matpo.reward import (AccuracyItem, ExactMatchScorer, JudgeConfig, LLMJudgeScorer, matpo_reward,
                                    single_agent_reward)
@@ -126,46 +126,52 @@ class RolloutSession:
     def __exit__(self, *exc) -> None:
         self._stack.close()
 
-    async def run(self, samples: list[Sample], out_path: str | Path | None = None, progress: bool = True) -> list[
+    async def run(self, samples: list[Sample], out_path: str | Path | None = None, progress: bool = True,
+                  seed: int | None = None, uid_prefix: str = "", n_samples: int | None = None) -> list[
             list[Trajectory]]:
-        """All rollouts of `samples` × n_samples; returns them grouped per rollout (root first)."""
+        """All rollouts of `samples` × n_samples, grouped per rollout (root first), in input order
+        (sample-major). `seed` seeds each rollout's sampling when `workflow.seeded`; `uid_prefix`
+        keeps trajectory ids unique when a batch holds the same sample twice."""
         from tqdm.auto import tqdm
 
         from megatron_matpo.rollout.engine import EngineClient, EngineRouter
         from megatron_matpo.toolbox.client import ToolClient
 
         cfg = self.cfg
+        n_per = n_samples or cfg.n_samples
         router = EngineRouter([EngineClient(u) for u in self.engine_urls])
         scorer = make_scorer(cfg.reward)
         sem = asyncio.Semaphore(cfg.max_concurrent)
         out = open(out_path, "w") if out_path else None
-        results: list[list[Trajectory]] = []
-        acc_sum = 0.0
-        bar = tqdm(total=len(samples) * cfg.n_samples, desc="rollouts", unit="rollout", disable=not progress)
+        results: list[list[Trajectory] | None] = [None] * (len(samples) * n_per)
+        acc_sum, done = 0.0, 0
+        bar = tqdm(total=len(samples) * n_per, desc="rollouts", unit="rollout", disable=not progress)
         try:
             async with ToolClient({SEARCH_SERVER: self.toolbox_url}, timeout_s=cfg.toolbox.timeout_s,
                                   injected_latency_s=cfg.toolbox.injected_latency_s) as tools:
                 wf = Workflow(cfg.workflow, router, tools, self.tokenizer)
 
-                async def one(sample: Sample, k: int) -> None:
+                async def one(i: int, sample: Sample, k: int) -> None:
                     async with sem:
-                        trajs = await wf.rollout(sample.question, f"{sample.uid}/{k}", sample.group)
-                    nonlocal acc_sum
+                        trajs = await wf.rollout(sample.question, f"{uid_prefix}{sample.uid}/{k}", sample.group,
+                                                 seed=derive_seed(seed, sample.uid, k, i))
+                    nonlocal acc_sum, done
                     acc = await score(trajs, sample, scorer)
                     acc_sum += acc
-                    results.append(trajs)
+                    done += 1
+                    results[i * n_per + k] = trajs
                     if out:
                         for i, t in enumerate(trajs):
                             out.write(json.dumps(trace_line(t, sample, acc if i == 0 else None)) + "\n")
                         out.flush()
                     bar.update(1)
-                    bar.set_postfix(acc=f"{acc_sum / len(results):.3f}")
+                    bar.set_postfix(acc=f"{acc_sum / done:.3f}")
 
-                await asyncio.gather(*(one(s, k) for s in samples for k in range(cfg.n_samples)))
+                await asyncio.gather(*(one(i, s, k) for i, s in enumerate(samples) for k in range(n_per)))
                 self.tool_metrics = tools.metrics()
         finally:
             bar.close()
             await router.aclose()
             if out:
                 out.close()
-        return results
+        return results  # type: ignore[return-value]  # every slot is filled once gather returns

@@ -68,9 +68,8 @@ def train_step(chunks: list, optimizer, mbs: list[PackedMicroBatch], cfg: LossCo
 
     if cfg.entropy_coef:
         raise ValueError("loss.entropy_coef > 0 is not supported yet: entropy is a metric only (no gradient)")
-    if cfg.kl_coef and cfg.kl_as == "loss":
-        raise ValueError("loss.kl_coef with kl_as='loss' needs reference logprobs in the batch; "
-                         "not wired into the actor step yet")
+    if cfg.kl_coef and cfg.kl_as == "loss" and any(p.ref_logprobs is None for p in mbs):
+        raise ValueError("loss.kl_coef with kl_as='loss' needs reference logprobs in every micro-batch")
     dp = parallel_state.get_data_parallel_world_size()
     scale = len(mbs) * dp
     by_mb = {id(p.micro_batch): p for p in mbs}
@@ -78,8 +77,10 @@ def train_step(chunks: list, optimizer, mbs: list[PackedMicroBatch], cfg: LossCo
     def loss_fn(out, mb):
         p = by_mb[id(mb)]
         lp = token_logprobs(out, p.labels)
+        ref = p.ref_logprobs.to(lp.device) if p.ref_logprobs is not None else None
         loss, metrics = policy_loss(lp, p.old_logprobs.to(lp.device), p.advantages.to(lp.device),
-                                    p.loss_mask.to(lp.device), cfg, global_token_count=global_token_count)
+                                    p.loss_mask.to(lp.device), cfg, ref_logprobs=ref,
+                                    global_token_count=global_token_count)
         ent = vocab_parallel_entropy(out)
         metrics = {k: v.detach().float() for k, v in metrics.items()}
         metrics["entropy_sum"] = (ent * p.loss_mask.to(ent.device)).sum()
@@ -96,8 +97,10 @@ def train_step(chunks: list, optimizer, mbs: list[PackedMicroBatch], cfg: LossCo
     if reported:
         tokens = sum(float(r["tokens"]) for r in reported)
         stats["loss"] = sum(float(r["loss"]) for r in reported)  # already divided by the global count
+        if "kl" in reported[0]:
+            stats["kl"] = sum(float(r["kl"]) for r in reported)
         stats["entropy"] = sum(float(r["entropy_sum"]) for r in reported) / max(tokens, 1.0)
-        for k in ("clip_frac", "approx_kl", "ratio_max"):
+        for k in ("clip_frac", "approx_kl", "ratio_max", "ratio_mean", "dual_clip_frac"):
             if k in reported[0]:
                 stats[k] = max(float(r[k]) for r in reported) if k == "ratio_max" else \
                     sum(float(r[k]) * float(r["tokens"]) for r in reported) / max(tokens, 1.0)

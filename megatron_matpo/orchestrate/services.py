@@ -1,0 +1,73 @@
+"""SGLang engines and the MCP tool server as Ray actors: each owns its server process on the node
+Ray placed it on and reports the URL; the controller's rollout session talks to them over HTTP."""
+from __future__ import annotations
+
+import contextlib
+
+from megatron_matpo.rollout.engine import EngineConfig
+
+
+class EngineHost:
+    def __init__(self, cfg: EngineConfig):
+        import ray
+
+        from megatron_matpo.rollout.engine import EngineServer
+
+        gpus = [int(g) for g in ray.get_gpu_ids()] or None
+        # Ray already narrowed CUDA_VISIBLE_DEVICES to this actor's GPUs: index them from 0
+        self.server = EngineServer(cfg, list(range(len(gpus))) if gpus else None)
+
+    def start(self) -> str:
+        self.server.start().wait_ready()
+        return self.server.url
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class ToolboxHost:
+    def __init__(self, corpus: str, noise: dict):
+        from megatron_matpo.toolbox.server import RunningServer, ToolboxConfig
+
+        self.cm = RunningServer(ToolboxConfig(backend="local", corpus_path=corpus, port=0, noise=dict(noise)))
+
+    def start(self) -> str:
+        return self.cm.__enter__().url
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.cm.__exit__(None, None, None)
+
+
+class Services:
+    """Engines (one bundle each: tp GPUs, or CPU only) and the tool server, started in parallel."""
+
+    def __init__(self, engine_cfg: EngineConfig, num_engines: int, corpus: str | None, noise: dict, pg,
+                 bundle_offset: int, gpus_per_engine: float):
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        def at(i: int):
+            return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_offset + i)
+
+        self.engines = [ray.remote(EngineHost).options(num_cpus=1, num_gpus=gpus_per_engine,
+                                                       scheduling_strategy=at(i)).remote(engine_cfg)
+                        for i in range(num_engines)]
+        self.toolbox = None
+        starts = [e.start.remote() for e in self.engines]
+        if corpus:
+            self.toolbox = ray.remote(ToolboxHost).options(num_cpus=1, scheduling_strategy=at(num_engines)).remote(
+                corpus, noise)
+            starts.append(self.toolbox.start.remote())
+        urls = ray.get(starts)
+        self.engine_urls = urls[:num_engines]
+        self.toolbox_url = urls[num_engines] if corpus else None
+
+    def stop(self) -> None:
+        import ray
+
+        actors = self.engines + ([self.toolbox] if self.toolbox is not None else [])
+        with contextlib.suppress(Exception):
+            ray.get([a.stop.remote() for a in actors], timeout=60)
+        for a in actors:
+            ray.kill(a)

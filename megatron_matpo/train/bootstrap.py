@@ -1,0 +1,48 @@
+"""Create the embedded default's inputs on first use: the offline multi-hop data + corpus, and a tiny
+random-init model whose tokenizer is trained on the agents' prompts and the corpus (so a system
+prompt is a few hundred tokens, not ~1.4k as with a tokenizer that never saw it)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron_matpo.train.config import TrainConfig
+
+
+def tokenizer_texts(corpus: str | None) -> list[str]:
+    from megatron_matpo.agents import prompts
+    from megatron_matpo.model.tiny import synthetic_corpus
+    from megatron_matpo.toolbox.specs import PLANNER_TOOLS, SINGLE_AGENT_TOOLS, WORKER_TOOLS
+
+    texts = synthetic_corpus()
+    # the prompts repeated so their words win merges over the synthetic filler
+    texts += [prompts.system_prompt("planner", PLANNER_TOOLS), prompts.system_prompt("worker", WORKER_TOOLS),
+              prompts.system_prompt("single", SINGLE_AGENT_TOOLS), prompts.planner_user_prompt("Q?"),
+              prompts.worker_user_prompt("Q?", "S"), prompts.worker_summary_prompt("Q?", "S")] * 20
+    if corpus and Path(corpus).exists():
+        from megatron_matpo.toolbox.local_search import read_corpus
+
+        texts += [f"{p.title}\n{p.text}" for p in read_corpus(corpus)]
+    return texts
+
+
+def ensure_inputs(cfg: TrainConfig, log=print) -> None:
+    b = cfg.bootstrap
+    if not Path(cfg.data).exists():
+        if b.multihop is None:
+            raise FileNotFoundError(f"data={cfg.data} does not exist (set bootstrap.multihop to generate the "
+                                    "offline multi-hop set)")
+        from megatron_matpo.data.multihop import MultihopConfig, write_multihop
+
+        out = Path(cfg.data).parent
+        log(f"bootstrap: writing the offline multi-hop data set and corpus to {out}")
+        written = write_multihop(out, MultihopConfig(**b.multihop))
+        if not Path(cfg.data).exists():
+            raise FileNotFoundError(f"data={cfg.data} was not among the generated sets: {sorted(written)}")
+    if not Path(cfg.model).exists():
+        if not b.tiny_model:
+            raise FileNotFoundError(f"model={cfg.model} does not exist (set bootstrap.tiny_model to create a tiny one)")
+        from megatron_matpo.model.tiny import make_tiny_model, train_tokenizer
+
+        log(f"bootstrap: building a tiny random-init {b.tiny_model} model at {cfg.model}")
+        tok = train_tokenizer(tokenizer_texts(cfg.corpus), vocab_size=4096)
+        make_tiny_model(cfg.model, b.tiny_model, seed=cfg.seed, tokenizer=tok)

@@ -1,0 +1,125 @@
+"""The RL job's typed config (YAML + dotted overrides, validated before any process starts)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_matpo.algo.loss import LossConfig
+from megatron_matpo.config import ConfigError
+from megatron_matpo.model.layout import ParallelLayout
+from megatron_matpo.orchestrate.cluster import OrchestrateSection
+from megatron_matpo.rollout.runner import RolloutConfig
+from megatron_matpo.train.optim import OptimConfig
+
+
+@dataclass
+class ActorSection:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
+    max_tokens_per_micro_batch: int = 8192  # THD packing budget; every trajectory must fit
+    mini_batches: int = 1  # optimizer steps per rollout batch (1 = on-policy, MATPO's setting)
+    recompute_old_logprobs: bool = True  # PPO old logprobs from the actor (else the engine's)
+    seed: int = 1234
+
+    @property
+    def layout(self) -> ParallelLayout:
+        return ParallelLayout(tp=self.tp, pp=self.pp, dp=self.dp)
+
+
+@dataclass
+class AdvantageSection:
+    eps: float = 1e-6
+    norm_by_std: bool = True
+
+
+@dataclass
+class SyncSection:
+    mode: str = "broadcast"  # broadcast (engines on their own devices) | tensor (colocated) | disk
+    bucket_mb: float = 64.0
+    parity_every: int = 1  # engine-vs-actor logprob check after every k-th sync (0 = never)
+    parity_rows: int = 2  # sequences of the batch used for it
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_last: int = 2
+    export_hf: bool = True  # HF safetensors of the final policy in <run_dir>/hf
+
+
+@dataclass
+class EvalSection:
+    data: str | None = None
+    every: int = 0  # steps; 0 = off
+    n_samples: int = 1
+    max_prompts: int | None = None
+
+
+@dataclass
+class BootstrapSection:
+    """Build the embedded default's inputs when `model` / `data` paths do not exist yet."""
+    tiny_model: str | None = None  # arch (qwen3 | qwen2 | llama) of a random-init tiny model
+    multihop: dict | None = None  # MultihopConfig fields: generate data + corpus next to `data`
+    toy_answer: str | None = None  # rewrite every question's answer to this (learnable toy task)
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/matpo"
+    model: str = ""  # HF directory: initial weights, tokenizer
+    data: str = ""  # MATPO-data parquet (file or directory)
+    corpus: str | None = None  # local search corpus (bootstrap writes it); sets rollout.toolbox.corpus
+    steps: int = 3
+    prompts_per_step: int = 4
+    seed: int = 0
+    deterministic: bool = False  # seeded sampling: a resumed run reproduces the uninterrupted one
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    actor: ActorSection = field(default_factory=ActorSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    advantage: AdvantageSection = field(default_factory=AdvantageSection)
+    sync: SyncSection = field(default_factory=SyncSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    orchestrate: OrchestrateSection = field(default_factory=OrchestrateSection)
+    bootstrap: BootstrapSection = field(default_factory=BootstrapSection)
+
+    def validate(self) -> "TrainConfig":
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        need(bool(self.model), "model: the HF directory of the initial policy is required")
+        need(bool(self.data), "data: a MATPO-data parquet file or directory is required")
+        need(not self.rollout.model and not self.rollout.data,
+             "rollout.model / rollout.data are set from the top-level `model` / `data`; leave them empty")
+        need(self.steps >= 1 and self.prompts_per_step >= 1, "steps and prompts_per_step must be >= 1")
+        need(self.rollout.n_samples >= 1, "rollout.n_samples must be >= 1")
+        need(self.actor.dtype in ("auto", "float32", "bfloat16"), "actor.dtype: auto | float32 | bfloat16")
+        need(self.actor.mini_batches >= 1, "actor.mini_batches must be >= 1")
+        need(self.actor.mini_batches <= self.prompts_per_step,
+             f"actor.mini_batches={self.actor.mini_batches} > prompts_per_step={self.prompts_per_step}: "
+             "mini-batches split whole GRPO groups")
+        need(self.sync.mode in ("broadcast", "tensor", "disk"), "sync.mode: broadcast | tensor | disk")
+        need(self.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
+        wf = self.rollout.workflow
+        longest = max(wf.planner.max_context_tokens, wf.worker.max_context_tokens)
+        need(longest <= self.actor.max_tokens_per_micro_batch,
+             f"actor.max_tokens_per_micro_batch={self.actor.max_tokens_per_micro_batch} is smaller than the longest"
+             f" agent context ({longest} tokens, rollout.workflow.*.max_context_tokens): a trajectory could not be"
+             " packed")
+        if self.deterministic:
+            need(wf.top_p == 1.0, "deterministic: needs rollout.workflow.top_p = 1 (SGLang's seeded sampling path)")
+        need(self.loss.kl_as == "loss" or self.loss.kl_coef == 0.0,
+             "loss.kl_as='reward' is not implemented yet: use kl_as='loss' (or kl_coef=0)")
+        need(self.loss.entropy_coef == 0.0, "loss.entropy_coef > 0 is not implemented yet (entropy is logged)")
+        need(self.eval.every == 0 or bool(self.eval.data), "eval.every > 0 needs eval.data")
+        return self
+
+    def resolved_dtype(self) -> str:
+        from megatron_matpo import platform
+
+        if self.actor.dtype != "auto":
+            return self.actor.dtype
+        return "bfloat16" if platform.capabilities().cuda else "float32"

@@ -1,0 +1,65 @@
+"""Run logging: tensorboard scalars, a metrics.jsonl mirror (easy to diff and test), NVML GPU
+utilization and memory when a GPU is present, per-step rollout transcripts."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+class _Nvml:
+    def __init__(self) -> None:
+        self.handles = []
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nv = pynvml
+            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception:  # no driver / no GPU (NVMLError_LibraryNotFound on CPU machines)
+            self.handles = []
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for i, h in enumerate(self.handles):
+            util = self.nv.nvmlDeviceGetUtilizationRates(h)
+            mem = self.nv.nvmlDeviceGetMemoryInfo(h)
+            out[f"gpu{i}/util_pct"] = float(util.gpu)
+            out[f"gpu{i}/mem_used_gib"] = mem.used / 2**30
+        return out
+
+
+class RunLogger:
+    def __init__(self, run_dir: str | Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.dir = Path(run_dir)
+        self.tb = SummaryWriter(str(self.dir / "tensorboard"))
+        self.jsonl_path = self.dir / "metrics.jsonl"
+        self.jsonl = open(self.jsonl_path, "a")
+        self.nvml = _Nvml()
+        (self.dir / "rollouts").mkdir(parents=True, exist_ok=True)
+
+    def transcript_path(self, step: int, prefix: str = "step") -> Path:
+        return self.dir / "rollouts" / f"{prefix}_{step:06d}.jsonl"
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        metrics = {**metrics, **self.nvml.metrics()}
+        for k, v in sorted(metrics.items()):
+            self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+        self.jsonl.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        self.jsonl.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps > `step` (logged by a run that died before checkpointing them), so
+        a resumed run's metrics.jsonl holds each step once; tensorboard shows the rewrite as a restart."""
+        self.jsonl.close()
+        lines = self.jsonl_path.read_text().splitlines(keepends=True) if self.jsonl_path.exists() else []
+        keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        self.jsonl_path.write_text("".join(keep))
+        self.jsonl = open(self.jsonl_path, "a")
+
+    def close(self) -> None:
+        self.tb.close()
+        self.jsonl.close()

@@ -1,0 +1,76 @@
+"""Rollouts → training rows: MATPO credit assignment, parity masks and the rollout's metrics.
+
+Every trajectory (planner, each worker, or the single agent) becomes one `Row`; worker rows carry
+their parent planner's advantage (`algo.matpo_advantages`).
+"""
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+
+from megatron_matpo.agents.workflow import Trajectory
+from megatron_matpo.algo import matpo_advantages_from_rows
+from megatron_matpo.data.packing import Row
+
+
+def flatten(rollouts: list[list[Trajectory]]) -> list[Trajectory]:
+    return [t for r in rollouts for t in r]
+
+
+def parity_mask(t: Trajectory) -> list[int]:
+    """The loss mask minus tokens sampled under a grammar constraint (their engine logprobs are of
+    the masked distribution, not the policy's)."""
+    m = list(t.loss_mask)
+    for s, e in t.constrained_spans:
+        m[s:e] = [0] * (e - s)
+    return m
+
+
+def build_rows(rollouts: list[list[Trajectory]], eps: float = 1e-6, norm_by_std: bool = True) -> list[Row]:
+    """One row per trajectory, row_id = position in `flatten(rollouts)`, engine logprobs as old logprobs."""
+    trajs = flatten(rollouts)
+    adv = matpo_advantages_from_rows(trajs, eps=eps, norm_by_std=norm_by_std)
+    return [Row(token_ids=list(t.token_ids), loss_mask=list(t.loss_mask), old_logprobs=list(t.logprobs),
+                advantage=float(a), row_id=i, role=t.role, parity_mask=parity_mask(t))
+            for i, (t, a) in enumerate(zip(trajs, adv.tolist()))]
+
+
+def _mean(xs: list[float]) -> float:
+    return float(statistics.fmean(xs)) if xs else 0.0
+
+
+def rollout_metrics(rollouts: list[list[Trajectory]], rows: list[Row]) -> dict[str, float]:
+    """Scalars for tensorboard: reward parts, per-role lengths/tokens, workers, tools, advantages."""
+    roots = [r[0] for r in rollouts]
+    out: dict[str, float] = {
+        "reward/mean": _mean([t.reward or 0.0 for t in roots]),
+        "reward/std": statistics.pstdev([t.reward or 0.0 for t in roots]) if len(roots) > 1 else 0.0,
+    }
+    for key in ("accuracy", "format_planner", "format_worker_mean", "num_workers"):
+        vals = [t.reward_components[key] for t in roots if key in t.reward_components]
+        if vals:
+            out[f"reward/{key}"] = _mean(vals)
+    trajs = flatten(rollouts)
+    for role in sorted({t.role for t in trajs}):
+        ts = [t for t in trajs if t.role == role]
+        gen = [sum(t.loss_mask) for t in ts]
+        out[f"{role}/count"] = float(len(ts))
+        out[f"{role}/response_tokens_mean"] = _mean(gen)
+        out[f"{role}/response_tokens_max"] = float(max(gen))
+        out[f"{role}/sequence_tokens_mean"] = _mean([len(t.token_ids) for t in ts])
+        out[f"{role}/generated_tokens"] = float(sum(gen))
+        out[f"{role}/turns_mean"] = _mean([t.turns for t in ts])
+        out[f"{role}/tool_calls"] = float(sum(t.tool_calls for t in ts))
+        out[f"{role}/tool_errors"] = float(sum(t.tool_errors for t in ts))
+        out[f"{role}/format_score"] = _mean([t.format_score for t in ts])
+        for reason, n in Counter(t.finish for t in ts).items():
+            out[f"{role}/finish_{reason}"] = n / len(ts)
+    if any(t.role == "planner" for t in roots):
+        out["planner/workers_per_planner"] = _mean([float(len(r) - 1) for r in rollouts])
+    adv = [r.advantage for r in rows]
+    out["advantage/mean"] = _mean(adv)
+    out["advantage/abs_mean"] = _mean([abs(a) for a in adv])
+    out["advantage/max"] = max(adv, default=0.0)
+    out["advantage/min"] = min(adv, default=0.0)
+    out["advantage/nonzero_fraction"] = _mean([float(a != 0.0) for a in adv])
+    return out

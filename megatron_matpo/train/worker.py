@@ -1,0 +1,223 @@
+"""One Megatron actor rank: the model (and frozen reference), optimizer, LR schedule, weight sync and
+checkpoints, driven by the controller one collective call at a time.
+
+Plain Python: `orchestrate.actor_group` runs it as a Ray actor per rank; tests may run it under
+`dist.launch_local`. Every public method is collective: all ranks of the actor world call it in the
+same order. Batches stay on the ranks between calls (old/reference logprobs are written into them in
+place), so only scalars travel back to the controller.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from megatron_matpo.algo.loss import LossConfig, ppo_policy_loss
+from megatron_matpo.data.packing import PackedMicroBatch
+from megatron_matpo.model.layout import ParallelLayout
+from megatron_matpo.train.optim import OptimConfig
+
+
+@dataclass
+class WorkerSpec:
+    model: str  # HF directory (initial weights, tokenizer, config)
+    layout: ParallelLayout
+    dtype: str = "float32"  # float32 | bfloat16
+    seq_length: int = 8192
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sync: dict = field(default_factory=dict)  # bridge.SyncConfig fields
+    use_reference: bool = False
+    seed: int = 1234
+    total_steps: int = 1
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+class ActorWorker:
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.batches: list[list[PackedMicroBatch]] = []  # this rank's mini-batches of the current step
+
+    # ---- bring-up ---------------------------------------------------------------------------------
+    def setup(self, rank: int, world: int, master_addr: str, master_port: int, local_rank: int = 0) -> dict:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        from megatron.core import parallel_state as ps
+
+        from megatron_matpo import platform
+        from megatron_matpo.dist import init_megatron, quiet_known_noise
+        from megatron_matpo.model.builder import build_model
+        from megatron_matpo.train.optim import build_optimizer, build_scheduler, ddp_config
+
+        quiet_known_noise()
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        s = self.spec
+        init_megatron(s.layout, seed=s.seed)
+        self.device = platform.device()
+        dtype = _dtype(s.dtype)
+        self.built = build_model(s.model, s.layout, dtype=dtype, seq_length=s.seq_length,
+                                 ddp_config=ddp_config(s.optim))
+        self.optimizer = build_optimizer(self.built.chunks, s.optim, dtype)
+        self.scheduler = build_scheduler(self.optimizer, s.optim, s.total_steps)
+        # the reference is the initial policy, frozen (also after a resume: always from `model`)
+        self.ref = build_model(s.model, s.layout, dtype=dtype, seq_length=s.seq_length) if s.use_reference else None
+        if self.ref is not None:
+            for c in self.ref.chunks:
+                c.requires_grad_(False)
+        self.sync = None
+        self.rank = rank
+        self.reports = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+        return {"rank": rank, "dp_rank": ps.get_data_parallel_rank(), "tp_rank": ps.get_tensor_model_parallel_rank(),
+                "pp_rank": ps.get_pipeline_model_parallel_rank(), "reports": self.reports}
+
+    def connect_engines(self, engine_urls: list[str]) -> None:
+        from megatron_matpo.bridge import SyncConfig, WeightSync
+
+        self.sync = WeightSync(SyncConfig(**self.spec.sync), self.built, engine_urls)
+
+    # ---- one step's data --------------------------------------------------------------------------
+    def load_batch(self, mini_batches: list[list[PackedMicroBatch]]) -> None:
+        """This rank's micro-batches (its DP slice) of each mini-batch."""
+        self.batches = mini_batches
+
+    def _forward_logprobs(self, chunks: list, mbs: list[PackedMicroBatch]) -> list[torch.Tensor] | None:
+        from megatron_matpo.train.actor import compute_logprobs
+
+        return compute_logprobs(chunks, mbs, self.device)
+
+    def old_logprobs(self, recompute: bool) -> dict[str, float]:
+        """Actor logprobs of every batch token: the train/rollout parity metric against the engine's
+        sampling logprobs, and (with `recompute`) the PPO old logprobs (exact ratio 1 before the
+        first update, whatever the engine's numerics)."""
+        stats = {"abs_diff_sum": 0.0, "abs_diff_max": 0.0, "tokens": 0.0}
+        for mbs in self.batches:
+            lps = self._forward_logprobs(self.built.chunks, mbs)
+            if lps is None:
+                continue
+            for p, lp in zip(mbs, lps):
+                m = p.parity_mask if p.parity_mask is not None else p.loss_mask
+                d = (lp - p.old_logprobs).abs() * m
+                stats["abs_diff_sum"] += float(d.sum())
+                stats["abs_diff_max"] = max(stats["abs_diff_max"], float(d.max()) if d.numel() else 0.0)
+                stats["tokens"] += float(m.sum())
+                if recompute:
+                    p.old_logprobs = lp.float()
+        return stats if self.reports else {}
+
+    def ref_logprobs(self) -> dict[str, float]:
+        """Reference-model logprobs into the batch (KL term), plus the mean KL(k3) for logging."""
+        from megatron_matpo.algo.loss import kl_penalty
+
+        if self.ref is None:
+            raise RuntimeError("ref_logprobs called but the reference model is off (loss.kl_coef == 0)")
+        stats = {"kl_sum": 0.0, "tokens": 0.0}
+        for mbs in self.batches:
+            lps = self._forward_logprobs(self.ref.chunks, mbs)
+            if lps is None:
+                continue
+            for p, lp in zip(mbs, lps):
+                p.ref_logprobs = lp.float()
+                kl = kl_penalty(p.old_logprobs, p.ref_logprobs, self.spec.loss.kl_kind) * p.loss_mask
+                stats["kl_sum"] += float(kl.sum())
+                stats["tokens"] += float(p.loss_mask.sum())
+        return stats if self.reports else {}
+
+    # ---- update -----------------------------------------------------------------------------------
+    def train(self, global_token_counts: list[int]) -> list[dict[str, float]]:
+        """One optimizer step per mini-batch; returns this rank's stats per mini-batch (reporting
+        ranks only carry loss terms; grad norm and lr are the same everywhere)."""
+        from megatron_matpo.train.actor import train_step
+
+        out = []
+        for mbs, n in zip(self.batches, global_token_counts):
+            stats = train_step(self.built.chunks, self.optimizer, mbs, self.spec.loss, n, self.device)
+            if self.reports:
+                stats.update(self._role_terms(mbs, n))
+            self.scheduler.step(increment=1)
+            stats["lr"] = float(self.optimizer.param_groups[0]["lr"])
+            out.append(stats if self.reports or self.rank == 0 else {})
+        self.batches = []
+        return out
+
+    def _role_terms(self, mbs: list[PackedMicroBatch], global_tokens: int) -> dict[str, float]:
+        """Each role's share of the policy-gradient surrogate at the pre-update policy (ratio 1):
+        -Σ A over its loss tokens / global tokens. Non-zero for both roles means both receive gradient
+        (∂loss/∂logp = -A/N per token)."""
+        out = {"pg_term_planner": 0.0, "pg_term_worker": 0.0, "loss_tokens_planner": 0.0, "loss_tokens_worker": 0.0}
+        for p in mbs:
+            if p.worker_mask is None:
+                continue
+            for role, sel in (("worker", p.worker_mask), ("planner", 1.0 - p.worker_mask)):
+                m = p.loss_mask * sel
+                term, _ = ppo_policy_loss(p.old_logprobs, p.old_logprobs, p.advantages, m, dual_clip_c=None,
+                                          global_token_count=global_tokens)
+                out[f"pg_term_{role}"] += float(term)
+                out[f"loss_tokens_{role}"] += float(m.sum())
+        return out
+
+    # ---- engines ----------------------------------------------------------------------------------
+    def sync_weights(self) -> dict[str, float]:
+        if self.sync is None:
+            raise RuntimeError("connect_engines must be called before sync_weights")
+        return self.sync.sync()
+
+    def parity(self, token_ids: list[list[int]], engine_url: str) -> dict[str, float]:
+        """Engine prompt logprobs vs this actor's logprobs on the same sequences (after a sync)."""
+        from megatron_matpo.bridge import engine_parity
+        from megatron_matpo.data.packing import Row, pack_rows
+
+        rows = [Row(token_ids=t, loss_mask=[1] * len(t), old_logprobs=[0.0] * len(t), advantage=0.0) for t in token_ids]
+        (mbs,) = pack_rows(rows, max_tokens_per_micro_batch=max(map(len, token_ids)) * len(rows), dp_size=1,
+                           pad_to_multiple=self.spec.layout.tp)
+        lps = self._forward_logprobs(self.built.chunks, mbs)
+        if lps is None or not self.reports or self.rank_dp() != 0:
+            return {}
+        actor = []
+        for p, lp in zip(mbs, lps):
+            for rid in p.row_ids.unique().tolist():
+                if rid < 0:
+                    continue
+                pos = (p.row_ids[0] == rid).nonzero().flatten()
+                # position i predicts token i+1: token j's logprob sits at j-1; token 0 has none
+                actor.append((rid, [None] + lp[0, pos[:-1]].tolist()))
+        actor = [v for _, v in sorted(actor)]
+        return engine_parity(engine_url, token_ids, actor)
+
+    def rank_dp(self) -> int:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_rank()
+
+    # ---- persistence ------------------------------------------------------------------------------
+    def save(self, run_dir: str, step: int, extra: dict, keep_last: int) -> str:
+        from megatron_matpo.train.checkpoint import save_checkpoint
+
+        return str(save_checkpoint(run_dir, step, self.built.chunks, self.optimizer, self.scheduler, extra,
+                                   keep_last=keep_last, hf_dir=self.spec.model))
+
+    def load(self, ckpt_dir: str) -> dict:
+        from megatron_matpo.train.checkpoint import load_checkpoint
+
+        return load_checkpoint(ckpt_dir, self.built.chunks, self.optimizer, self.scheduler)
+
+    def export_hf(self, out_dir: str) -> str:
+        from megatron_matpo.convert import copy_hf_metadata, export_hf
+
+        out = Path(out_dir)
+        export_hf(self.built, out, show_progress=False)
+        if torch.distributed.get_rank() == 0:
+            copy_hf_metadata(Path(self.spec.model), out)
+        torch.distributed.barrier()
+        return str(out)
+
+    def shutdown(self) -> None:
+        from megatron_matpo.dist import shutdown_megatron
+
+        if self.sync is not None:
+            self.sync.close()
+        shutdown_megatron()

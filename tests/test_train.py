@@ -1,0 +1,143 @@
+"""The RL loop end to end through `matpo train`: real SGLang engine, real MCP tool server, Megatron
+actor ranks as Ray actors (gloo), weight sync into the engine, checkpoints, HF export.
+
+Each run is a separate `matpo train` process (what users run); inputs are bootstrapped once per
+session into a shared directory and passed as overrides.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def inputs(tmp_path_factory) -> list[str]:
+    """Overrides pointing a config at one bootstrapped tiny model + multi-hop set."""
+    from megatron_matpo import config
+    from megatron_matpo.train.bootstrap import ensure_inputs
+    from megatron_matpo.train.config import TrainConfig
+
+    root = tmp_path_factory.mktemp("train-inputs")
+    ov = [f"model={root}/tiny-qwen3", f"data={root}/multihop/matpo_train_multihop", f"corpus={root}/multihop/corpus.jsonl"]
+    ensure_inputs(config.load(TrainConfig, REPO / "configs/tiny_cpu.yaml", ov))
+    return ov
+
+
+def _cmd(config_path: str, run_dir: Path, overrides: list[str], resume: bool = False) -> list[str]:
+    return ([sys.executable, "-m", "megatron_matpo.cli", "train", "--config", str(REPO / config_path)]
+            + (["--resume"] if resume else []) + [f"run_dir={run_dir}", *overrides])
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+
+
+def train(config_path: str, run_dir: Path, overrides: list[str], resume: bool = False, timeout: float = 900) -> str:
+    p = subprocess.run(_cmd(config_path, run_dir, overrides, resume), cwd=REPO, env=_env(), capture_output=True,
+                       text=True, timeout=timeout)
+    assert p.returncode == 0, f"matpo train failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    return p.stdout + p.stderr
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {d["step"]: d for d in map(json.loads, lines)}
+
+
+def check_invariants(m: dict[int, dict]) -> None:
+    """First step: actor == engine weights, so the PPO ratio is exactly 1 and approx-KL 0; after
+    every sync the engine's logprobs equal the actor's (fp32)."""
+    first = m[min(m)]
+    assert abs(first["actor/ratio_mean"] - 1.0) < 1e-6 and first["actor/ratio_max"] < 1.0 + 1e-5, first
+    assert abs(first["actor/approx_kl"]) < 1e-7, first
+    for step, d in m.items():
+        assert d["train_rollout_logprob_tokens"] > 0, step
+        assert d["train_rollout_logprob_abs_diff"] <= 1e-4, (step, d["train_rollout_logprob_abs_diff"])
+        assert d["parity/max_abs_diff"] <= 1e-4, (step, d)
+        assert d["sync/bytes"] > 0, step
+
+
+def test_tiny_cpu_end_to_end_tp2(inputs, tmp_path):
+    run = tmp_path / "run"
+    out = train("configs/tiny_cpu.yaml", run, inputs)
+    m = metrics(run)
+    assert sorted(m) == [1, 2, 3], out[-2000:]
+    check_invariants(m)
+    for step in m.values():
+        assert step["planner/count"] == 8 and step["worker/count"] >= 8  # forced delegation: one worker each
+        assert step["planner/workers_per_planner"] >= 1.0
+        assert step["actor/loss_tokens_planner"] > 0 and step["actor/loss_tokens_worker"] > 0
+        assert step["worker/tool_calls"] >= 0 and "time/rollout_s" in step
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    lines = (run / "rollouts" / "step_000001.jsonl").read_text().splitlines()
+    roles = {json.loads(x)["role"] for x in lines}
+    assert roles == {"planner", "worker"}
+    from megatron_matpo.train.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(run).name == "step_000003"
+    assert (run / "config.yaml").exists()
+    # the HF export holds the trained policy: it loads in transformers and differs from the init
+    import torch
+    from safetensors.torch import load_file
+
+    model_dir = Path(inputs[0].split("=", 1)[1])
+    a, b = load_file(model_dir / "model.safetensors"), load_file(run / "hf" / "model.safetensors")
+    assert set(a) == set(b)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(run / "hf")
+
+
+def _wait_for(path_glob: tuple[Path, str], proc: subprocess.Popen, timeout: float) -> None:
+    root, pattern = path_glob
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run exited ({proc.returncode}) before {pattern} appeared")
+        if list(root.glob(pattern)):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{pattern} did not appear in {timeout}s")
+
+
+def test_resume_after_sigkill_reproduces_the_run_pp2(inputs, tmp_path):
+    """Deterministic mode, PP=2: an uninterrupted run vs one SIGKILLed after its step-2 checkpoint and
+    resumed: the resumed steps' metrics match. Also the PP=2 first-step and parity invariants."""
+    ov = inputs + ["actor.tp=1", "actor.pp=2", "deterministic=true", "steps=3", "checkpoint.every=1",
+                   "checkpoint.export_hf=false"]
+    full = tmp_path / "full"
+    train("configs/tiny_cpu.yaml", full, ov)
+    ref = metrics(full)
+    check_invariants(ref)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd("configs/tiny_cpu.yaml", killed, ov), cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for((killed / "checkpoints", "step_000002"), proc, timeout=600)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    from megatron_matpo.train.checkpoint import latest_checkpoint
+
+    resumed_from = int(latest_checkpoint(killed).name.split("_")[1])
+    assert resumed_from == 2, "the kill came too late to leave a step to redo"
+    train("configs/tiny_cpu.yaml", killed, ov, resume=True)
+    got = metrics(killed)
+    assert sorted(got) == [1, 2, 3]
+    keys = ["reward/mean", "planner/generated_tokens", "worker/generated_tokens", "actor/loss", "actor/grad_norm",
+            "advantage/abs_mean", "train_rollout_logprob_abs_diff"]
+    for step in range(resumed_from + 1, 4):
+        for k in keys:
+            assert got[step][k] == pytest.approx(ref[step][k], rel=1e-4, abs=1e-6), (step, k)
