@@ -58,3 +58,87 @@ def sglang_cpu_pythonpath() -> str:
     from pathlib import Path
 
     return str(Path(__file__).parent / "compat_shims")
+
+
+def init_fresh_distributed_optimizer_state(optimizer) -> None:
+    """Give a never-stepped distributed optimizer its (dummy) Adam state before a checkpoint load.
+
+    megatron-core 0.19.2: without Apex/TE (every CPU machine) `DistributedOptimizer` wraps
+    `torch.optim.Adam(W)`, and its `state_dict()` reads the step from the per-parameter torch state
+    (`assert len(steps) == 1`). A freshly built optimizer has no state yet, so
+    `sharded_state_dict(..., is_loading=True)` fails before it can allocate the state it is about
+    to load into (megatron's own dummy-state allocation runs after that `state_dict()` call). We
+    run megatron's dummy step first, with lr and weight decay zeroed so no parameter moves; the
+    loaded checkpoint then overwrites every state tensor and the step count.
+    """
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
+
+    if HAVE_APEX_OR_TE:
+        return
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer) or opt.optimizer.state:
+            continue
+        groups = opt.optimizer.param_groups
+        saved = [(g["lr"], g["weight_decay"]) for g in groups]
+        for g in groups:
+            g["lr"], g["weight_decay"] = 0.0, 0.0
+        try:
+            opt._init_optimizer_states_with_dummy_values()
+        finally:
+            for g, (lr, wd) in zip(groups, saved):
+                g["lr"], g["weight_decay"] = lr, wd
+
+
+def load_distributed_optimizer_state(optimizer, state_dict: dict) -> None:
+    """`optimizer.load_state_dict(state_dict)`, made correct for megatron-core 0.19.2 without Apex/TE.
+
+    Bugs of megatron-core 0.19.2 on the torch-Adam path (no Apex/TE: every CPU machine):
+    - `DistributedOptimizer.load_parameter_state_from_dp_reshardable` lacks the `@torch.no_grad()`
+      its siblings (`..._from_fs_model_space`, ...) have. With fp32 parameters the main params are
+      views of the model's leaf parameters, so its in-place `copy_` raises "a view of a leaf
+      Variable that requires grad is being used in an in-place operation". Loading runs under
+      no_grad.
+    - Adam's per-parameter `step` comes out wrong: `load_state_dict` sets it from the checkpoint's
+      param groups but gives every parameter the *same* tensor (torch's Adam increments it in place,
+      so it would then advance once per parameter per optimizer step), and the dp_reshardable
+      parameter-state load afterwards copies the *loading template's* `step` (the live, pre-load
+      value) over it. Either way Adam's bias correction after a resume differs from the
+      uninterrupted run. The step is re-set from the loaded param groups, one tensor per parameter.
+    - `load_parameter_state_from_fully_reshardable` drops "step" from the loaded tensors ("handled
+      separately") but `_set_main_param_and_optimizer_states` then looks up every key of the live
+      torch state, "step" included: KeyError. For the duration of the load, this instance's
+      `_set_main_param_and_optimizer_states` sees "step": None, which it skips as a non-tensor.
+    """
+    import torch
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
+
+    if HAVE_APEX_OR_TE:
+        with torch.no_grad():
+            optimizer.load_state_dict(state_dict)
+        return
+    dist_opts = [o for o in getattr(optimizer, "chained_optimizers", [optimizer])
+                 if isinstance(o, DistributedOptimizer)]
+
+    def tolerate_missing_step(opt):
+        set_states = opt._set_main_param_and_optimizer_states  # the bound class method
+
+        def wrapped(model_param, tensors):
+            set_states(model_param, tensors if "step" in tensors else {**tensors, "step": None})
+        return wrapped
+
+    for opt in dist_opts:
+        opt._set_main_param_and_optimizer_states = tolerate_missing_step(opt)
+    try:
+        with torch.no_grad():
+            optimizer.load_state_dict(state_dict)
+    finally:
+        for opt in dist_opts:
+            del opt._set_main_param_and_optimizer_states  # back to the class method
+    for opt in dist_opts:
+        for group in opt.optimizer.param_groups:
+            if "step" not in group:
+                continue
+            for p in group["params"]:
+                state = opt.optimizer.state.get(p)
+                if state and "step" in state:
+                    state["step"] = torch.full_like(state["step"], float(group["step"]))

@@ -1,14 +1,17 @@
-"""Megatron DDP and optimizer construction (the training side of the Megatron seam)."""
+"""Megatron DDP, optimizer and learning-rate schedule construction (the training side of the
+Megatron seam)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5
+    lr: float = 1e-5  # MATPO trains at a constant 1e-5
     min_lr: float = 0.0
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
@@ -16,6 +19,28 @@ class OptimConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = True
+    lr_warmup_steps: int = 0  # linear warmup from 0 to `lr` over this many optimizer steps
+    lr_decay_style: str = "constant"  # after warmup: constant | linear | cosine (down to min_lr)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, total_steps: int | None = None) -> "OptimConfig":
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise ValueError(f"optim.lr_decay_style={self.lr_decay_style!r}: expected one of "
+                             f"{', '.join(LR_DECAY_STYLES)}")
+        if self.lr < 0:
+            raise ValueError(f"optim.lr={self.lr} must be >= 0")
+        if not 0.0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr={self.min_lr} must be in [0, lr={self.lr}]")
+        if self.lr_warmup_steps < 0:
+            raise ValueError(f"optim.lr_warmup_steps={self.lr_warmup_steps} must be >= 0")
+        if total_steps is not None:
+            if total_steps < 1:
+                raise ValueError(f"total_steps={total_steps} must be >= 1")
+            if self.lr_warmup_steps >= total_steps:
+                raise ValueError(f"optim.lr_warmup_steps={self.lr_warmup_steps} must be < total_steps={total_steps}")
+        return self
 
 
 def ddp_config(optim: OptimConfig):
@@ -35,3 +60,25 @@ def build_optimizer(chunks: list, optim: OptimConfig, dtype: torch.dtype = torch
         clip_grad=optim.clip_grad, use_distributed_optimizer=optim.use_distributed_optimizer,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype)
     return get_megatron_optimizer(cfg, chunks)
+
+
+def build_scheduler(optimizer, optim: OptimConfig, total_steps: int):
+    """megatron-core's `OptimizerParamScheduler` over `total_steps` optimizer steps.
+
+    Call `scheduler.step(1)` after each `optimizer.step()`. Construction sets every param group's
+    lr for step 0 (0 during warmup, else `lr`). Weight decay stays constant. The schedule's own
+    settings come from `optim` on resume (the config wins over the checkpoint, so a run can be
+    extended or re-tuned); only the step count is taken from the checkpoint.
+    """
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    optim.validate(total_steps)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if optim.lr_warmup_steps else optim.lr,
+        max_lr=optim.lr, min_lr=optim.min_lr,
+        lr_warmup_steps=optim.lr_warmup_steps, lr_decay_steps=total_steps,
+        lr_decay_style=optim.lr_decay_style,
+        start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=total_steps,
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)

@@ -1,0 +1,91 @@
+"""Rollouts → rows (MATPO credit, parity masks), step-metric reduction and the prompt loader."""
+from __future__ import annotations
+
+import pytest
+
+from megatron_matpo.agents.workflow import Trajectory, derive_seed
+from megatron_matpo.data.loader import PromptLoader
+from megatron_matpo.data.schema import Sample
+from megatron_matpo.train import stats as S
+from megatron_matpo.train.rows import build_rows, parity_mask, rollout_metrics
+
+
+def _traj(tid, role, group, parent=None, reward=None, n=6, spans=()):
+    t = Trajectory(traj_id=tid, role=role, group_id=group, sample_uid=tid, parent_id=parent,
+                   token_ids=list(range(n)), loss_mask=[0, 0, 1, 1, 1, 1][:n], logprobs=[0.0] * n, prompt_len=2,
+                   messages=[], final_text="", constrained_spans=list(spans))
+    t.reward = reward
+    t.reward_components = {"accuracy": float(reward or 0) > 0.5} if role == "planner" else {}
+    return t
+
+
+def test_rows_carry_matpo_credit_and_parity_masks():
+    # group g: two planners (rewards 1 and 0), the first with two workers; group h: one planner
+    rollouts = [[_traj("p1", "planner", "g", reward=1.0, spans=[(2, 4)]), _traj("w1", "worker", "g", "p1"),
+                 _traj("w2", "worker", "g", "p1")],
+                [_traj("p2", "planner", "g", reward=0.0)],
+                [_traj("p3", "planner", "h", reward=0.7)]]
+    rows = build_rows(rollouts)
+    adv = [r.advantage for r in rows]
+    # GRPO over {1, 0}: mean .5, unbiased std .7071 -> ±0.7071; workers copy p1; a group of one -> 0
+    assert adv[0] == pytest.approx(0.70710, abs=1e-4) and adv[3] == pytest.approx(-0.70710, abs=1e-4)
+    assert adv[1] == adv[2] == adv[0] and adv[4] == 0.0
+    assert [r.row_id for r in rows] == [0, 1, 2, 3, 4]
+    assert [r.role for r in rows] == ["planner", "worker", "worker", "planner", "planner"]
+    assert rows[0].parity_mask == [0, 0, 0, 0, 1, 1]  # constrained span (2, 4) excluded
+    assert rows[1].parity_mask == rows[1].loss_mask
+    m = rollout_metrics(rollouts, rows)
+    assert m["planner/workers_per_planner"] == pytest.approx(2 / 3)
+    assert m["worker/count"] == 2 and m["planner/generated_tokens"] == 12
+    assert m["reward/mean"] == pytest.approx((1.0 + 0.0 + 0.7) / 3)
+
+
+def test_parity_mask_without_spans_is_the_loss_mask():
+    t = _traj("p", "planner", "g", reward=1.0)
+    assert parity_mask(t) == t.loss_mask
+
+
+def test_train_stats_reduce_over_dp_and_mini_batches():
+    # two DP ranks reporting, a third (non-reporting, e.g. first PP stage) with grad norm and lr only
+    r0 = [{"grad_norm": 2.0, "step_skipped": 0.0, "lr": 1e-4, "loss": 0.25, "clip_frac": 0.5,
+           "loss_tokens_planner": 3.0, "loss_tokens_worker": 1.0, "ratio_max": 1.1}]
+    r1 = [{"grad_norm": 2.0, "step_skipped": 0.0, "lr": 1e-4, "loss": 0.5, "clip_frac": 0.0,
+           "loss_tokens_planner": 4.0, "loss_tokens_worker": 0.0, "ratio_max": 1.3}]
+    other = [{"grad_norm": 2.0, "step_skipped": 0.0, "lr": 1e-4}]
+    out = S.train_stats([r0, r1, other], [True, True, False])
+    assert out["actor/loss"] == pytest.approx(0.75)  # each rank's part of the global token mean adds up
+    assert out["actor/clip_frac"] == pytest.approx(0.5 * 4 / 8)  # token-weighted
+    assert out["actor/ratio_max"] == pytest.approx(1.3) and out["actor/grad_norm"] == 2.0
+
+
+def test_parity_stats_and_sample():
+    out = S.parity_stats([{"abs_diff_sum": 1e-5, "abs_diff_max": 3e-6, "tokens": 10.0},
+                          {"abs_diff_sum": 1e-5, "abs_diff_max": 5e-6, "tokens": 10.0}])
+    assert out["train_rollout_logprob_abs_diff"] == pytest.approx(1e-6)
+    assert out["train_rollout_logprob_abs_diff_max"] == 5e-6
+    rows = build_rows([[_traj("p1", "planner", "g", reward=1.0), _traj("w1", "worker", "g", "p1")],
+                       [_traj("p2", "planner", "g", reward=0.0)]])
+    assert len(S.parity_sample(rows, 2)) == 2  # one planner and one worker sequence
+    assert S.split_even([1, 2, 3, 4, 5], 2) == [[1, 2, 3], [4, 5]]
+
+
+def test_prompt_loader_epochs_and_cursor():
+    samples = [Sample(uid=f"s{i}#0", data_source="x", question=f"q{i}", ground_truth="a", prompt=[], index=i,
+                      split="train", group=f"s{i}")
+               for i in range(5)]
+    a = PromptLoader(samples, 2, seed=3)
+    seen = [s.uid for _ in range(2) for s in a.next_batch()]
+    assert len(set(seen)) == 4  # no repeats inside an epoch; the tail (1 prompt) is skipped
+    state = a.state_dict()
+    b = PromptLoader(samples, 2, seed=3)
+    b.load_state_dict(state)
+    assert [s.uid for s in a.next_batch()] == [s.uid for s in b.next_batch()]
+    with pytest.raises(ValueError, match="same data and seed"):
+        PromptLoader(samples, 2, seed=4).load_state_dict(state)
+
+
+def test_derive_seed_is_stable_and_distinct():
+    assert derive_seed(None, 1) is None
+    assert derive_seed(7, "worker", 0) == derive_seed(7, "worker", 0)
+    assert len({derive_seed(7, "worker", i) for i in range(100)}) == 100
+    assert 0 <= derive_seed(7, 1) < 2**63
