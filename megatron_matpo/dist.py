@@ -58,7 +58,16 @@ def quiet_known_noise() -> None:
     import warnings
 
     logging.getLogger("megatron.bridge").setLevel(logging.WARNING)
+    # megatron-core logs every parameter of every DDP bucket and the whole optimizer config at INFO
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)
+    # a deprecation notice on every checkpoint save (we use the synchronous save)
+    logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").setLevel(logging.ERROR)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per engine request
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*(not installed|Falling back).*")
+    for msg in (r"MimoModelConfig is experimental", r".*CUDA_DEVICE_MAX_CONNECTIONS",
+                r"The \.grad attribute of a Tensor that is not a leaf", r"full scope is deprecated",
+                r".*torch_dtype. is deprecated", r".*(reduce_scatter_tensor|all_gather_into_tensor). is deprecated"):
+        warnings.filterwarnings("ignore", message=msg)
 
 
 def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -> None:

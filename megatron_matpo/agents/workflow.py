@@ -89,9 +89,9 @@ class Trajectory:
 
 def forced_call_regex(server: str, tool: str, arg: str, n: int = 1) -> str:
     """A regex (SGLang constrained decoding) for n canonical calls of `tool` whose string argument
-    `arg` is free text (1-60 plain characters)."""
+    `arg` is free text (1-30 plain characters)."""
     marker = "ARGUMENT_PLACEHOLDER"
-    one = re.escape(render_tool_call(server, tool, {arg: marker})).replace(marker, "[A-Za-z0-9 ,.?'-]{1,60}")
+    one = re.escape(render_tool_call(server, tool, {arg: marker})).replace(marker, "[A-Za-z0-9 ,.?'-]{1,30}")
     return one * n
 
 

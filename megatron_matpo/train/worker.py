@@ -8,6 +8,7 @@ place), so only scalars travel back to the controller.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,7 +187,7 @@ class ActorWorker:
                 # position i predicts token i+1: token j's logprob sits at j-1; token 0 has none
                 actor.append((rid, [None] + lp[0, pos[:-1]].tolist()))
         actor = [v for _, v in sorted(actor)]
-        return engine_parity(engine_url, token_ids, actor)
+        return asyncio.run(engine_parity(engine_url, token_ids, actor))
 
     def rank_dp(self) -> int:
         from megatron.core import parallel_state as ps
