@@ -101,6 +101,16 @@ def yaml_dump(d: dict) -> str:
     return yaml.safe_dump(d, sort_keys=False).rstrip()
 
 
+def cmd_bench_layouts(args) -> int:
+    from megatron_matpo.planner.command import run
+
+    try:
+        return run(args)
+    except ValueError as e:  # unknown cluster fields, --gpus too large, nothing to measure
+        print(f"matpo bench-layouts: error: {e}", file=sys.stderr)
+        return 2
+
+
 def cmd_rollout(args) -> int:
     import asyncio
 
@@ -182,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("traces")
     v.add_argument("--html", help="write a static HTML page here (default: print to the terminal)")
     v.set_defaults(fn=cmd_transcript)
+
+    from megatron_matpo.planner.command import add_arguments as add_bench_layouts_arguments
+
+    b = sub.add_parser("bench-layouts", help="rank TP x PP x CP x DP layouts by predicted memory and step time "
+                                            "(--measure: also run a few for real here)")
+    add_bench_layouts_arguments(b)
+    b.set_defaults(fn=cmd_bench_layouts)
 
     t = sub.add_parser("make-tiny", help="write a tiny random-init HF model with a small tokenizer")
     t.add_argument("out")

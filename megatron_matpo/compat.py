@@ -142,3 +142,14 @@ def load_distributed_optimizer_state(optimizer, state_dict: dict) -> None:
                 state = opt.optimizer.state.get(p)
                 if state and "step" in state:
                     state["step"] = torch.full_like(state["step"], float(group["step"]))
+
+
+# ---- megatron-core 0.19.2: variable sequence lengths on dense models -------------------------------
+def enable_variable_seq_lengths(provider) -> None:
+    """Let pipeline stages exchange each micro-batch's shape (packed THD micro-batches differ in
+    length). megatron-core 0.19.2's TransformerConfig validation rejects `variable_seq_lengths` with
+    the default MoE token dispatcher ("allgather") even for dense models, which have no experts to
+    dispatch; naming the alltoall dispatcher satisfies the check and changes nothing else."""
+    provider.variable_seq_lengths = True
+    if not getattr(provider, "num_moe_experts", None):
+        provider.moe_token_dispatcher_type = "alltoall"

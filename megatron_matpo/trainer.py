@@ -73,7 +73,8 @@ class Trainer:
         bundles = ([{"CPU": 1, **({"GPU": gpu} if gpu else {})}] * layout.world_size
                    + [{"CPU": 1, **({"GPU": eng_gpus} if eng_gpus else {})}] * n_eng + [{"CPU": 1}])
         self.pg = placement_group(bundles, cfg.orchestrate.placement_timeout_s, "matpo")
-        extra = ["--disable-radix-cache"] if cfg.deterministic else []  # cached prefixes change numerics
+        # seeded, batch-invariant sampling; cached prefixes would change numerics
+        extra = ["--enable-deterministic-inference", "--disable-radix-cache"] if cfg.deterministic else []
         ecfg = EngineConfig(model_path=cfg.model, tp_size=eng_tp, dtype=ro.engine.dtype,
                             mem_fraction_static=ro.engine.mem_fraction_static, random_seed=cfg.seed,
                             context_length=ro.engine.context_length, log_dir=str(self.run_dir / "logs"),
@@ -98,6 +99,7 @@ class Trainer:
             self.actors.call("sync_weights")  # the engines start from the initial weights
             print(f"resumed from {self.resume_from} at step {self.step}")
         rcfg = dataclasses.replace(ro, model=cfg.model, data=cfg.data, log_dir=str(self.run_dir / "logs"),
+                                   workflow=dataclasses.replace(ro.workflow, seeded=cfg.deterministic),
                                    engine=dataclasses.replace(ro.engine, urls=self.services.engine_urls),
                                    toolbox=dataclasses.replace(ro.toolbox, url=ro.toolbox.url or self.services.toolbox_url))
         self.session = RolloutSession(rcfg).__enter__()

@@ -99,8 +99,10 @@ def build_model(hf_dir: str | Path, layout: ParallelLayout, *, load_weights: boo
     provider.params_dtype = provider.pipeline_dtype = dtype
     provider.bf16, provider.fp16 = dtype == torch.bfloat16, dtype == torch.float16
     provider.seq_length = seq_length
-    # packed micro-batches differ in length: let the pipeline exchange shapes before each p2p
-    provider.variable_seq_lengths = layout.pp > 1
+    if layout.pp > 1:  # packed micro-batches differ in length: the pipeline exchanges shapes first
+        from megatron_matpo.compat import enable_variable_seq_lengths
+
+        enable_variable_seq_lengths(provider)
     provider.transformer_layer_spec = layer_spec
     provider.attention_softmax_in_fp32 = True
     if not platform.use_transformer_engine():  # these fused kernels come from TE (or Apex)

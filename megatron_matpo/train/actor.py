@@ -14,7 +14,8 @@ from megatron_matpo.model.forward import run_schedule
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(label) per position from vocab-parallel logits [1, t, V/tp] (fp32 math)."""
+    """log p(label) per position from vocab-parallel logits [1, t, V/tp] (fp32 math). Clobbers fp32
+    `logits` (megatron writes the softmax into its input): read anything else from them first."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     return -vocab_parallel_cross_entropy(logits.float().contiguous(), labels.to(logits.device))
@@ -76,12 +77,13 @@ def train_step(chunks: list, optimizer, mbs: list[PackedMicroBatch], cfg: LossCo
 
     def loss_fn(out, mb):
         p = by_mb[id(mb)]
+        # before the logprobs: megatron's cross entropy overwrites fp32 logits with the softmax in place
+        ent = vocab_parallel_entropy(out)
         lp = token_logprobs(out, p.labels)
         ref = p.ref_logprobs.to(lp.device) if p.ref_logprobs is not None else None
         loss, metrics = policy_loss(lp, p.old_logprobs.to(lp.device), p.advantages.to(lp.device),
                                     p.loss_mask.to(lp.device), cfg, ref_logprobs=ref,
                                     global_token_count=global_token_count)
-        ent = vocab_parallel_entropy(out)
         metrics = {k: v.detach().float() for k, v in metrics.items()}
         metrics["entropy_sum"] = (ent * p.loss_mask.to(ent.device)).sum()
         metrics["tokens"] = p.loss_mask.sum().to(lp.device)

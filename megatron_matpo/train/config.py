@@ -73,7 +73,9 @@ class TrainConfig:
     steps: int = 3
     prompts_per_step: int = 4
     seed: int = 0
-    deterministic: bool = False  # seeded sampling: a resumed run reproduces the uninterrupted one
+    # seeded sampling (SGLang deterministic inference, GPU only): a resumed run reproduces the
+    # uninterrupted one, rollouts included
+    deterministic: bool = False
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     actor: ActorSection = field(default_factory=ActorSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -110,6 +112,11 @@ class TrainConfig:
              f" agent context ({longest} tokens, rollout.workflow.*.max_context_tokens): a trajectory could not be"
              " packed")
         if self.deterministic:
+            from megatron_matpo import platform
+
+            need(platform.capabilities().cuda,
+                 "deterministic=true needs SGLang's --enable-deterministic-inference, which 0.5.23 supports only "
+                 "with GPU attention backends (fa3/flashinfer/triton), not the CPU torch_native backend")
             need(wf.top_p == 1.0, "deterministic: needs rollout.workflow.top_p = 1 (SGLang's seeded sampling path)")
         need(self.loss.kl_as == "loss" or self.loss.kl_coef == 0.0,
              "loss.kl_as='reward' is not implemented yet: use kl_as='loss' (or kl_coef=0)")
