@@ -82,43 +82,85 @@ def hf_to_megatron_on_ranks(hf_dir: str, out_dir: str, layout: ParallelLayout) -
     torch.distributed.barrier()
 
 
-def export_hf(built, out_dir: Path, show_progress: bool = True) -> None:
+def hf_tensors(built, show_progress: bool = False):
+    """HF-named full tensors of a (possibly TP/PP-sharded) model, streamed one at a time.
+
+    Collective: every rank of the model's world must iterate it to the end (megatron-bridge gathers
+    each tensor over TP and PP); every rank receives every full tensor, on CPU. A tied model's
+    lm_head is the embedding: HF checkpoints omit it (as save_pretrained does) and engines tie it
+    themselves, so it is skipped.
+    """
+    rank0 = torch.distributed.get_rank() == 0
+    tied = bool(getattr(built.provider, "share_embeddings_and_output_weights", False))
+    for name, tensor in built.bridge.export_hf_weights(built.chunks, cpu=True, show_progress=show_progress and rank0):
+        if not (tied and name == "lm_head.weight"):
+            yield name, tensor
+
+
+class SafetensorsShardWriter:
+    """Writes an HF safetensors checkpoint as tensors arrive: a shard goes to disk as soon as the
+    next tensor would overflow it (peak memory: one shard). Files are named as `save_pretrained`
+    names them: `model.safetensors` when one shard, else `model-0000i-of-0000N.safetensors` plus
+    `model.safetensors.index.json` (N is known only at the end, so shards are renamed in `close`)."""
+
+    def __init__(self, out_dir: Path, shard_bytes: int = SHARD_BYTES):
+        self.out_dir = Path(out_dir)
+        self.shard_bytes = shard_bytes
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._shard: dict[str, torch.Tensor] = {}
+        self._size = 0
+        self._written: list[tuple[Path, list[str]]] = []  # (temporary file, names in it)
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._shard and self._size + nbytes > self.shard_bytes:
+            self._flush()
+        self._shard[name] = tensor.contiguous().clone()  # own storage: safetensors refuses shared ones
+        self._size += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = self.out_dir / f".shard-{len(self._written):05d}.safetensors.partial"
+        save_file(self._shard, str(path), metadata={"format": "pt"})
+        self._written.append((path, list(self._shard)))
+        self._shard, self._size = {}, 0
+
+    def close(self) -> list[Path]:
+        """Write the last shard, give every shard its final name (and the index when sharded)."""
+        if self._shard or not self._written:
+            self._flush()
+        n = len(self._written)
+        if n == 1:
+            final = self.out_dir / "model.safetensors"
+            self._written[0][0].replace(final)
+            return [final]
+        weight_map, files = {}, []
+        for i, (tmp, names) in enumerate(self._written):
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            tmp.replace(self.out_dir / fname)
+            files.append(self.out_dir / fname)
+            weight_map.update({k: fname for k in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return files
+
+
+def export_hf(built, out_dir: Path, show_progress: bool = True, shard_bytes: int = SHARD_BYTES) -> None:
     """Stream HF-named full tensors out of a (possibly TP/PP-sharded) model into safetensors shards.
 
     Collective: every rank of the model's world must call it; rank 0 writes.
     """
-    from safetensors.torch import save_file
-
     rank0 = torch.distributed.get_rank() == 0
     out_dir.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    tied = bool(getattr(built.provider, "share_embeddings_and_output_weights", False))
-    stream = built.bridge.export_hf_weights(built.chunks, cpu=True, show_progress=show_progress and rank0)
-    for name, tensor in stream:
-        # a tied model's lm_head is the embedding; HF checkpoints omit it (as save_pretrained does)
-        if not rank0 or (tied and name == "lm_head.weight"):
-            continue
-        nbytes = tensor.numel() * tensor.element_size()
-        if size and size + nbytes > SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor.contiguous().clone()
-        size += nbytes
-    if not rank0:
-        return
-    if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
-        for k, v in shard.items():
-            weight_map[k] = fname
-            total += v.numel() * v.element_size()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    writer = SafetensorsShardWriter(out_dir, shard_bytes) if rank0 else None
+    for name, tensor in hf_tensors(built, show_progress):
+        if writer is not None:
+            writer.add(name, tensor)
+    if writer is not None:
+        writer.close()
 
 
 def megatron_to_hf_on_ranks(ckpt_dir: str, out_dir: str, layout: ParallelLayout) -> None:

@@ -40,7 +40,7 @@ def _cmd(config_path: str, run_dir: Path, overrides: list[str], resume: bool = F
 
 
 def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def train(config_path: str, run_dir: Path, overrides: list[str], resume: bool = False, timeout: float = 900) -> str:

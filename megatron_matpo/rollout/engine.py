@@ -11,6 +11,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,17 @@ class Generation:
     prompt_tokens: int
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the thread that forked it dies (Linux
+    PR_SET_PDEATHSIG; a no-op elsewhere)."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 class EngineServer:
     """Owns one SGLang server process."""
 
@@ -63,7 +75,10 @@ class EngineServer:
                "--skip-server-warmup", "--log-level", "warning"]
         dtype = c.dtype
         if not platform.capabilities().cuda:
-            cmd += ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph"]
+            # --sleep-on-idle: an idle scheduler otherwise spins at ~80% of a core, which starves the
+            # actor ranks sharing a small CPU box
+            cmd += ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
+                    "--sleep-on-idle"]
             dtype = "float32" if dtype == "auto" else dtype
         cmd += ["--dtype", dtype]
         if c.context_length:
@@ -81,8 +96,28 @@ class EngineServer:
             log_dir.mkdir(parents=True, exist_ok=True)
             self._log = open(log_dir / f"engine-{self.port}.log", "w")
         out = self._log or subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.command(), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        # own session (a Ctrl-C meant for the trainer does not hit the engine mid-request), but it dies
+        # with this process: a SIGKILLed trainer (or Ray actor) must not leave a 2 GB server behind.
+        # PR_SET_PDEATHSIG fires when the *thread* that forked exits, so a dedicated thread forks and
+        # then waits on the server for its whole life (callers, e.g. Ray actor tasks, may run on
+        # short-lived threads). SGLang's own subprocesses follow launch_server when it dies.
+        cmd, spawned, box = self.command(), threading.Event(), {}
+
+        def spawn() -> None:
+            try:
+                box["proc"] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                               start_new_session=True, preexec_fn=_die_with_parent)
+            except BaseException as e:  # handed to the caller below
+                box["error"] = e
+            spawned.set()
+            if "proc" in box:
+                box["proc"].wait()
+
+        threading.Thread(target=spawn, name=f"sglang-engine-{self.port}", daemon=True).start()
+        spawned.wait()
+        if "error" in box:
+            raise box["error"]
+        self.proc = box["proc"]
         return self
 
     def wait_ready(self) -> "EngineServer":
@@ -168,6 +203,87 @@ class EngineClient:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+    # ---- prefill logprobs (parity checks) -------------------------------------------------------
+
+    async def prompt_logprobs(self, token_ids: list[int]) -> list[float | None]:
+        """log p(token j | tokens < j) for every position of an existing sequence, from a prefill
+        only (no token generated). Entry 0 has no prediction and is None."""
+        self.in_flight += 1
+        try:
+            r = await self._http().post(f"{self.url}/generate", json={
+                "input_ids": token_ids, "return_logprob": True, "logprob_start_len": 0,
+                # temperature 1: the model's own distribution, whatever generation_config says
+                "sampling_params": {"max_new_tokens": 0, "temperature": 1.0}})
+            r.raise_for_status()
+            lps = r.json()["meta_info"]["input_token_logprobs"]
+        finally:
+            self.in_flight -= 1
+        if len(lps) != len(token_ids):
+            raise RuntimeError(f"engine {self.url} returned {len(lps)} prompt logprobs for {len(token_ids)} tokens")
+        return [None] + [float(t[0]) for t in lps[1:]]
+
+    # ---- weight updates (SGLang 0.5.23 HTTP routes) ---------------------------------------------
+
+    async def _weight_route(self, route: str, payload: dict | None = None) -> dict:
+        """POST a weight-update route. SGLang answers {"success", "message"}, with HTTP 400 on
+        failure; the message is what says why, so it goes into the error."""
+        r = await self._http().post(f"{self.url}/{route}", json=payload or {})
+        try:
+            body = r.json()
+        except ValueError:
+            body = {"success": False, "message": r.text}
+        if r.status_code != 200 or not body.get("success", False):
+            raise RuntimeError(f"engine {self.url} /{route} failed (HTTP {r.status_code}): {body.get('message')}")
+        return body
+
+    async def server_info(self) -> dict:
+        r = await self._http().get(f"{self.url}/server_info")
+        r.raise_for_status()
+        return r.json()
+
+    async def flush_cache_checked(self) -> None:
+        """Flush the radix/KV cache, raising when the engine refuses (it does while requests run).
+        /flush_cache answers plain text, not JSON."""
+        r = await self._http().post(f"{self.url}/flush_cache")
+        if r.status_code != 200:
+            raise RuntimeError(f"engine {self.url} refused to flush its cache (HTTP {r.status_code}): "
+                               f"{r.text.strip()} -- weight syncs need idle engines")
+
+    async def begin_weight_update(self) -> None:
+        """Open the weight-update session that 0.5.23 requires around update_weights_from_tensor /
+        update_weights_from_distributed (not around update_weights_from_disk)."""
+        await self._weight_route("begin_weight_update")
+
+    async def end_weight_update(self) -> None:
+        await self._weight_route("end_weight_update")
+
+    async def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int,
+                                        world_size: int, group_name: str, backend: str) -> None:
+        """Join the trainer's broadcast group (engine TP rank r takes rank rank_offset + r). Blocks
+        until every member, the trainer's rank 0 included, has joined."""
+        await self._weight_route("init_weights_update_group", {
+            "master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
+            "world_size": world_size, "group_name": group_name, "backend": backend})
+
+    async def destroy_weights_update_group(self, group_name: str) -> None:
+        await self._weight_route("destroy_weights_update_group", {"group_name": group_name})
+
+    async def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                                              group_name: str, load_format: str | None = None,
+                                              flush_cache: bool = False) -> None:
+        """Receive tensors broadcast from group rank 0 and load them. Blocks until the broadcast
+        completes, so the trainer must broadcast concurrently."""
+        await self._weight_route("update_weights_from_distributed", {
+            "names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
+            "load_format": load_format, "flush_cache": flush_cache})
+
+    async def update_weights_from_tensor(self, serialized_named_tensors: list[str], load_format: str | None = None,
+                                         flush_cache: bool = False) -> None:
+        """Load tensors from base64 MultiprocessingSerializer payloads, one per engine TP rank."""
+        await self._weight_route("update_weights_from_tensor", {
+            "serialized_named_tensors": serialized_named_tensors, "load_format": load_format,
+            "flush_cache": flush_cache})
 
 
 class EngineRouter:

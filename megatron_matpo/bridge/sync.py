@@ -1,0 +1,453 @@
+"""Weight sync: the Megatron actor's weights, resharded to HF layout, into every SGLang engine.
+
+`WeightSync` runs collectively on every actor rank. megatron-bridge's `export_hf_weights` gathers
+each HF-named full tensor over TP and PP (all ranks take part); actor rank 0 alone talks to the
+engines, in buckets of at most `bucket_mb`, reusing one buffer (see `buckets.py`). Three transports:
+
+- broadcast (disaggregated engines): actor rank 0 and every engine TP rank form a process group
+  through the engines' `/init_weights_update_group` (gloo on CPU, NCCL on CUDA), set up on the first
+  sync and reused. Per bucket, every engine gets `/update_weights_from_distributed` (names, dtypes,
+  shapes, `load_format="flattened_bucket"`) while rank 0 broadcasts the bucket's flat bytes; the HTTP
+  calls return only once the broadcast has landed, so they run concurrently with it.
+- tensor (engines on this host): `/update_weights_from_tensor` with a `MultiprocessingSerializer`
+  payload. torch's default CPU sharing passes a file descriptor through `multiprocessing`'s
+  resource sharer, which authenticates with the *sender's* process authkey: an unrelated SGLang
+  process fails with `AuthenticationError` (and in 0.5.23 that kills the engine). We share buckets
+  through named shared memory instead (torch's "file_system" strategy, `rebuild_storage_filename`,
+  which SGLang's safe unpickler allows): zero bytes of weights over HTTP.
+- disk (fallback, any topology with a shared filesystem): rank 0 writes an HF safetensors directory
+  (`convert.SafetensorsShardWriter`), then every engine gets `/update_weights_from_disk`.
+
+SGLang 0.5.23 refuses tensor and distributed updates outside a `begin_weight_update` /
+`end_weight_update` session; disk updates need none. Every path flushes the engines' radix/KV cache
+afterwards (cached prefixes were computed with the old weights). Engines must be idle during a
+sync: SGLang refuses to flush a cache with requests in flight, and the sync then fails.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import ipaddress
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Coroutine, Iterable
+from urllib.parse import urlparse
+
+import torch
+
+from megatron_matpo import platform
+from megatron_matpo.bridge.buckets import Bucket, iter_buckets
+from megatron_matpo.rollout.engine import EngineClient
+
+MODES = ("broadcast", "tensor", "disk")
+_DISK_SUBDIR = "matpo-weight-sync"
+
+
+@dataclass
+class SyncConfig:
+    mode: str = "broadcast"  # "broadcast" | "tensor" | "disk"
+    bucket_mb: float = 64.0  # MiB per bucket; a larger tensor travels alone
+    disk_dir: str | None = None  # disk mode: where rank 0 writes (engines must read it); temp dir if None
+    parity_every: int = 1  # check engine vs actor logprobs every N syncs (0: never); used by the caller
+    parity_rows: int = 4  # rows per parity check; used by the caller
+    timeout_s: float = 600.0  # each engine call, and the broadcast group's rendezvous/collectives
+    group_name: str = "matpo_weight_sync"  # prefix; each WeightSync adds a unique suffix
+    master_address: str | None = None  # actor rank 0's address as engines reach it; derived if None
+    master_port: int | None = None  # broadcast group rendezvous port on actor rank 0; free port if None
+    show_progress: bool = False  # megatron-bridge's export progress bar on rank 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"sync.mode={self.mode!r}: expected one of {', '.join(MODES)}")
+        if not self.bucket_mb > 0:
+            raise ValueError(f"sync.bucket_mb must be > 0, got {self.bucket_mb}")
+        if self.parity_every < 0:
+            raise ValueError(f"sync.parity_every must be >= 0 (0 disables the check), got {self.parity_every}")
+        if self.parity_rows < 1:
+            raise ValueError(f"sync.parity_rows must be >= 1, got {self.parity_rows}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"sync.timeout_s must be > 0, got {self.timeout_s}")
+        if not self.group_name:
+            raise ValueError("sync.group_name must not be empty")
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            raise ValueError(f"sync.master_port must be in 1..65535, got {self.master_port}")
+
+    @property
+    def bucket_bytes(self) -> int:
+        return max(1, int(self.bucket_mb * 1024 * 1024))
+
+
+class _EngineLoop:
+    """An asyncio loop on a daemon thread for rank 0's engine calls, so they can be in flight while
+    the main thread broadcasts (an update call returns only after the broadcast it waits for)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="weight-sync-http", daemon=True)
+        self.thread.start()
+
+    def submit(self, coro: Coroutine) -> Future:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run_all(self, coros: Iterable[Coroutine], timeout_s: float) -> list[Any]:
+        """Run concurrently; wait for all (first error raised once all have finished)."""
+        futs = [self.submit(c) for c in coros]
+        wait_futures(futs, timeout=timeout_s)
+        return [f.result(timeout=0) for f in futs]
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+def _host(url: str) -> str:
+    host = urlparse(url).hostname
+    if not host:
+        raise ValueError(f"engine url {url!r} has no host")
+    return host
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def _is_this_host(host: str) -> bool:
+    if _is_loopback(host):
+        return True
+    try:
+        mine = {socket.gethostbyname(socket.gethostname()), socket.gethostbyname(socket.getfqdn())}
+        return socket.gethostbyname(host) in mine
+    except OSError:
+        return False
+
+
+def _address_towards(host: str) -> str:
+    """This host's address on the route to `host` (a UDP connect sends nothing)."""
+    if _is_loopback(host):
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((socket.gethostbyname(host), 9))
+        return s.getsockname()[0]
+
+
+@contextlib.contextmanager
+def _named_shared_memory():
+    """Pickle CPU storages as named shared memory (torch's "file_system" sharing) for the duration.
+    Scoped: the strategy is process-global and the rest of the trainer keeps the default."""
+    import torch.multiprocessing as mp
+
+    prev = mp.get_sharing_strategy()
+    mp.set_sharing_strategy("file_system")
+    try:
+        yield
+    finally:
+        mp.set_sharing_strategy(prev)
+
+
+def _shared_memory_payload(bucket: Bucket) -> str:
+    """A base64 `MultiprocessingSerializer` payload of a `flattened_bucket`: the flat bytes travel as
+    a shared-memory name, the layout as SGLang's `FlattenedTensorMetadata`. One payload per
+    receiving process: torch hands one shared-memory reference to each pickle, and each unpickle
+    consumes one."""
+    from multiprocessing.reduction import ForkingPickler
+
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
+
+    meta = [FlattenedTensorMetadata(name=n, shape=s, dtype=d, start_idx=a, end_idx=b, numel=b - a)
+            for n, d, s, a, b in bucket.spans()]
+    with _named_shared_memory():
+        payload = ForkingPickler.dumps({"flattened_tensor": bucket.flat, "metadata": meta})
+    return base64.b64encode(payload).decode("ascii")
+
+
+def _explain(exc: BaseException) -> str:
+    """An engine error with SGLang's own message when the HTTP layer hid it."""
+    import httpx
+
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"{exc} -- {exc.response.text.strip()[:500]}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class WeightSync:
+    """Pushes the actor's current weights into every engine. Collective: every actor rank builds
+    one with the same arguments and calls `sync()` / `close()` in the same order; rank 0 talks to
+    the engines and returns the stats, other ranks only take part in the gathers and return {}."""
+
+    def __init__(self, cfg: SyncConfig, built, engine_urls: list[str]):
+        if not engine_urls:
+            raise ValueError("WeightSync needs at least one engine url")
+        self.cfg = cfg
+        self.built = built
+        self.engine_urls = list(engine_urls)
+        self.rank0 = torch.distributed.get_rank() == 0
+        self.syncs = 0
+        self.groups_formed = 0  # broadcast groups set up so far (1 when the group is reused)
+        self._closed = False
+        self._group = None  # actor side of the broadcast group (rank 0, broadcast mode)
+        self._group_name = f"{cfg.group_name}-{uuid.uuid4().hex[:8]}"
+        self._disk_root: Path | None = None
+        self._own_disk_root = False
+        self._loop: _EngineLoop | None = None
+        self._clients: list[EngineClient] = []
+        self._tp: list[int] | None = None  # engines' TP sizes, asked once
+        self._shm_buffer: torch.Tensor | None = None  # tensor mode's bucket buffer
+        if not self.rank0:
+            return
+        if cfg.mode == "tensor":
+            remote = [u for u in self.engine_urls if not _is_this_host(_host(u))]
+            if remote:
+                raise ValueError(f"sync.mode='tensor' shares host memory, so engines must run on this host; "
+                                 f"{remote} do not (use 'broadcast' or 'disk')")
+        self._loop = _EngineLoop()
+        self._clients = [EngineClient(u, timeout_s=cfg.timeout_s) for u in self.engine_urls]
+
+    # ---- public ------------------------------------------------------------------------------
+
+    def sync(self) -> dict[str, float]:
+        """One full weight push. Rank 0 returns bytes, seconds, buckets, max_bucket_bytes,
+        bytes_per_s and tensors; other ranks {}."""
+        if self._closed:
+            raise RuntimeError("WeightSync.sync() after close()")
+        from megatron_matpo.convert import hf_tensors
+
+        t0 = time.perf_counter()
+        stream = hf_tensors(self.built, self.cfg.show_progress)
+        if not self.rank0:
+            for _ in stream:  # the gathers are collective; only rank 0 keeps the tensors
+                pass
+            self.syncs += 1
+            return {}
+        stream = _Counted(stream)
+        try:
+            if self.cfg.mode == "disk":
+                buckets, max_bucket = self._sync_disk(stream)
+            else:
+                buckets, max_bucket = self._sync_buckets(stream)
+            self._run_engines("flush_cache_checked")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                for _ in stream:  # let the other ranks finish their gathers before we raise
+                    pass
+            raise
+        self.syncs += 1
+        secs = time.perf_counter() - t0
+        return {"bytes": float(stream.nbytes), "seconds": secs, "buckets": float(buckets),
+                "max_bucket_bytes": float(max_bucket), "bytes_per_s": stream.nbytes / max(secs, 1e-9),
+                "tensors": float(stream.count)}
+
+    def close(self) -> None:
+        """Leave the broadcast group (engines and actor), stop rank 0's HTTP loop, delete the temp
+        disk directory. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self.rank0:
+            return
+        try:
+            if self._group is not None:
+                self._drop_group(tell_engines=True)
+            self._loop.run_all((c.aclose() for c in self._clients), self.cfg.timeout_s)
+        finally:
+            self._loop.close()
+            if self._own_disk_root and self._disk_root is not None:
+                shutil.rmtree(self._disk_root, ignore_errors=True)
+
+    def __enter__(self) -> "WeightSync":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- bucketed transports (broadcast, tensor) -------------------------------------------------
+
+    def _sync_buckets(self, stream: "_Counted") -> tuple[int, int]:
+        broadcast = self.cfg.mode == "broadcast"
+        if broadcast and self._group is None:
+            self._init_group()
+        device = platform.device() if broadcast else torch.device("cpu")  # NCCL needs device buffers
+        if not broadcast and self._shm_buffer is None:
+            # kept across syncs: sharing a buffer moves it into shared memory (a copy), once
+            self._shm_buffer = torch.empty(self.cfg.bucket_bytes, dtype=torch.uint8)
+        # the broadcast buffer is allocated per sync, so device memory goes back to training after
+        buffer = None if broadcast else self._shm_buffer
+        n = max_bucket = 0
+        self._run_engines("begin_weight_update")
+        ok = False
+        try:
+            for bucket in iter_buckets(stream, self.cfg.bucket_bytes, device, buffer):
+                if broadcast:
+                    self._broadcast_bucket(bucket)
+                else:
+                    self._tensor_bucket(bucket)
+                n += 1
+                max_bucket = max(max_bucket, bucket.nbytes)
+            ok = True
+        finally:
+            if ok:
+                self._run_engines("end_weight_update")
+            else:  # close the session anyway so the next sync can open one; the first error wins
+                with contextlib.suppress(Exception):
+                    self._run_engines("end_weight_update")
+        return n, max_bucket
+
+    def _broadcast_bucket(self, bucket: Bucket) -> None:
+        shapes = [list(s) for s in bucket.shapes]
+        futs = [self._loop.submit(c.update_weights_from_distributed(
+            bucket.names, bucket.dtype_names, shapes, self._group_name, load_format="flattened_bucket"))
+            for c in self._clients]
+        try:
+            work = torch.distributed.broadcast(bucket.flat, src=0, group=self._group, async_op=True)
+            deadline = time.monotonic() + self.cfg.timeout_s
+            while not work.is_completed():  # an engine that refused the call never joins the broadcast
+                failed = [f for f in futs if f.done() and f.exception() is not None]
+                if failed:
+                    raise failed[0].exception()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"broadcast of a {bucket.nbytes}-byte bucket not received "
+                                       f"after {self.cfg.timeout_s:.0f}s")
+                time.sleep(0.002)
+            work.wait()
+            wait_futures(futs, timeout=self.cfg.timeout_s)
+            for f in futs:
+                f.result(timeout=0)
+        except BaseException as e:
+            self._drop_group(tell_engines=False)  # a half-done broadcast leaves the group unusable
+            raise RuntimeError(f"broadcast weight update failed: {_explain(e)}") from e
+
+    def _tensor_bucket(self, bucket: Bucket) -> None:
+        coros = []
+        for c, tp in zip(self._clients, self._tp_sizes()):
+            coros.append(c.update_weights_from_tensor([_shared_memory_payload(bucket) for _ in range(tp)],
+                                                      load_format="flattened_bucket"))
+        # every engine has copied the bucket out of shared memory when this returns: safe to refill
+        self._gather("update_weights_from_tensor", coros)
+
+    # ---- disk transport ----------------------------------------------------------------------
+
+    def _sync_disk(self, stream: "_Counted") -> tuple[int, int]:
+        from megatron_matpo.convert import SafetensorsShardWriter
+
+        out = self._disk_dir()
+        for f in list(out.glob("*.safetensors")) + list(out.glob("*.safetensors.index.json")) \
+                + list(out.glob(".shard-*.partial")):
+            f.unlink()  # this directory is ours: last sync's shards
+        writer = SafetensorsShardWriter(out)
+        for name, tensor in stream:
+            writer.add(name, tensor)
+        files = writer.close()
+        self._run_engines("update_weights_from_disk", str(out))
+        return len(files), max(f.stat().st_size for f in files)
+
+    def _disk_dir(self) -> Path:
+        if self._disk_root is None:
+            if self.cfg.disk_dir:
+                self._disk_root = Path(self.cfg.disk_dir)
+            else:
+                self._disk_root = Path(tempfile.mkdtemp(prefix="matpo-sync-"))
+                self._own_disk_root = True
+        out = self._disk_root / _DISK_SUBDIR
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+
+    # ---- engines and the broadcast group -------------------------------------------------------
+
+    def _gather(self, what: str, coros: Iterable[Coroutine]) -> list[Any]:
+        try:
+            return self._loop.run_all(coros, self.cfg.timeout_s)
+        except BaseException as e:
+            raise RuntimeError(f"engine {what} failed: {_explain(e)}") from e
+
+    def _run_engines(self, method: str, *args) -> list[Any]:
+        return self._gather(method, (getattr(c, method)(*args) for c in self._clients))
+
+    def _tp_sizes(self) -> list[int]:
+        if self._tp is None:
+            infos = self._run_engines("server_info")
+            for url, info in zip(self.engine_urls, infos):
+                if int(info.get("dp_size", 1)) != 1 or int(info.get("pp_size", 1)) != 1:
+                    raise ValueError(f"engine {url} runs dp_size={info.get('dp_size')} pp_size={info.get('pp_size')}; "
+                                     "weight sync supports engines with TP only (start one engine per replica)")
+            self._tp = [int(info["tp_size"]) for info in infos]
+        return self._tp
+
+    def _init_group(self) -> None:
+        """Actor rank 0 (group rank 0) + every engine TP rank (ranks 1..) in one broadcast group."""
+        from sglang.srt.utils import init_custom_process_group
+
+        tps = self._tp_sizes()
+        world = 1 + sum(tps)
+        offsets = [1 + sum(tps[:i]) for i in range(len(tps))]
+        address = self.cfg.master_address or _address_towards(_host(self.engine_urls[0]))
+        if self.cfg.master_port is not None:
+            port = self.cfg.master_port
+        else:
+            from megatron_matpo.dist import free_port
+
+            port = free_port()
+        backend = "nccl" if platform.capabilities().cuda else "gloo"
+        joins = [self._loop.submit(c.init_weights_update_group(address, port, off, world, self._group_name, backend))
+                 for c, off in zip(self._clients, offsets)]
+        # rank 0 hosts the rendezvous store; it and the engines' calls block until all have joined,
+        # so ours runs on a helper thread and an engine refusing to join fails fast
+        with ThreadPoolExecutor(1) as pool:
+            ours = pool.submit(init_custom_process_group, backend=backend, init_method=f"tcp://{address}:{port}",
+                               world_size=world, rank=0, group_name=self._group_name,
+                               timeout=timedelta(seconds=self.cfg.timeout_s))
+            done, _ = wait_futures([ours, *joins], timeout=self.cfg.timeout_s, return_when=FIRST_EXCEPTION)
+            for f in [*joins, ours]:
+                if f in done and f.exception() is not None:
+                    raise RuntimeError(f"broadcast group {self._group_name} ({backend}, {address}:{port}, "
+                                       f"world {world}) failed: {_explain(f.exception())}") from f.exception()
+            wait_futures([ours, *joins], timeout=self.cfg.timeout_s)
+            if not all(f.done() for f in [ours, *joins]):
+                raise TimeoutError(f"broadcast group {self._group_name} not formed after {self.cfg.timeout_s:.0f}s")
+            for f in joins:
+                f.result(timeout=0)
+            self._group = ours.result(timeout=0)
+            self.groups_formed += 1
+
+    def _drop_group(self, tell_engines: bool) -> None:
+        group, self._group = self._group, None
+        if group is None:
+            return
+        try:
+            if tell_engines:
+                self._run_engines("destroy_weights_update_group", self._group_name)
+        finally:
+            with contextlib.suppress(Exception):
+                torch.distributed.destroy_process_group(group)
+            # the engines may still hold the old name; a fresh one avoids a clash on re-creation
+            self._group_name = f"{self.cfg.group_name}-{uuid.uuid4().hex[:8]}"
+
+
+class _Counted:
+    """Iterator wrapper counting tensors and bytes as they stream past."""
+
+    def __init__(self, stream: Iterable[tuple[str, torch.Tensor]]):
+        self._it = iter(stream)
+        self.count = 0
+        self.nbytes = 0
+
+    def __iter__(self) -> "_Counted":
+        return self
+
+    def __next__(self) -> tuple[str, torch.Tensor]:
+        name, t = next(self._it)
+        self.count += 1
+        self.nbytes += t.numel() * t.element_size()
+        return name, t

@@ -1,0 +1,289 @@
+"""Weight sync Megatron actor → SGLang engine.
+
+Bucketing (no processes): bounded sizes, stream order, oversized tensors alone, SGLang's flat layout.
+Sync (slow: a real engine and TP=2 / PP=2 actor worlds): the actor's weights are perturbed so the
+engine is stale, synced with each transport, and then the engine's prefill logprobs must equal the
+actor's own megatron logprobs (fp32, ≤ 1e-4) and differ from the engine's logprobs before the sync.
+The shared engine gets its original weights back at the end (checked).
+"""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from megatron_matpo.bridge import SyncConfig, iter_buckets, logprob_gap
+from megatron_matpo.model.layout import ParallelLayout as L
+
+PARITY_TOL = 1e-4  # fp32 engine (torch-native attention) vs megatron on CPU
+STALE_MIN = 1e-2  # the perturbation moves logprobs by far more than this
+ROWS = [[5, 17, 99, 250, 3, 700, 12, 41], [700, 12, 41, 9, 1000, 2], list(range(100, 124))]
+SMALL_BUCKET_MB = 0.05  # ~52 KB: many buckets, and the 360 KB embedding/lm_head travel alone
+# (mode, bucket MiB, perturbation seed) per sync; a repeated (mode, bucket) reuses its WeightSync:
+# the broadcast group is formed once for steps 0 and 1, and a second group (step 4) coexists with it
+PLAN = [("broadcast", SMALL_BUCKET_MB, 1), ("broadcast", SMALL_BUCKET_MB, 2), ("tensor", SMALL_BUCKET_MB, 3),
+        ("disk", 64.0, 4), ("broadcast", 64.0, 5), ("tensor", 64.0, 6)]
+STEPS = [f"{i}-{mode}" for i, (mode, _, _) in enumerate(PLAN)]
+
+
+# ---------------------------------------------------------------- bucketing (no processes)
+
+
+def _tensors(sizes: list[int], dtype=torch.float32) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [(f"t{i}", torch.randn(n, generator=g).to(dtype)) for i, n in enumerate(sizes)]
+
+
+def _consume(stream, max_bytes: int) -> list[tuple[list[str], int, list[torch.Tensor]]]:
+    """Copy each bucket out as it comes: the builder reuses its buffer for the next one."""
+    return [(list(b.names), b.nbytes, [t.clone() for _, t in b.tensors()]) for b in iter_buckets(stream, max_bytes)]
+
+
+def test_buckets_bounded_ordered_and_exact():
+    tensors = _tensors([10, 100, 60, 3, 250, 40, 40, 1, 90])  # fp32: 40 .. 1000 bytes
+    out = _consume(tensors, max_bytes=512)
+    assert [n for names, _, _ in out for n in names] == [n for n, _ in tensors]  # order preserved
+    for names, nbytes, _ in out:
+        assert nbytes <= 512 or len(names) == 1
+    flat = [t for _, _, ts in out for t in ts]
+    assert all(torch.equal(a, b) for a, b in zip(flat, (t for _, t in tensors)))
+    # greedy: a bucket is closed only when the next tensor would not fit
+    for (names, nbytes, _), (nxt, _, _) in zip(out, out[1:]):
+        first_next = dict(tensors)[nxt[0]]
+        assert nbytes + first_next.numel() * 4 > 512
+
+
+def test_oversized_tensor_travels_alone():
+    tensors = _tensors([10, 20, 500, 5])  # 2000 bytes > 256
+    out = _consume(tensors, max_bytes=256)
+    assert [names for names, _, _ in out] == [["t0", "t1"], ["t2"], ["t3"]]
+    assert out[1][1] == 2000
+    assert torch.equal(out[1][2][0], tensors[2][1])
+
+
+def test_mixed_dtypes_stay_aligned():
+    """The engine views each tensor in place, so a tensor never starts at an offset that is not a
+    multiple of its element size: a 3-element bf16 tensor (6 bytes) closes the bucket before fp32."""
+    tensors = [("a", torch.ones(3, dtype=torch.bfloat16)), ("b", torch.arange(4, dtype=torch.float32)),
+               ("c", torch.ones(2, dtype=torch.bfloat16)), ("d", torch.arange(2, dtype=torch.float32))]
+    out = _consume(tensors, max_bytes=1024)
+    assert [names for names, _, _ in out] == [["a"], ["b", "c", "d"]]
+    assert torch.equal(out[1][2][2], tensors[3][1])
+
+
+def test_bucket_layout_is_sglang_flattened_bucket():
+    """Same bytes and offsets as SGLang's own FlattenedTensorBucket (what the engine rebuilds from)."""
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+
+    tensors = [("w", torch.randn(4, 8)), ("b", torch.randn(8)), ("h", torch.randn(2, 3).to(torch.bfloat16))]
+    (bucket,) = iter_buckets(tensors, 1 << 20)
+    ref = FlattenedTensorBucket(named_tensors=tensors)
+    assert torch.equal(bucket.flat, ref.get_flattened_tensor())
+    assert [(m.name, m.start_idx, m.end_idx) for m in ref.get_metadata()] == \
+        [(n, a, b) for n, _, _, a, b in bucket.spans()]
+    empty = FlattenedTensorBucket.empty(bucket.names, bucket.dtype_names, [list(s) for s in bucket.shapes], "cpu")
+    assert empty.get_flattened_tensor().numel() == bucket.nbytes
+
+
+def test_bucket_rejects_nonpositive_size_and_small_buffer():
+    with pytest.raises(ValueError, match="max_bytes"):
+        list(iter_buckets(_tensors([1]), 0))
+    with pytest.raises(ValueError, match="buffer"):
+        list(iter_buckets(_tensors([1]), 64, buffer=torch.empty(32, dtype=torch.uint8)))
+
+
+def test_caller_buffer_is_reused():
+    buf = torch.empty(64, dtype=torch.uint8)
+    for b in iter_buckets(_tensors([4, 4, 8]), 64, buffer=buf):
+        assert b.flat.data_ptr() == buf.data_ptr()
+
+
+@pytest.mark.parametrize("kwargs,match", [({"mode": "nccl"}, "sync.mode"), ({"bucket_mb": 0}, "bucket_mb"),
+                                          ({"parity_every": -1}, "parity_every"), ({"parity_rows": 0}, "parity_rows"),
+                                          ({"timeout_s": 0}, "timeout_s"), ({"master_port": 70000}, "master_port")])
+def test_sync_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SyncConfig(**kwargs)
+
+
+def test_logprob_gap_skips_position_zero():
+    gap = logprob_gap([[None, -1.0, -2.0]], [[0.0, -1.5, -2.0]])
+    assert gap == {"max_abs": 0.5, "mean_abs": 0.25, "tokens": 2.0}
+    with pytest.raises(ValueError, match="row 0"):
+        logprob_gap([[None, -1.0]], [[0.0]])
+
+
+# ---------------------------------------------------------------- actor worlds (run in each rank)
+
+
+@torch.no_grad()
+def _perturb(built, seed: int) -> None:
+    """Seeded noise on every parameter. Replicated parameters (norms) get the same noise on every
+    TP rank, sharded ones a different draw per shard: the actor stays one consistent model."""
+    from megatron.core import parallel_state
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    for name, p in built.chunks[0].named_parameters():
+        shard = tp_rank if getattr(p, "tensor_model_parallel", False) else 0
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()) + 7919 * shard)
+        p.add_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+@torch.no_grad()
+def _actor_logprobs(built, rows: list[list[int]]) -> list[list[float]]:
+    """The actor's log p(token j | < j) per row (row convention, entry 0 = 0), from one packed
+    micro-batch through megatron's schedule and the vocab-parallel `token_logprobs`; every rank
+    gets them (broadcast from its pipeline's last stage)."""
+    from megatron.core import parallel_state
+
+    from megatron_matpo import platform
+    from megatron_matpo.model.forward import pack_sequences, run_schedule
+    from megatron_matpo.train.actor import token_logprobs
+
+    mb = pack_sequences([torch.tensor(r) for r in rows])
+    labels = torch.tensor([t for r in rows for t in r[1:] + [0]]).unsqueeze(0)  # position i predicts i+1
+    kept = {}
+
+    def keep(out, _mb):
+        kept["lp"] = token_logprobs(out, labels).detach().float().cpu().reshape(-1)
+        return torch.zeros((), device=out.device), {}
+
+    for c in built.chunks:
+        c.eval()
+    run_schedule(built.chunks, [mb], keep, forward_only=True, device=platform.device())
+    n = labels.shape[1]
+    lp = kept["lp"] if parallel_state.is_pipeline_last_stage() else torch.empty(n)
+    torch.distributed.broadcast(lp, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                group=parallel_state.get_pipeline_model_parallel_group())
+    out, off = [], 0
+    for r in rows:
+        out.append([0.0] + lp[off:off + len(r) - 1].tolist())
+        off += len(r)
+    return out
+
+
+def _run_plan(built, engine_url: str, hf_dir: str, disk_dir: str, plan: list) -> dict:
+    """perturb → sync → engine vs actor logprobs for each plan step; rank 0 then restores the
+    engine's original weights and checks them (whatever happened)."""
+    import asyncio
+
+    from megatron_matpo.bridge import WeightSync, engine_logprobs
+    from megatron_matpo.rollout.engine import EngineClient
+
+    rank0 = torch.distributed.get_rank() == 0
+
+    def on_engine() -> list[list[float | None]]:
+        return asyncio.run(engine_logprobs(engine_url, ROWS))
+
+    original = on_engine() if rank0 else None
+    res: dict = {"steps": {}}
+    syncs: dict[tuple[str, float], WeightSync] = {}
+    try:
+        for i, (mode, bucket_mb, seed) in enumerate(plan):
+            _perturb(built, seed)
+            actor = _actor_logprobs(built, ROWS)
+            stale = on_engine() if rank0 else None
+            key = (mode, bucket_mb)  # a repeated key reuses its WeightSync (and broadcast group)
+            if key not in syncs:
+                cfg = SyncConfig(mode=mode, bucket_mb=bucket_mb, disk_dir=disk_dir, timeout_s=120)
+                syncs[key] = WeightSync(cfg, built, [engine_url])
+            ws = syncs[key]
+            stats = ws.sync()
+            if rank0:
+                res["steps"][f"{i}-{mode}"] = {"stats": stats, "after": logprob_gap(on_engine(), actor),
+                                               "before": logprob_gap(stale, actor),
+                                               "groups_formed": ws.groups_formed}
+    finally:
+        for ws in syncs.values():
+            ws.close()
+        if rank0:
+            async def restore():
+                c = EngineClient(engine_url)
+                try:
+                    await c.update_weights_from_disk(hf_dir)
+                    await c.flush_cache_checked()
+                finally:
+                    await c.aclose()
+
+            asyncio.run(restore())
+    if rank0:
+        res["restored"] = logprob_gap(on_engine(), [[x or 0.0 for x in r] for r in original])
+    return res
+
+
+def bridge_world(hf_dir: str, engine_url: str, layouts: dict[str, L], disk_dir: str, plan: list) -> dict:
+    """Runs on every rank of one launched world: the whole plan for each layout in turn, megatron's
+    groups re-formed per layout (process start-up dominates on CPU, so one world serves all)."""
+    import time
+
+    from megatron.core import parallel_state
+
+    from megatron_matpo.dist import init_megatron
+    from megatron_matpo.model.builder import build_model
+    from megatron_matpo.train.optim import OptimConfig, ddp_config
+
+    out = {}
+    for name, layout in layouts.items():
+        t0 = time.perf_counter()
+        init_megatron(layout)
+        built = build_model(hf_dir, layout, load_weights=True, ddp_config=ddp_config(OptimConfig()))
+        t1 = time.perf_counter()
+        out[name] = _run_plan(built, engine_url, hf_dir, f"{disk_dir}/{name}", plan)
+        out[name]["build_s"], out[name]["plan_s"] = t1 - t0, time.perf_counter() - t1
+        del built
+        parallel_state.destroy_model_parallel()
+    return out
+
+
+# ---------------------------------------------------------------- sync into the real engine (slow)
+
+
+@pytest.fixture(scope="module")
+def worlds(tiny_models, engine, tmp_path_factory) -> dict[str, dict]:
+    """TP=2 and PP=2 actors (one 2-process world) synced into the shared engine."""
+    from megatron_matpo.dist import launch_local
+
+    layouts = {"tp2": L(tp=2), "pp2": L(pp=2)}
+    disk = tmp_path_factory.mktemp("weight-sync")
+    return launch_local(bridge_world, 2, tiny_models["qwen3"], engine.url, layouts, str(disk), PLAN)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("world", ["tp2", "pp2"])
+def test_engine_scores_like_actor_after_sync(worlds, world, step):
+    r = worlds[world]["steps"][step]
+    assert r["before"]["max_abs"] > STALE_MIN, r  # the engine really was stale
+    assert r["after"]["max_abs"] <= PARITY_TOL, r
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", ["tp2", "pp2"])
+def test_sync_streams_every_tensor_in_bounded_buckets(worlds, world, tiny_models):
+    from safetensors.torch import load_file
+
+    hf = load_file(f"{tiny_models['qwen3']}/model.safetensors")
+    sizes = [t.numel() * t.element_size() for t in hf.values()]
+    total, largest = sum(sizes), max(sizes)
+    small = int(SMALL_BUCKET_MB * 1024 * 1024)
+    alone = [n for n in sizes if n > small]  # embedding and lm_head travel as their own buckets
+    min_buckets = len(alone) + -(-(total - sum(alone)) // small)
+    steps = worlds[world]["steps"]
+    for step, (mode, bucket_mb, _) in zip(STEPS, PLAN):
+        s = steps[step]["stats"]
+        assert s["bytes"] == total and s["tensors"] == len(hf), (step, s)
+        assert s["seconds"] > 0 and s["bytes_per_s"] > 0
+        if mode == "disk":
+            assert s["buckets"] == 1  # one safetensors shard
+        elif bucket_mb == SMALL_BUCKET_MB:
+            assert s["buckets"] >= min_buckets and s["max_bucket_bytes"] == largest > small, (step, s)
+        else:
+            assert s["buckets"] == 1 and s["max_bucket_bytes"] == total, (step, s)
+    assert steps["1-broadcast"]["groups_formed"] == 1  # the group of step 0 was reused
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", ["tp2", "pp2"])
+def test_engine_weights_restored(worlds, world):
+    assert worlds[world]["restored"]["max_abs"] <= 1e-6
