@@ -192,7 +192,7 @@ class EngineClient:
         return r.json() if r.content else {}
 
     async def flush_cache(self) -> None:
-        await self.post("flush_cache")
+        await self.flush_cache_checked()  # the route answers plain text, which `post` would parse as JSON
 
     async def update_weights_from_disk(self, model_path: str) -> None:
         res = await self.post("update_weights_from_disk", {"model_path": model_path})
