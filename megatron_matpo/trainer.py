@@ -45,6 +45,13 @@ class Trainer:
 
     # ---- bring-up ---------------------------------------------------------------------------------
     def __enter__(self) -> "Trainer":
+        try:
+            return self._start()
+        except BaseException:
+            self.__exit__(None, None, None)  # a failed start must not leave Ray, engines or ranks behind
+            raise
+
+    def _start(self) -> "Trainer":
         from megatron_matpo.data.parquet import read_dataset
         from megatron_matpo.orchestrate.actor_group import ActorGroup, gpus_per_rank
         from megatron_matpo.orchestrate.cluster import placement_group, start_ray
@@ -109,12 +116,16 @@ class Trainer:
         from megatron_matpo.orchestrate.cluster import stop_ray
 
         try:
-            for close in (lambda: self.session.__exit__(None, None, None), self.actors.shutdown, self.services.stop,
-                          self.log.close):
+            # whatever was started, in reverse order (a failed start got only part of the way)
+            for name, close in (("session", lambda o: o.__exit__(None, None, None)), ("actors", lambda o: o.shutdown()),
+                                ("services", lambda o: o.stop()), ("log", lambda o: o.close())):
+                obj = getattr(self, name, None)
+                if obj is None:
+                    continue
                 try:
-                    close()
+                    close(obj)
                 except Exception as e:  # keep tearing down; the first error is already propagating
-                    print(f"warning: teardown step failed: {e!r}")
+                    print(f"warning: stopping {name} failed: {e!r}")
         finally:
             stop_ray()
 

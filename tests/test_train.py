@@ -193,3 +193,29 @@ def test_reward_rises_on_the_learnable_toy(inputs, tmp_path):
     assert any(abs(m[s]["actor/pg_term_worker"]) > 0 for s in steps)
     assert all(m[s]["actor/loss_tokens_worker"] > 0 and m[s]["actor/loss_tokens_planner"] > 0 for s in steps)
     check_invariants(m, parity_steps=[s for s in steps if "parity/max_abs" in m[s]])
+
+
+def test_config_errors_before_anything_starts(tmp_path):
+    """Bad configs fail fast with the field named; a failed start tears down what it started."""
+    from megatron_matpo import config
+    from megatron_matpo.config import ConfigError
+    from megatron_matpo.train.config import TrainConfig
+    from megatron_matpo.trainer import Trainer
+
+    def load(*ov):
+        return config.load(TrainConfig, REPO / "configs/tiny_cpu.yaml", [f"run_dir={tmp_path}/run", *ov])
+
+    with pytest.raises(ConfigError, match="max_tokens_per_micro_batch"):
+        load("actor.max_tokens_per_micro_batch=512").validate()
+    with pytest.raises(ConfigError, match="deterministic"):
+        load("deterministic=true").validate()
+    with pytest.raises(ConfigError, match="mini_batches"):
+        load("actor.mini_batches=5").validate()
+    cfg = load(f"model={tmp_path}/missing", "bootstrap.tiny_model=null", f"data={tmp_path}/missing-data",
+               "bootstrap.multihop=null")
+    with pytest.raises(FileNotFoundError, match="missing-data"):
+        with Trainer(cfg):
+            pass
+    import ray
+
+    assert not ray.is_initialized()
