@@ -89,3 +89,19 @@ def test_derive_seed_is_stable_and_distinct():
     assert derive_seed(7, "worker", 0) == derive_seed(7, "worker", 0)
     assert len({derive_seed(7, "worker", i) for i in range(100)}) == 100
     assert 0 <= derive_seed(7, 1) < 2**63
+
+
+def test_forced_call_regex_never_allows_a_blank_argument():
+    import re
+
+    from megatron_matpo.agents.toolcall import parse_tool_calls, render_tool_call
+    from megatron_matpo.agents.workflow import forced_call_regex
+
+    r = forced_call_regex("browsing_agent", "search_and_browse", "subtask", 2)
+
+    def text(*subtasks):
+        return "".join(render_tool_call("browsing_agent", "search_and_browse", {"subtask": s}) for s in subtasks)
+
+    assert re.fullmatch(r, text("who founded x", "a"))
+    assert not re.fullmatch(r, text(" ", "a")) and not re.fullmatch(r, text("x" * 31, "a"))
+    assert [c.arguments["subtask"] for c in parse_tool_calls(text("who founded x", "a")).calls] == ["who founded x", "a"]

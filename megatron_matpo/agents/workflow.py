@@ -91,7 +91,8 @@ def forced_call_regex(server: str, tool: str, arg: str, n: int = 1) -> str:
     """A regex (SGLang constrained decoding) for n canonical calls of `tool` whose string argument
     `arg` is free text (1-30 plain characters)."""
     marker = "ARGUMENT_PLACEHOLDER"
-    one = re.escape(render_tool_call(server, tool, {arg: marker})).replace(marker, "[A-Za-z0-9 ,.?'-]{1,30}")
+    # starts with a letter or digit: a blank argument would be refused (and wastes the turn)
+    one = re.escape(render_tool_call(server, tool, {arg: marker})).replace(marker, "[A-Za-z0-9][A-Za-z0-9 ,.?'-]{0,29}")
     return one * n
 
 
@@ -188,6 +189,9 @@ class Workflow:
                 traj.tool_errors += 1
                 return prompts.tool_error_message(call.server, call.tool, "; ".join(problems))
             if call.server == AGENT_SERVER:
+                if not str(call.arguments["subtask"]).strip():  # schema-valid, but nothing to delegate
+                    traj.tool_errors += 1
+                    return prompts.tool_error_message(call.server, call.tool, "subtask must not be empty")
                 return await agent_call(call.arguments["subtask"])
             t0 = time.perf_counter()
             res = await self.tools.call(call.server, call.tool, call.arguments)
