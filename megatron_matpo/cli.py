@@ -86,8 +86,14 @@ def cmd_train(args) -> int:
     cfg = config.load(TrainConfig, args.config, list(args.overrides)).validate()
     print(yaml_dump(config.to_dict(cfg)), flush=True)  # the resolved config heads every run
     t0 = time.time()
-    with Trainer(cfg, resume=args.resume) as trainer:
-        history = trainer.fit()
+    from megatron_matpo.train.preemption import Preempted
+
+    try:
+        with Trainer(cfg, resume=args.resume) as trainer:
+            history = trainer.fit()
+    except Preempted as e:
+        print(f"matpo train: preempted: {e}", file=sys.stderr, flush=True)
+        return Preempted.exit_code
     last = history[-1] if history else {}
     print(f"trained {len(history)} steps in {time.time() - t0:.0f}s -> {cfg.run_dir}; last step: reward "
           f"{last.get('reward/mean', float('nan')):.3f}, accuracy {last.get('reward/accuracy', float('nan')):.3f}, "
@@ -154,6 +160,18 @@ def cmd_transcript(args) -> int:
     return transcript.main(argv) or 0
 
 
+def cmd_ray_wait(args) -> int:
+    from megatron_matpo.orchestrate.cluster import wait_for_cluster
+
+    try:
+        have = wait_for_cluster(args.address, args.nodes, args.gpus, args.timeout)
+    except TimeoutError as e:
+        print(f"matpo ray-wait: error: {e}", file=sys.stderr)
+        return 4
+    print(f"Ray cluster at {args.address}: {have['nodes']} nodes, {have['gpus']} GPUs, {have['cpus']} CPUs", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="matpo", description="Multi-agent tool-integrated RL on Megatron-core")
     sub = p.add_subparsers(dest="command", required=True)
@@ -200,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_layouts_arguments(b)
     b.set_defaults(fn=cmd_bench_layouts)
 
+    w = sub.add_parser("ray-wait", help="wait until a Ray cluster has N nodes and G GPUs (exit 4 on timeout)")
+    w.add_argument("--address", required=True, help="head GCS address, host:port")
+    w.add_argument("--nodes", type=int, required=True)
+    w.add_argument("--gpus", type=int, default=0, help="GPUs in total")
+    w.add_argument("--timeout", type=float, default=300.0, help="seconds")
+    w.set_defaults(fn=cmd_ray_wait)
+
     t = sub.add_parser("make-tiny", help="write a tiny random-init HF model with a small tokenizer")
     t.add_argument("out")
     t.add_argument("--arch", default="qwen3", choices=["qwen3", "qwen2", "llama"])
@@ -210,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "train":  # before the slow imports: SIGUSR1's default action would kill us
+        from megatron_matpo.train import preemption
+
+        preemption.install()
     _quiet_libraries()
     from megatron_matpo.config import ConfigError
     from megatron_matpo.data.schema import DatasetError

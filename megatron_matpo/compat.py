@@ -153,3 +153,16 @@ def enable_variable_seq_lengths(provider) -> None:
     provider.variable_seq_lengths = True
     if not getattr(provider, "num_moe_experts", None):
         provider.moe_token_dispatcher_type = "alltoall"
+
+
+def engine_memory_release_supported() -> bool:
+    """Whether colocated engines can release and resume their memory.
+
+    SGLang 0.5.23: `/release_memory_occupation` ends with `torch.get_device_module().synchronize()`,
+    which is `torch.cuda.synchronize()` on a CPU engine too and kills its scheduler ("Found no
+    NVIDIA driver"). So only CUDA engines (started with --enable-memory-saver) release memory; CPU
+    engines keep theirs, which costs nothing there.
+    """
+    from megatron_matpo import platform
+
+    return platform.capabilities().cuda

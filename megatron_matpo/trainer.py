@@ -17,7 +17,9 @@ from megatron_matpo.agents.workflow import derive_seed
 from megatron_matpo.config import ConfigError, to_dict
 from megatron_matpo.data.loader import PromptLoader
 from megatron_matpo.data.packing import pack_rows, packing_stats
+from megatron_matpo.train import preemption
 from megatron_matpo.train import stats as S
+from megatron_matpo.train.preemption import Preempted
 from megatron_matpo.train.config import TrainConfig
 from megatron_matpo.train.rows import build_rows, rollout_metrics
 
@@ -36,6 +38,7 @@ class Trainer:
 
         self.cfg = cfg.validate()
         self.run_dir = Path(cfg.run_dir)
+        preemption.install()  # SIGUSR1: checkpoint and stop at the next step boundary
         self.resume_from = latest_checkpoint(self.run_dir)
         if self.resume_from is not None and not resume:
             raise ConfigError(f"{self.run_dir} already holds checkpoints ({self.resume_from.name}); pass --resume to "
@@ -52,12 +55,13 @@ class Trainer:
             raise
 
     def _start(self) -> "Trainer":
+        from megatron_matpo.compat import engine_memory_release_supported
         from megatron_matpo.data.parquet import read_dataset
         from megatron_matpo.orchestrate.actor_group import ActorGroup, gpus_per_rank
-        from megatron_matpo.orchestrate.cluster import placement_group, start_ray
+        from megatron_matpo.orchestrate.cluster import placement_group, placement_nodes, start_ray
         from megatron_matpo.orchestrate.services import Services
         from megatron_matpo.rollout.engine import EngineConfig
-        from megatron_matpo.rollout.runner import RolloutSession
+        from megatron_matpo.rollout.runner import RolloutSession, toolbox_server_config
         from megatron_matpo.train.bootstrap import ensure_inputs
         from megatron_matpo.train.logger import RunLogger
         from megatron_matpo.train.worker import WorkerSpec
@@ -80,17 +84,25 @@ class Trainer:
         bundles = ([{"CPU": 1, **({"GPU": gpu} if gpu else {})}] * layout.world_size
                    + [{"CPU": 1, **({"GPU": eng_gpus} if eng_gpus else {})}] * n_eng + [{"CPU": 1}])
         self.pg = placement_group(bundles, cfg.orchestrate.placement_timeout_s, "matpo")
+        where = placement_nodes(self.pg)
+        print(f"placement: {len(bundles)} bundles on {len(set(where))} Ray node(s): actor ranks on "
+              f"{sorted(set(where[:layout.world_size]))}, engines/tools on {sorted(set(where[layout.world_size:]))}",
+              flush=True)
         # seeded, batch-invariant sampling; cached prefixes would change numerics
         extra = ["--enable-deterministic-inference", "--disable-radix-cache"] if cfg.deterministic else []
+        if cfg.orchestrate.colocate and engine_memory_release_supported():
+            extra.append("--enable-memory-saver")  # engines give the GPU back while the actor trains
         ecfg = EngineConfig(model_path=cfg.model, tp_size=eng_tp, dtype=ro.engine.dtype,
                             mem_fraction_static=ro.engine.mem_fraction_static, random_seed=cfg.seed,
                             context_length=ro.engine.context_length, log_dir=str(self.run_dir / "logs"),
                             extra_args=extra)
-        corpus = cfg.corpus or ro.toolbox.corpus
-        self.services = Services(ecfg, n_eng, corpus if not ro.toolbox.url else None, ro.toolbox.noise, self.pg,
+        self.services = Services(ecfg, n_eng, toolbox_server_config(ro.toolbox, cfg.corpus), self.pg,
                                  layout.world_size, eng_gpus)
+        print(f"engines: {self.services.engine_urls}; tool server: {self.services.toolbox_url or ro.toolbox.url}",
+              flush=True)
         spec = WorkerSpec(model=cfg.model, layout=layout, dtype=cfg.resolved_dtype(),
-                          seq_length=cfg.actor.max_tokens_per_micro_batch, optim=cfg.optim, loss=cfg.loss,
+                          seq_length=cfg.actor.max_tokens_per_micro_batch, recompute=cfg.actor.recompute,
+                          optim=cfg.optim, loss=cfg.loss,
                           sync={"mode": cfg.sync.mode, "bucket_mb": cfg.sync.bucket_mb},
                           use_reference=cfg.loss.kl_coef > 0, seed=cfg.actor.seed,
                           total_steps=cfg.steps * cfg.actor.mini_batches)
@@ -110,6 +122,7 @@ class Trainer:
                                    engine=dataclasses.replace(ro.engine, urls=self.services.engine_urls),
                                    toolbox=dataclasses.replace(ro.toolbox, url=ro.toolbox.url or self.services.toolbox_url))
         self.session = RolloutSession(rcfg).__enter__()
+        self.release_engine_memory = cfg.orchestrate.colocate and engine_memory_release_supported()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -133,17 +146,23 @@ class Trainer:
     def fit(self) -> list[dict[str, float]]:
         from tqdm.auto import tqdm
 
-        cfg, history = self.cfg, []
+        cfg, history, stop = self.cfg, [], preemption.STOP
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step")
         while self.step < cfg.steps:
+            if stop.is_set():  # the warning came during bring-up: nothing new to save
+                raise Preempted(f"SIGUSR1 before step {self.step + 1}; the last checkpoint stands")
             self.step += 1
             m = self.train_step(self.step)
             if cfg.eval.every and self.step % cfg.eval.every == 0:
                 m.update(self.evaluate())
             self.log.log(self.step, m)
             history.append(m)
-            if self.step == cfg.steps or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+            last = self.step == cfg.steps
+            if last or stop.is_set() or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                 self.save()
+            if stop.is_set() and not last:
+                bar.close()
+                raise Preempted(f"SIGUSR1: stopped after step {self.step} with a checkpoint; resume with --resume")
             bar.update(1)
             bar.set_postfix(reward=f"{m['reward/mean']:.3f}", acc=f"{m.get('reward/accuracy', 0.0):.3f}",
                             workers=f"{m.get('planner/workers_per_planner', 0.0):.1f}")
@@ -160,6 +179,9 @@ class Trainer:
             seed = derive_seed(cfg.seed, "step", step) if cfg.deterministic else None
             rollouts = asyncio.run(self.session.run(batch, self.log.transcript_path(step), progress=False,
                                                     seed=seed, uid_prefix=f"{step}:"))
+        if self.release_engine_memory:
+            with t("engine_memory"):
+                self.engine_memory("release")  # the actor's turn on the shared GPUs
         with t("advantage_pack"):
             rows = build_rows(rollouts, cfg.advantage.eps, cfg.advantage.norm_by_std)
             # mini-batches split whole prompts (GRPO groups); rows stay in rollout order
@@ -179,7 +201,9 @@ class Trainer:
             counts = [sum(mb.num_loss_tokens for rank in p for mb in rank) for p in packed]
             m.update(S.train_stats(self.actors.call("train", counts), [i["reports"] for i in self.actors.info]))
         with t("sync"):
+            self.engine_memory("resume", ["weights"])
             m.update(S.prefixed("sync", self.actors.call("sync_weights")[0]))
+            self.engine_memory("resume", ["kv_cache"])
         if cfg.sync.parity_every and step % cfg.sync.parity_every == 0:
             with t("parity"):
                 seqs = S.parity_sample(rows, cfg.sync.parity_rows)
@@ -190,15 +214,36 @@ class Trainer:
         m["throughput/train_tokens_per_s"] = sum(len(r) for r in rows) / max(t["time/train_s"], 1e-9)
         return m
 
+    def engine_memory(self, action: str, tags: list[str] | None = None) -> None:
+        """Colocated engines release their weights and KV cache after the rollout and take them back
+        around the weight sync (SGLang memory saver, CUDA only: compat.engine_memory_release_supported);
+        a no-op for engines on their own devices."""
+        if not self.release_engine_memory:
+            return
+        from megatron_matpo.rollout.engine import EngineClient, EngineRouter
+
+        async def run() -> None:
+            router = EngineRouter([EngineClient(u) for u in self.services.engine_urls])
+            try:
+                await router.broadcast(f"{action}_memory", tags)
+            finally:
+                await router.aclose()
+
+        asyncio.run(run())
+
     def evaluate(self) -> dict[str, float]:
         from megatron_matpo.data.parquet import read_dataset
         from megatron_matpo.rollout.evaluate import evaluate_traces
 
         e = self.cfg.eval
-        samples = list(read_dataset(e.data, limit=e.max_prompts))
-        path = self.log.transcript_path(self.step, prefix="eval")
-        asyncio.run(self.session.run(samples, path, progress=False, n_samples=e.n_samples, uid_prefix="eval:"))
-        return {f"eval/{src}/{k}": v for src, mm in evaluate_traces(path).items() for k, v in mm.items()}
+        out = {}
+        for i, data in enumerate([e.data] if isinstance(e.data, str) else e.data):  # one or several val sets
+            samples = list(read_dataset(data, limit=e.max_prompts))
+            tag = f"eval{i}" if i else "eval"
+            path = self.log.transcript_path(self.step, prefix=tag)
+            asyncio.run(self.session.run(samples, path, progress=False, n_samples=e.n_samples, uid_prefix=f"{tag}:"))
+            out.update({f"eval/{src}/{k}": v for src, mm in evaluate_traces(path).items() for k, v in mm.items()})
+        return out
 
     def save(self) -> None:
         state = {"step": self.step, "data": self.loader.state_dict()}

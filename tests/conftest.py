@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 
@@ -6,6 +7,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ARCHS = ("qwen3", "qwen2", "llama")
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +30,17 @@ def engine(tiny_models, tmp_path_factory):
     (server,) = launch_engines(cfg, 1)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def inputs(tmp_path_factory) -> list[str]:
+    """Overrides pointing a config at one bootstrapped tiny model + multi-hop set."""
+    from megatron_matpo import config
+    from megatron_matpo.train.bootstrap import ensure_inputs
+    from megatron_matpo.train.config import TrainConfig
+
+    root = tmp_path_factory.mktemp("train-inputs")
+    ov = [f"model={root}/tiny-qwen3", f"data={root}/multihop/matpo_train_multihop", f"corpus={root}/multihop/corpus.jsonl",
+          f"eval.data={root}/multihop/matpo_val_multihop_repeat_2"]
+    ensure_inputs(config.load(TrainConfig, REPO / "configs/tiny_cpu.yaml", ov))
+    return ov

@@ -110,7 +110,7 @@ def packed_backward(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
 
 
 def train_losses(hf_dir: str, layout: ParallelLayout, steps: int = 3,
-                 dtype: torch.dtype = torch.float32) -> dict[str, float]:
+                 dtype: torch.dtype = torch.float32, recompute: str = "none") -> dict[str, float]:
     """Losses of `steps` optimizer steps (DDP + distributed Adam) on one fixed global batch."""
     from megatron.core import parallel_state, tensor_parallel
 
@@ -120,7 +120,8 @@ def train_losses(hf_dir: str, layout: ParallelLayout, steps: int = 3,
     from megatron_matpo.train.optim import OptimConfig, build_optimizer, ddp_config
 
     optim = OptimConfig(lr=1e-3, use_distributed_optimizer=True)
-    built = build_model(hf_dir, layout, load_weights=True, ddp_config=ddp_config(optim), dtype=dtype)
+    built = build_model(hf_dir, layout, load_weights=True, ddp_config=ddp_config(optim), dtype=dtype,
+                        recompute=recompute)
     opt = build_optimizer(built.chunks, optim, dtype=dtype)
     g = torch.Generator().manual_seed(7)
     global_ids = torch.randint(0, built.provider.vocab_size, (4, 16), generator=g)
@@ -227,6 +228,8 @@ def world_checks(hf_dirs: dict[str, str], phases: list[tuple[str, ParallelLayout
             res = {}
         elif name == "train":
             res = train_losses(hf_dirs["qwen3"], layout)
+        elif name == "train_recompute":  # full activation recompute: same losses, less memory
+            res = train_losses(hf_dirs["qwen3"], layout, recompute="full")
         elif name == "actor":
             res = actor_step(hf_dirs["qwen3"], layout)
         else:

@@ -202,7 +202,7 @@ def _run_plan(built, engine_url: str, hf_dir: str, disk_dir: str, plan: list) ->
                 c = EngineClient(engine_url)
                 try:
                     await c.update_weights_from_disk(hf_dir)
-                    await c.flush_cache_checked()
+                    await c.flush_cache()
                 finally:
                     await c.aclose()
 

@@ -51,3 +51,4 @@ def test_router_balances_in_flight(engine):
 
     assigned = asyncio.run(run())
     assert sum(assigned) == 16 and abs(assigned[0] - assigned[1]) <= 1
+

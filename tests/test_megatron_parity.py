@@ -23,7 +23,7 @@ def world1(tiny_models):
 @pytest.fixture(scope="module")
 def world2(tiny_models):
     phases = [("logits", L(tp=2)), ("logits", L(pp=2)), ("packed_backward", L(tp=2)),
-              ("train", L(tp=2)), ("train", L(dp=2)), ("actor", L(tp=2))]
+              ("train", L(tp=2)), ("train", L(dp=2)), ("train_recompute", L(tp=2)), ("actor", L(tp=2))]
     return launch_local(world_checks, 2, tiny_models, phases)
 
 
@@ -53,7 +53,7 @@ def test_packed_backward(request, world, key):
     assert res["loss_diff"] <= 1e-6 * 200  # summed CE over ~21 tokens (~150): relative 1e-6
 
 
-@pytest.mark.parametrize("key", ["train@tp2pp1dp1", "train@tp1pp1dp2"])
+@pytest.mark.parametrize("key", ["train@tp2pp1dp1", "train@tp1pp1dp2", "train_recompute@tp2pp1dp1"])
 def test_train_steps_match_single_process(world1, world2, key):
     ref, got = world1["train@tp1pp1dp1"], world2[key]
     for step in range(3):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,20 +19,6 @@ import pytest
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def inputs(tmp_path_factory) -> list[str]:
-    """Overrides pointing a config at one bootstrapped tiny model + multi-hop set."""
-    from megatron_matpo import config
-    from megatron_matpo.train.bootstrap import ensure_inputs
-    from megatron_matpo.train.config import TrainConfig
-
-    root = tmp_path_factory.mktemp("train-inputs")
-    ov = [f"model={root}/tiny-qwen3", f"data={root}/multihop/matpo_train_multihop", f"corpus={root}/multihop/corpus.jsonl",
-          f"eval.data={root}/multihop/matpo_val_multihop_repeat_2"]
-    ensure_inputs(config.load(TrainConfig, REPO / "configs/tiny_cpu.yaml", ov))
-    return ov
 
 
 def _cmd(config_path: str, run_dir: Path, overrides: list[str], resume: bool = False) -> list[str]:
@@ -69,8 +56,11 @@ def check_invariants(m: dict[int, dict], parity_steps: list[int] | None = None) 
         assert d["sync/bytes"] > 0, step
 
 
-# a checkpoint every step, so the same run is also the reference the resume test compares against
-TP2 = ["checkpoint.every=1", "loss.kl_coef=0.001", "eval.every=3", "eval.max_prompts=2"]
+# a checkpoint every step, so the same run is also the reference the resume test compares against;
+# colocated engines synced by tensors (the broadcast path runs end to end in tests/test_slurm.py;
+# releasing engine memory during training is CUDA-only, compat.engine_memory_release_supported)
+TP2 = ["checkpoint.every=1", "loss.kl_coef=0.001", "eval.every=3", "eval.max_prompts=2", "orchestrate.colocate=true",
+       "sync.mode=tensor"]
 
 
 @pytest.fixture(scope="module")
@@ -130,11 +120,11 @@ def _questions(run: Path, step: int) -> list[str]:
     return sorted(d["question"] for d in map(json.loads, lines) if d["role"] == "planner")
 
 
-def _port_open(port: int) -> bool:
+def _port_open(host: str, port: int) -> bool:
     import socket
 
     with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex((host, port)) == 0
 
 
 def test_resume_after_sigkill(tp2_run, inputs, tmp_path):
@@ -149,18 +139,22 @@ def test_resume_after_sigkill(tp2_run, inputs, tmp_path):
     ref = metrics(full)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd("configs/tiny_cpu.yaml", killed, ov), cwd=REPO, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        _wait_for((killed / "checkpoints", "step_000002"), proc, timeout=900)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    ports = [int(p.stem.split("-")[1]) for p in (killed / "logs").glob("engine-*.log")]
+    killed.mkdir()
+    with open(killed / "stdout.txt", "w") as log:
+        proc = subprocess.Popen(_cmd("configs/tiny_cpu.yaml", killed, ov), cwd=REPO, env=_env(),
+                                stdout=log, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            _wait_for((killed / "checkpoints", "step_000002"), proc, timeout=900)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    # the trainer prints "engines: ['http://HOST:PORT', ...]"; engines listen on their Ray node's address
+    (line,) = [x for x in (killed / "stdout.txt").read_text().splitlines() if x.startswith("engines: ")]
+    urls = re.findall(r"http://([^:/']+):(\d+)", line.split(";")[0])
     deadline = time.time() + 60
-    while any(_port_open(p) for p in ports) and time.time() < deadline:
+    while any(_port_open(h, int(p)) for h, p in urls) and time.time() < deadline:
         time.sleep(1)
-    assert ports and not any(_port_open(p) for p in ports), "the killed run's engine survived"
+    assert urls and not any(_port_open(h, int(p)) for h, p in urls), "the killed run's engine survived"
     from megatron_matpo.train.checkpoint import latest_checkpoint
 
     assert latest_checkpoint(killed).name == "step_000002", "the kill came too late to leave a step to redo"

@@ -238,7 +238,7 @@ class WeightSync:
                 buckets, max_bucket = self._sync_disk(stream)
             else:
                 buckets, max_bucket = self._sync_buckets(stream)
-            self._run_engines("flush_cache_checked")
+            self._run_engines("flush_cache")
         except BaseException:
             with contextlib.suppress(Exception):
                 for _ in stream:  # let the other ranks finish their gathers before we raise

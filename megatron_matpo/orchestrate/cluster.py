@@ -10,10 +10,16 @@ from megatron_matpo import platform
 
 @dataclass
 class OrchestrateSection:
-    ray_address: str | None = None  # join a running cluster ("auto" inside a Slurm job); None = start local
+    # join a running cluster (host:port; launch/ray_cluster.sh exports RAY_ADDRESS, which is used when
+    # this is unset); None and no RAY_ADDRESS = start a local one
+    ray_address: str | None = None
     colocate: bool = False  # engines on the actor's GPUs (sync by tensors) vs their own (broadcast)
     num_cpus: int | None = None  # logical CPUs of a local cluster (default: enough for every process)
     placement_timeout_s: float = 300.0
+    # the cluster's shape (the Slurm scripts pass the allocation's): the layout is checked against it
+    # before anything starts; None = not checked (one machine)
+    nodes: int | None = None
+    gpus_per_node: int | None = None
 
 
 # what every Ray worker process needs (the driver's own environment is not inherited by actors)
@@ -32,8 +38,9 @@ def start_ray(cfg: OrchestrateSection, needed_cpus: int) -> None:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     kw: dict = dict(runtime_env={"env_vars": env}, log_to_driver=True, include_dashboard=False,
                     configure_logging=True, logging_level="warning")
-    if cfg.ray_address:
-        ray.init(address=cfg.ray_address, **kw)
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kw)
         return
     # a local cluster: logical CPUs (processes, not cores — the CPU ranks run one thread each)
     kw["num_cpus"] = cfg.num_cpus or max(os.cpu_count() or 1, needed_cpus)
@@ -56,6 +63,47 @@ def placement_group(bundles: list[dict], timeout_s: float, name: str):
         raise TimeoutError(f"placement group {name!r} ({len(bundles)} bundles, e.g. {bundles[0]}) not placed in "
                            f"{timeout_s:.0f}s; cluster resources: {ray.cluster_resources()}")
     return pg
+
+
+def placement_nodes(pg) -> list[str]:
+    """Node id of each bundle, in bundle order."""
+    from ray.util.placement_group import placement_group_table
+
+    table = placement_group_table(pg)["bundles_to_node_id"]
+    return [table[i] for i in sorted(table)]
+
+
+def wait_for_cluster(address: str, nodes: int, gpus: int = 0, timeout_s: float = 300.0,
+                     poll_s: float = 2.0) -> dict:
+    """Block until the Ray cluster at `address` answers and has `nodes` alive nodes and `gpus` GPUs in
+    total; TimeoutError naming what is missing otherwise. Returns {nodes, gpus, cpus}."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while not ray.is_initialized():  # the head may still be starting
+        try:
+            ray.init(address=address, logging_level="error", log_to_driver=False)
+        except (ConnectionError, RuntimeError) as e:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no Ray head answers at {address} after {timeout_s:.0f}s: {e}") from e
+            time.sleep(poll_s)
+    try:
+        while True:
+            alive = [n for n in ray.nodes() if n["Alive"]]
+            have = {"nodes": len(alive), "gpus": int(sum(n["Resources"].get("GPU", 0) for n in alive)),
+                    "cpus": int(sum(n["Resources"].get("CPU", 0) for n in alive))}
+            if have["nodes"] >= nodes and have["gpus"] >= gpus:
+                return have
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"Ray cluster at {address} has {have['nodes']}/{nodes} nodes and {have['gpus']}/{gpus} GPUs "
+                    f"after {timeout_s:.0f}s (alive: {sorted(n['NodeManagerAddress'] for n in alive)}); a worker "
+                    "node did not join: see its `ray start` log")
+            time.sleep(poll_s)
+    finally:
+        ray.shutdown()
 
 
 def stop_ray() -> None:

@@ -9,12 +9,15 @@ from megatron_matpo.rollout.engine import EngineConfig
 
 class EngineHost:
     def __init__(self, cfg: EngineConfig):
+        import dataclasses
+
         import ray
 
         from megatron_matpo.rollout.engine import EngineServer
 
         gpus = [int(g) for g in ray.get_gpu_ids()] or None
         # Ray already narrowed CUDA_VISIBLE_DEVICES to this actor's GPUs: index them from 0
+        cfg = dataclasses.replace(cfg, host=ray.util.get_node_ip_address())  # reachable from other nodes
         self.server = EngineServer(cfg, list(range(len(gpus))) if gpus else None)
 
     def start(self) -> str:
@@ -26,10 +29,12 @@ class EngineHost:
 
 
 class ToolboxHost:
-    def __init__(self, corpus: str, noise: dict):
+    def __init__(self, server: dict):
+        import ray
+
         from megatron_matpo.toolbox.server import RunningServer, ToolboxConfig
 
-        self.cm = RunningServer(ToolboxConfig(backend="local", corpus_path=corpus, port=0, noise=dict(noise)))
+        self.cm = RunningServer(ToolboxConfig(**{**server, "host": ray.util.get_node_ip_address()}))
 
     def start(self) -> str:
         return self.cm.__enter__().url
@@ -42,7 +47,7 @@ class ToolboxHost:
 class Services:
     """Engines (one bundle each: tp GPUs, or CPU only) and the tool server, started in parallel."""
 
-    def __init__(self, engine_cfg: EngineConfig, num_engines: int, corpus: str | None, noise: dict, pg,
+    def __init__(self, engine_cfg: EngineConfig, num_engines: int, toolbox: dict | None, pg,
                  bundle_offset: int, gpus_per_engine: float):
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -55,13 +60,13 @@ class Services:
                         for i in range(num_engines)]
         self.toolbox = None
         starts = [e.start.remote() for e in self.engines]
-        if corpus:
+        if toolbox is not None:
             self.toolbox = ray.remote(ToolboxHost).options(num_cpus=1, scheduling_strategy=at(num_engines)).remote(
-                corpus, noise)
+                toolbox)
             starts.append(self.toolbox.start.remote())
         urls = ray.get(starts)
         self.engine_urls = urls[:num_engines]
-        self.toolbox_url = urls[num_engines] if corpus else None
+        self.toolbox_url = urls[num_engines] if toolbox is not None else None
 
     def stop(self) -> None:
         import ray

@@ -31,6 +31,9 @@ class EngineConfig:
     mem_fraction_static: float = 0.05  # of host RAM on CPU; raise it on GPU (e.g. 0.6 colocated)
     context_length: int | None = None
     random_seed: int = 0
+    # where the server listens: loopback for one machine; a Ray-placed engine uses its node's address
+    # so that the controller and actor ranks on other nodes can reach it
+    host: str = "127.0.0.1"
     startup_timeout_s: float = 300.0
     request_timeout_s: float = 600.0
     log_dir: str | None = None  # engine stdout/stderr go here (one file per engine)
@@ -62,7 +65,7 @@ class EngineServer:
     def __init__(self, cfg: EngineConfig, gpu_ids: list[int] | None = None):
         self.cfg = cfg
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{cfg.host}:{self.port}"
         self.gpu_ids = gpu_ids
         self.proc: subprocess.Popen | None = None
         self._log = None
@@ -70,7 +73,7 @@ class EngineServer:
     def command(self) -> list[str]:
         c = self.cfg
         cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", c.model_path,
-               "--host", "127.0.0.1", "--port", str(self.port), "--tp-size", str(c.tp_size),
+               "--host", c.host, "--port", str(self.port), "--tp-size", str(c.tp_size),
                "--mem-fraction-static", str(c.mem_fraction_static), "--random-seed", str(c.random_seed),
                "--skip-server-warmup", "--log-level", "warning"]
         dtype = c.dtype
@@ -192,7 +195,29 @@ class EngineClient:
         return r.json() if r.content else {}
 
     async def flush_cache(self) -> None:
-        await self.flush_cache_checked()  # the route answers plain text, which `post` would parse as JSON
+        """Flush the radix/KV cache, raising when the engine refuses (it does while requests run).
+        /flush_cache answers plain text, not JSON."""
+        r = await self._http().post(f"{self.url}/flush_cache")
+        if r.status_code != 200:
+            raise RuntimeError(f"engine {self.url} refused to flush its cache (HTTP {r.status_code}): "
+                               f"{r.text.strip()} -- weight syncs need idle engines")
+
+    # ---- colocated engines: hand the GPU memory to the actor while it trains ----------------------
+
+    async def release_memory(self, tags: list[str] | None = None) -> None:
+        """Free the engine's `weights` and/or `kv_cache` (all when None) until `resume_memory`. With
+        --enable-memory-saver (GPU) the memory really goes back to the device; without it SGLang
+        keeps the memory and answers the same, so the sequence is the same on CPU."""
+        await self._memory_route("release_memory_occupation", tags)
+
+    async def resume_memory(self, tags: list[str] | None = None) -> None:
+        await self._memory_route("resume_memory_occupation", tags)
+
+    async def _memory_route(self, route: str, tags: list[str] | None) -> None:
+        r = await self._http().post(f"{self.url}/{route}", json={"tags": tags} if tags else {})
+        if r.status_code != 200:
+            raise RuntimeError(f"engine {self.url} /{route} {tags or 'all'} failed (HTTP {r.status_code}): "
+                               f"{r.text.strip()[:500]}")
 
     async def update_weights_from_disk(self, model_path: str) -> None:
         res = await self.post("update_weights_from_disk", {"model_path": model_path})
@@ -241,14 +266,6 @@ class EngineClient:
         r = await self._http().get(f"{self.url}/server_info")
         r.raise_for_status()
         return r.json()
-
-    async def flush_cache_checked(self) -> None:
-        """Flush the radix/KV cache, raising when the engine refuses (it does while requests run).
-        /flush_cache answers plain text, not JSON."""
-        r = await self._http().post(f"{self.url}/flush_cache")
-        if r.status_code != 200:
-            raise RuntimeError(f"engine {self.url} refused to flush its cache (HTTP {r.status_code}): "
-                               f"{r.text.strip()} -- weight syncs need idle engines")
 
     async def begin_weight_update(self) -> None:
         """Open the weight-update session that 0.5.23 requires around update_weights_from_tensor /

@@ -29,6 +29,9 @@ class EngineSection:
 
 @dataclass
 class ToolboxSection:
+    # the MCP tool server started with the job: "local" = BM25 over `corpus` (offline), "web" = Serper
+    # search + page scraping (SERPER_API_KEY from the environment)
+    backend: str = "local"
     corpus: str | None = None  # local BM25 backend over this corpus.jsonl (started in-process)
     url: str | None = None  # or an already running `search_and_scrape_webpage` MCP server
     timeout_s: float = 60.0
@@ -86,6 +89,18 @@ def trace_line(t: Trajectory, sample: Sample, accuracy: float | None) -> dict:
     return d
 
 
+def toolbox_server_config(tb: ToolboxSection, corpus: str | None = None) -> dict | None:
+    """ToolboxConfig fields of the server to start with the job, or None (a `url` is given, or nothing to serve)."""
+    if tb.url:
+        return None
+    if tb.backend == "web":
+        return {"backend": "web", "port": 0, "noise": dict(tb.noise)}
+    if tb.backend != "local":
+        raise ValueError(f"toolbox.backend: 'local' or 'web', got {tb.backend!r}")
+    corpus = corpus or tb.corpus
+    return {"backend": "local", "corpus_path": corpus, "port": 0, "noise": dict(tb.noise)} if corpus else None
+
+
 class RolloutSession:
     """Engines, tool server and workflow, started once and reused for many batches."""
 
@@ -111,16 +126,17 @@ class RolloutSession:
             urls = [s.url for s in self.servers]
         self.engine_urls = urls
         tb = cfg.toolbox
+        server = toolbox_server_config(tb)
         if tb.url:
             self.toolbox_url = tb.url
-        elif tb.corpus:
+        elif server is not None:
             from megatron_matpo.toolbox.server import RunningServer, ToolboxConfig
 
-            srv = self._stack.enter_context(RunningServer(ToolboxConfig(backend="local", corpus_path=tb.corpus,
-                                                                        port=0, noise=dict(tb.noise))))
+            srv = self._stack.enter_context(RunningServer(ToolboxConfig(**server)))
             self.toolbox_url = srv.url
         else:
-            raise ValueError("toolbox: set toolbox.corpus (local search) or toolbox.url (a running MCP server)")
+            raise ValueError("toolbox: set toolbox.corpus (local search), toolbox.backend=web, or toolbox.url "
+                             "(a running MCP server)")
         return self
 
     def __exit__(self, *exc) -> None:

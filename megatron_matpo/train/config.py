@@ -15,9 +15,10 @@ from megatron_matpo.train.optim import OptimConfig
 class ActorSection:
     tp: int = 1
     pp: int = 1
-    dp: int = 1
+    dp: int = 1  # 0 = fill the cluster: (orchestrate.nodes x gpus_per_node) / (tp x pp)
     dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
     max_tokens_per_micro_batch: int = 8192  # THD packing budget; every trajectory must fit
+    recompute: str = "none"  # activation recompute: none | full (every layer; long contexts on big models)
     mini_batches: int = 1  # optimizer steps per rollout batch (1 = on-policy, MATPO's setting)
     recompute_old_logprobs: bool = True  # PPO old logprobs from the actor (else the engine's)
     seed: int = 1234
@@ -50,7 +51,7 @@ class CheckpointSection:
 
 @dataclass
 class EvalSection:
-    data: str | None = None
+    data: str | list[str] | None = None  # one val set or several (metrics are per data_source)
     every: int = 0  # steps; 0 = off
     n_samples: int = 1
     max_prompts: int | None = None
@@ -100,6 +101,7 @@ class TrainConfig:
         need(self.rollout.n_samples >= 1, "rollout.n_samples must be >= 1")
         need(self.actor.dtype in ("auto", "float32", "bfloat16"), "actor.dtype: auto | float32 | bfloat16")
         need(self.actor.mini_batches >= 1, "actor.mini_batches must be >= 1")
+        need(self.actor.recompute in ("none", "full"), "actor.recompute: none | full")
         need(self.actor.mini_batches <= self.prompts_per_step,
              f"actor.mini_batches={self.actor.mini_batches} > prompts_per_step={self.prompts_per_step}: "
              "mini-batches split whole GRPO groups")
@@ -122,7 +124,40 @@ class TrainConfig:
              "loss.kl_as='reward' is not implemented yet: use kl_as='loss' (or kl_coef=0)")
         need(self.loss.entropy_coef == 0.0, "loss.entropy_coef > 0 is not implemented yet (entropy is logged)")
         need(self.eval.every == 0 or bool(self.eval.data), "eval.every > 0 needs eval.data")
+        self._check_cluster_shape(need)
         return self
+
+    def _check_cluster_shape(self, need) -> None:
+        """The layout against the allocation (orchestrate.nodes x gpus_per_node) before any process starts;
+        resolves actor.dp = 0 ("fill the cluster")."""
+        a, o, eng = self.actor, self.orchestrate, self.rollout.engine
+        model_gpus = a.tp * a.pp
+        if not o.gpus_per_node:  # CPU or an unchecked single machine
+            need(a.dp >= 1, "actor.dp = 0 (fill the cluster) needs orchestrate.nodes and orchestrate.gpus_per_node")
+            return
+        nodes = o.nodes or 1
+        total = nodes * o.gpus_per_node
+        need(a.tp <= o.gpus_per_node and o.gpus_per_node % a.tp == 0,
+             f"actor.tp={a.tp} must divide gpus_per_node={o.gpus_per_node}: a TP group stays inside a node (NVLink)")
+        need(eng.tp_size <= o.gpus_per_node and o.gpus_per_node % eng.tp_size == 0,
+             f"rollout.engine.tp_size={eng.tp_size} must divide gpus_per_node={o.gpus_per_node}")
+        need(not (o.colocate and self.sync.mode == "broadcast"),
+             "orchestrate.colocate=true puts engines on the actor's GPUs, where NCCL cannot broadcast between "
+             "processes sharing a GPU: use sync.mode=tensor (CUDA IPC) or disk")
+        engine_gpus = eng.num_engines * eng.tp_size
+        actor_gpus = total if o.colocate else total - engine_gpus
+        need(actor_gpus > 0, f"{eng.num_engines} engines x TP {eng.tp_size} = {engine_gpus} GPUs leave none of the "
+                             f"{total} for the actor (set orchestrate.colocate=true to share them)")
+        if a.dp == 0:
+            need(actor_gpus % model_gpus == 0,
+                 f"actor world size {actor_gpus} ({nodes} nodes x {o.gpus_per_node} GPUs"
+                 f"{'' if o.colocate else f' - {engine_gpus} engine GPUs'}) is not divisible by tp x pp = {model_gpus}")
+            a.dp = actor_gpus // model_gpus
+        world = a.tp * a.pp * a.dp
+        need(world <= actor_gpus, f"actor tp x pp x dp = {world} GPUs but the allocation has {actor_gpus} for the "
+                                  f"actor ({nodes} nodes x {o.gpus_per_node} GPUs, colocate={o.colocate})")
+        need(engine_gpus <= total, f"{eng.num_engines} engines x TP {eng.tp_size} = {engine_gpus} GPUs > {total} "
+                                   "in the allocation")
 
     def resolved_dtype(self) -> str:
         from megatron_matpo import platform

@@ -27,6 +27,7 @@ class WorkerSpec:
     layout: ParallelLayout
     dtype: str = "float32"  # float32 | bfloat16
     seq_length: int = 8192
+    recompute: str = "none"  # activation recompute of the actor's layers: none | full
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     sync: dict = field(default_factory=dict)  # bridge.SyncConfig fields
@@ -62,7 +63,7 @@ class ActorWorker:
         self.device = platform.device()
         dtype = _dtype(s.dtype)
         self.built = build_model(s.model, s.layout, dtype=dtype, seq_length=s.seq_length,
-                                 ddp_config=ddp_config(s.optim))
+                                 ddp_config=ddp_config(s.optim), recompute=s.recompute)
         self.optimizer = build_optimizer(self.built.chunks, s.optim, dtype)
         self.scheduler = build_scheduler(self.optimizer, s.optim, s.total_steps)
         # the reference is the initial policy, frozen (also after a resume: always from `model`)
