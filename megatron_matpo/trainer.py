@@ -16,7 +16,7 @@ import yaml
 from megatron_matpo.agents.workflow import derive_seed
 from megatron_matpo.config import ConfigError, to_dict
 from megatron_matpo.data.loader import PromptLoader
-from megatron_matpo.data.packing import pack_rows, packing_stats
+from megatron_matpo.data.packing import Row, pack_rows, packing_stats
 from megatron_matpo.train import preemption
 from megatron_matpo.train import stats as S
 from megatron_matpo.train.preemption import Preempted
@@ -32,6 +32,16 @@ class Timer(dict):
         self[f"time/{name}_s"] = self.get(f"time/{name}_s", 0.0) + time.perf_counter() - t0
 
 
+@dataclasses.dataclass
+class Stack:
+    """One policy: the engines that sample from it and its Megatron actor ranks (MATPO and shared-model
+    MAPoRL have one; MAPoRL with distinct models one per agent)."""
+    name: str
+    services: "Services"
+    root: Path  # its checkpoints/ and hf/ live here
+    actors: "ActorGroup | None" = None
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False):
         from megatron_matpo.train.checkpoint import latest_checkpoint
@@ -39,7 +49,11 @@ class Trainer:
         self.cfg = cfg.validate()
         self.run_dir = Path(cfg.run_dir)
         preemption.install()  # SIGUSR1: checkpoint and stop at the next step boundary
-        self.resume_from = latest_checkpoint(self.run_dir)
+        # one policy per stack (MAPoRL with distinct models: one per agent), each checkpointed on its own
+        n = cfg.maporl.stacks if cfg.algorithm == "maporl" else 1
+        self.names = ["actor"] if n == 1 else [f"agent{k}" for k in range(n)]
+        self.roots = [self.run_dir] if n == 1 else [self.run_dir / name for name in self.names]
+        self.resume_from = latest_checkpoint(self.roots[0])
         if self.resume_from is not None and not resume:
             raise ConfigError(f"{self.run_dir} already holds checkpoints ({self.resume_from.name}); pass --resume to "
                               "continue that run or choose another run_dir")
@@ -63,6 +77,7 @@ class Trainer:
         from megatron_matpo.rollout.engine import EngineConfig
         from megatron_matpo.rollout.runner import RolloutSession, toolbox_server_config
         from megatron_matpo.train.bootstrap import ensure_inputs
+        from megatron_matpo.train.checkpoint import latest_checkpoint
         from megatron_matpo.train.logger import RunLogger
         from megatron_matpo.train.worker import WorkerSpec
 
@@ -75,53 +90,69 @@ class Trainer:
         self.log = RunLogger(self.run_dir)
 
         layout, ro = cfg.actor.layout, cfg.rollout
-        n_eng, eng_tp = ro.engine.num_engines, ro.engine.tp_size
+        n_eng, eng_tp, world, n = ro.engine.num_engines, ro.engine.tp_size, layout.world_size, len(self.names)
+        maporl = cfg.algorithm == "maporl"
+        tools = None if maporl else toolbox_server_config(ro.toolbox, cfg.corpus)
         gpu = gpus_per_rank()
-        start_ray(cfg.orchestrate, needed_cpus=layout.world_size + n_eng + 1)
-        # one bundle per actor rank, then one per engine (its TP GPUs) and one for the tool server;
-        # colocated engines share the actor's GPUs instead of bringing their own
+        start_ray(cfg.orchestrate, needed_cpus=n * (world + n_eng) + 1)
+        # per stack: a bundle per actor rank, then one per engine (its TP GPUs); stack 0 adds one for
+        # the tool server; colocated engines share the actor's GPUs instead of bringing their own
         eng_gpus = 0.0 if cfg.orchestrate.colocate else gpu * eng_tp
-        bundles = ([{"CPU": 1, **({"GPU": gpu} if gpu else {})}] * layout.world_size
-                   + [{"CPU": 1, **({"GPU": eng_gpus} if eng_gpus else {})}] * n_eng + [{"CPU": 1}])
+        rank_b, eng_b = {"CPU": 1, **({"GPU": gpu} if gpu else {})}, {"CPU": 1, **({"GPU": eng_gpus} if eng_gpus else {})}
+        sizes = [world + n_eng + (k == 0 and tools is not None) for k in range(n)]
+        bundles = [b for k in range(n) for b in [rank_b] * world + [eng_b] * n_eng + [{"CPU": 1}] * (sizes[k] - world - n_eng)]
         self.pg = placement_group(bundles, cfg.orchestrate.placement_timeout_s, "matpo")
         where = placement_nodes(self.pg)
         print(f"placement: {len(bundles)} bundles on {len(set(where))} Ray node(s): actor ranks on "
-              f"{sorted(set(where[:layout.world_size]))}, engines/tools on {sorted(set(where[layout.world_size:]))}",
-              flush=True)
+              f"{sorted(set(where[:world]))}, engines/tools on {sorted(set(where[world:sizes[0]]))}", flush=True)
         # seeded, batch-invariant sampling; cached prefixes would change numerics
         extra = ["--enable-deterministic-inference", "--disable-radix-cache"] if cfg.deterministic else []
         if cfg.orchestrate.colocate and engine_memory_release_supported():
             extra.append("--enable-memory-saver")  # engines give the GPU back while the actor trains
-        ecfg = EngineConfig(model_path=cfg.model, tp_size=eng_tp, dtype=ro.engine.dtype,
-                            mem_fraction_static=ro.engine.mem_fraction_static, random_seed=cfg.seed,
-                            context_length=ro.engine.context_length, log_dir=str(self.run_dir / "logs"),
-                            extra_args=extra)
-        self.services = Services(ecfg, n_eng, toolbox_server_config(ro.toolbox, cfg.corpus), self.pg,
-                                 layout.world_size, eng_gpus)
-        print(f"engines: {self.services.engine_urls}; tool server: {self.services.toolbox_url or ro.toolbox.url}",
-              flush=True)
-        spec = WorkerSpec(model=cfg.model, layout=layout, dtype=cfg.resolved_dtype(),
-                          seq_length=cfg.actor.max_tokens_per_micro_batch, recompute=cfg.actor.recompute,
-                          optim=cfg.optim, loss=cfg.loss,
-                          sync={"mode": cfg.sync.mode, "bucket_mb": cfg.sync.bucket_mb},
-                          use_reference=cfg.loss.kl_coef > 0, seed=cfg.actor.seed,
-                          total_steps=cfg.steps * cfg.actor.mini_batches)
-        self.actors = ActorGroup(spec, self.pg, 0, gpu)
-        self.actors.call("connect_engines", self.services.engine_urls)
+        self.models = [cfg.maporl.model_of(k, cfg.model) if maporl else cfg.model for k in range(n)]
+        self.stacks = []
+        for k, off in enumerate([sum(sizes[:k]) for k in range(n)]):
+            ecfg = EngineConfig(model_path=self.models[k], tp_size=eng_tp, dtype=ro.engine.dtype,
+                                mem_fraction_static=ro.engine.mem_fraction_static, random_seed=cfg.seed,
+                                context_length=ro.engine.context_length, log_dir=str(self.run_dir / "logs"),
+                                extra_args=extra)
+            services = Services(ecfg, n_eng, tools if k == 0 else None, self.pg, off + world, eng_gpus)
+            print(f"{self.names[k]} engines: {services.engine_urls}; tool server: "
+                  f"{services.toolbox_url or ro.toolbox.url}", flush=True)
+            self.stacks.append(Stack(self.names[k], services, self.roots[k]))
+            spec = WorkerSpec(model=self.models[k], layout=layout, dtype=cfg.resolved_dtype(),
+                              seq_length=cfg.actor.max_tokens_per_micro_batch, recompute=cfg.actor.recompute,
+                              optim=cfg.optim, loss=cfg.loss,
+                              sync={"mode": cfg.sync.mode, "bucket_mb": cfg.sync.bucket_mb},
+                              use_reference=cfg.loss.kl_coef > 0, seed=cfg.actor.seed,
+                              total_steps=cfg.steps * cfg.actor.mini_batches)
+            self.stacks[k].actors = ActorGroup(spec, self.pg, off, gpu)
+            self.stacks[k].actors.call("connect_engines", services.engine_urls)
 
         self.step = 0
         if self.resume_from is not None:
-            state = self.actors.call("load", str(self.resume_from))[0]
-            self.step = int(state["step"])
+            for st in self.stacks:
+                ckpt = latest_checkpoint(st.root)
+                state = st.actors.call("load", str(ckpt))[0]
+                if int(state["step"]) != int(self.step or state["step"]):
+                    raise RuntimeError(f"{st.name}'s latest checkpoint {ckpt} is not at step {self.step}")
+                self.step = int(state["step"])
+                st.actors.call("sync_weights")  # the engines start from the initial weights
             self.loader.load_state_dict(state["data"])
             self.log.truncate_after(self.step)
-            self.actors.call("sync_weights")  # the engines start from the initial weights
             print(f"resumed from {self.resume_from} at step {self.step}")
-        rcfg = dataclasses.replace(ro, model=cfg.model, data=cfg.data, log_dir=str(self.run_dir / "logs"),
-                                   workflow=dataclasses.replace(ro.workflow, seeded=cfg.deterministic),
-                                   engine=dataclasses.replace(ro.engine, urls=self.services.engine_urls),
-                                   toolbox=dataclasses.replace(ro.toolbox, url=ro.toolbox.url or self.services.toolbox_url))
-        self.session = RolloutSession(rcfg).__enter__()
+        if maporl:
+            from megatron_matpo.maporl.task import MaporlRollout
+
+            self.maporl = MaporlRollout(cfg.maporl, self.models, [st.services.engine_urls for st in self.stacks],
+                                        ro.n_samples, cfg.advantage.eps, cfg.advantage.norm_by_std, cfg.deterministic)
+        else:
+            urls, tool_url = self.stacks[0].services.engine_urls, ro.toolbox.url or self.stacks[0].services.toolbox_url
+            rcfg = dataclasses.replace(ro, model=cfg.model, data=cfg.data, log_dir=str(self.run_dir / "logs"),
+                                       workflow=dataclasses.replace(ro.workflow, seeded=cfg.deterministic),
+                                       engine=dataclasses.replace(ro.engine, urls=urls),
+                                       toolbox=dataclasses.replace(ro.toolbox, url=tool_url))
+            self.session = RolloutSession(rcfg).__enter__()
         self.release_engine_memory = cfg.orchestrate.colocate and engine_memory_release_supported()
         return self
 
@@ -130,9 +161,11 @@ class Trainer:
 
         try:
             # whatever was started, in reverse order (a failed start got only part of the way)
-            for name, close in (("session", lambda o: o.__exit__(None, None, None)), ("actors", lambda o: o.shutdown()),
-                                ("services", lambda o: o.stop()), ("log", lambda o: o.close())):
-                obj = getattr(self, name, None)
+            parts = [("session", getattr(self, "session", None), lambda o: o.__exit__(None, None, None))]
+            for st in getattr(self, "stacks", []):
+                parts += [(f"{st.name} actors", st.actors, lambda o: o.shutdown()),
+                          (f"{st.name} engines", st.services, lambda o: o.stop())]
+            for name, obj, close in parts + [("log", getattr(self, "log", None), lambda o: o.close())]:
                 if obj is None:
                     continue
                 try:
@@ -165,56 +198,75 @@ class Trainer:
                 raise Preempted(f"SIGUSR1: stopped after step {self.step} with a checkpoint; resume with --resume")
             bar.update(1)
             bar.set_postfix(reward=f"{m['reward/mean']:.3f}", acc=f"{m.get('reward/accuracy', 0.0):.3f}",
-                            workers=f"{m.get('planner/workers_per_planner', 0.0):.1f}")
+                            **({"workers": f"{m['planner/workers_per_planner']:.1f}"}
+                               if "planner/workers_per_planner" in m else {}))
         bar.close()
         if cfg.checkpoint.export_hf:
-            self.actors.call("export_hf", str(self.run_dir / "hf"))
+            for st in self.stacks:
+                st.actors.call("export_hf", str(st.root / "hf"))
         return history
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg, t = self.cfg, Timer()
         t0 = time.perf_counter()
         batch = self.loader.next_batch()
-        with t("rollout"):  # generation, tools and reward
-            seed = derive_seed(cfg.seed, "step", step) if cfg.deterministic else None
-            rollouts = asyncio.run(self.session.run(batch, self.log.transcript_path(step), progress=False,
-                                                    seed=seed, uid_prefix=f"{step}:"))
+        seed = derive_seed(cfg.seed, "step", step) if cfg.deterministic else None
+        with t("rollout"):  # generation, tools and reward (MAPoRL: also verifier and advantages)
+            if cfg.algorithm == "maporl":
+                groups, m = self.maporl.run(batch, self.log.transcript_path(step), f"{step}:", seed)
+            else:
+                rollouts = asyncio.run(self.session.run(batch, self.log.transcript_path(step), progress=False,
+                                                        seed=seed, uid_prefix=f"{step}:"))
         if self.release_engine_memory:
             with t("engine_memory"):
                 self.engine_memory("release")  # the actor's turn on the shared GPUs
+        if cfg.algorithm != "maporl":
+            with t("advantage_pack"):
+                rows = build_rows(rollouts, cfg.advantage.eps, cfg.advantage.norm_by_std)
+                # rows grouped by prompt (GRPO groups), in rollout order
+                owner = [j // cfg.rollout.n_samples for j, ro in enumerate(rollouts) for _ in ro]
+                groups = [[[r for r, o in zip(rows, owner) if o == i] for i in range(len(batch))]]
+            m = rollout_metrics(rollouts, rows)
+        for st, per_prompt in zip(self.stacks, groups):
+            sm = self.optimize(st, per_prompt, step, t)
+            m.update(sm if len(self.stacks) == 1 else {f"{st.name}/{k}": v for k, v in sm.items()})
+        m.update(t)
+        m["time/step_s"] = time.perf_counter() - t0
+        tokens = sum(len(r) for g in groups for p in g for r in p)
+        m["throughput/train_tokens_per_s"] = tokens / max(t["time/train_s"], 1e-9)
+        return m
+
+    def optimize(self, st: "Stack", per_prompt: list[list[Row]], step: int, t: Timer) -> dict[str, float]:
+        """One policy's update on its rows: pack → old/ref logprobs → PPO → sync into its engines →
+        engine-vs-actor parity."""
+        cfg, actors = self.cfg, st.actors
         with t("advantage_pack"):
-            rows = build_rows(rollouts, cfg.advantage.eps, cfg.advantage.norm_by_std)
-            # mini-batches split whole prompts (GRPO groups); rows stay in rollout order
-            owner = [j // cfg.rollout.n_samples for j, ro in enumerate(rollouts) for _ in ro]
-            per_prompt = [[r for r, o in zip(rows, owner) if o == i] for i in range(len(batch))]
+            # mini-batches split whole prompts (GRPO groups)
             chunks = S.split_even(per_prompt, cfg.actor.mini_batches)
             packed = [pack_rows([r for group in c for r in group], cfg.actor.max_tokens_per_micro_batch,
                                 cfg.actor.dp, pad_to_multiple=cfg.actor.tp) for c in chunks]
-            self.actors.load_batch(packed)
-        m = {**rollout_metrics(rollouts, rows), **S.prefixed("pack", packing_stats(packed[0]))}
+            actors.load_batch(packed)
+        m = S.prefixed("pack", packing_stats(packed[0]))
         with t("old_logprobs"):
-            m.update(S.parity_stats(self.actors.reported("old_logprobs", cfg.actor.recompute_old_logprobs)))
+            m.update(S.parity_stats(actors.reported("old_logprobs", cfg.actor.recompute_old_logprobs)))
         if cfg.loss.kl_coef > 0:
             with t("ref_logprobs"):
-                m.update(S.kl_stats(self.actors.reported("ref_logprobs")))
+                m.update(S.kl_stats(actors.reported("ref_logprobs")))
         with t("train"):
             counts = [sum(mb.num_loss_tokens for rank in p for mb in rank) for p in packed]
-            m.update(S.train_stats(self.actors.call("train", counts), [i["reports"] for i in self.actors.info]))
+            m.update(S.train_stats(actors.call("train", counts), [i["reports"] for i in actors.info]))
         with t("sync"):
-            self.engine_memory("resume", ["weights"])
-            m.update(S.prefixed("sync", self.actors.call("sync_weights")[0]))
-            self.engine_memory("resume", ["kv_cache"])
+            self.engine_memory("resume", ["weights"], st)
+            m.update(S.prefixed("sync", actors.call("sync_weights")[0]))
+            self.engine_memory("resume", ["kv_cache"], st)
         if cfg.sync.parity_every and step % cfg.sync.parity_every == 0:
             with t("parity"):
-                seqs = S.parity_sample(rows, cfg.sync.parity_rows)
-                res = [r for r in self.actors.call("parity", seqs, self.services.engine_urls[0]) if r]
+                seqs = S.parity_sample([r for p in per_prompt for r in p], cfg.sync.parity_rows)
+                res = [r for r in actors.call("parity", seqs, st.services.engine_urls[0]) if r]
                 m.update(S.prefixed("parity", res[0]))
-        m.update(t)
-        m["time/step_s"] = time.perf_counter() - t0
-        m["throughput/train_tokens_per_s"] = sum(len(r) for r in rows) / max(t["time/train_s"], 1e-9)
         return m
 
-    def engine_memory(self, action: str, tags: list[str] | None = None) -> None:
+    def engine_memory(self, action: str, tags: list[str] | None = None, stack: "Stack | None" = None) -> None:
         """Colocated engines release their weights and KV cache after the rollout and take them back
         around the weight sync (SGLang memory saver, CUDA only: compat.engine_memory_release_supported);
         a no-op for engines on their own devices."""
@@ -223,7 +275,8 @@ class Trainer:
         from megatron_matpo.rollout.engine import EngineClient, EngineRouter
 
         async def run() -> None:
-            router = EngineRouter([EngineClient(u) for u in self.services.engine_urls])
+            urls = [u for st in ([stack] if stack else self.stacks) for u in st.services.engine_urls]
+            router = EngineRouter([EngineClient(u) for u in urls])
             try:
                 await router.broadcast(f"{action}_memory", tags)
             finally:
@@ -247,7 +300,8 @@ class Trainer:
 
     def save(self) -> None:
         state = {"step": self.step, "data": self.loader.state_dict()}
-        self.actors.call("save", str(self.run_dir), self.step, state, self.cfg.checkpoint.keep_last)
+        for st in self.stacks:
+            st.actors.call("save", str(st.root), self.step, state, self.cfg.checkpoint.keep_last)
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> list[dict[str, float]]:

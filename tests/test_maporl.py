@@ -555,3 +555,39 @@ def test_discussion_shows_judge_scores(engine, tok, tiny_models):
         assert f"Agent {2 - i} (verifier score {other.score:.2f})" in prompt
     with pytest.raises(ValueError, match="show_scores"):
         DiscussionWorkflow(cfg, None, tok)
+
+
+# ---------------------------------------------------------------- trainer rows (GRPO per question, agent, round)
+
+def _turn(q: int, k: int, i: int, t: int, reward: float):
+    from megatron_matpo.maporl.discussion import DiscussionTurn
+
+    return DiscussionTurn(traj_id=f"q{q}#{k}/a{i}/r{t}", role=f"agent{i}", group_id=f"q{q}", sample_uid=f"q{q}#{k}",
+                          parent_id=None, token_ids=[1, 2, 3], loss_mask=[0, 1, 1], logprobs=[0.0, -1.0, -2.0],
+                          prompt_len=1, messages=[], final_text="", agent=i, round=t, reward=reward)
+
+
+def test_turn_rows_grpo_per_question_agent_round_and_routing():
+    from megatron_matpo.maporl.discussion import Discussion
+    from megatron_matpo.maporl.task import turn_rows
+
+    # 2 questions x 2 discussions x 2 agents x 2 rounds; reward = a distinct value per cell and sample
+    rewards = {(q, k, i, t): 10 * q + 4 * i + 2 * t + k * (1 + i + t) for q in (0, 1) for k in (0, 1)
+               for i in (0, 1) for t in (0, 1)}
+    ds = [Discussion(f"q{q}#{k}", f"q{q}", "?", 2, 2, [_turn(q, k, i, t, rewards[q, k, i, t])
+                                                        for t in (0, 1) for i in (0, 1)])
+          for q in (0, 1) for k in (0, 1)]
+    shared = turn_rows(ds, n_samples=2, stacks=1, norm_by_std=False)
+    assert len(shared) == 1 and [len(p) for p in shared[0]] == [8, 8]
+    for q in (0, 1):
+        rows = shared[0][q]
+        for r, (k, t, i) in zip(rows, [(k, t, i) for k in (0, 1) for t in (0, 1) for i in (0, 1)]):
+            # advantage = reward - mean over the question's 2 samples of the same (agent, round)
+            mean = (rewards[q, 0, i, t] + rewards[q, 1, i, t]) / 2
+            assert r.advantage == pytest.approx(rewards[q, k, i, t] - mean)
+            assert r.role == f"agent{i}" and r.old_logprobs == [0.0, -1.0, -2.0]
+    assert [r.row_id for p in shared[0] for r in p] == list(range(16))
+    distinct = turn_rows(ds, n_samples=2, stacks=2, norm_by_std=False)
+    for i in (0, 1):  # agent i's turns, and only those, train policy i
+        assert {r.role for p in distinct[i] for r in p} == {f"agent{i}"}
+        assert [r.row_id for p in distinct[i] for r in p] == list(range(8))

@@ -129,8 +129,11 @@ def _is_this_host(host: str) -> bool:
     if _is_loopback(host):
         return True
     try:
+        ip = socket.gethostbyname(host)
         mine = {socket.gethostbyname(socket.gethostname()), socket.gethostbyname(socket.getfqdn())}
-        return socket.gethostbyname(host) in mine
+        # an address of one of this host's interfaces is its own source address on the route to it
+        # (the hostname may resolve to loopback only, as in many /etc/hosts)
+        return ip in mine or _address_towards(ip) == ip
     except OSError:
         return False
 

@@ -10,6 +10,7 @@ from megatron_matpo.train.config import TrainConfig
 
 def tokenizer_texts(corpus: str | None) -> list[str]:
     from megatron_matpo.agents import prompts
+    from megatron_matpo.maporl import prompts as maporl_prompts
     from megatron_matpo.model.tiny import synthetic_corpus
     from megatron_matpo.toolbox.specs import PLANNER_TOOLS, SINGLE_AGENT_TOOLS, WORKER_TOOLS
 
@@ -17,7 +18,9 @@ def tokenizer_texts(corpus: str | None) -> list[str]:
     # the prompts repeated so their words win merges over the synthetic filler
     texts += [prompts.system_prompt("planner", PLANNER_TOOLS), prompts.system_prompt("worker", WORKER_TOOLS),
               prompts.system_prompt("single", SINGLE_AGENT_TOOLS), prompts.planner_user_prompt("Q?"),
-              prompts.worker_user_prompt("Q?", "S"), prompts.worker_summary_prompt("Q?", "S")] * 20
+              prompts.worker_user_prompt("Q?", "S"), prompts.worker_summary_prompt("Q?", "S"),
+              maporl_prompts.system_prompt(0, 2), maporl_prompts.first_round_prompt("Q?"),
+              maporl_prompts.revision_prompt("Q?", [maporl_prompts.SharedAnswer(1, "A", None)])] * 20
     if corpus and Path(corpus).exists():
         from megatron_matpo.toolbox.local_search import read_corpus
 
@@ -27,10 +30,18 @@ def tokenizer_texts(corpus: str | None) -> list[str]:
 
 def ensure_inputs(cfg: TrainConfig, log=print) -> None:
     b = cfg.bootstrap
+    if not Path(cfg.data).exists() and b.arithmetic is not None:
+        from megatron_matpo.data.arithmetic import ArithmeticConfig, write_arithmetic
+
+        out = Path(cfg.data).parent
+        log(f"bootstrap: writing the arithmetic word problems to {out}")
+        written = write_arithmetic(out, ArithmeticConfig(**b.arithmetic))
+        if not Path(cfg.data).exists():
+            raise FileNotFoundError(f"data={cfg.data} was not among the generated sets: {sorted(written)}")
     if not Path(cfg.data).exists():
         if b.multihop is None:
-            raise FileNotFoundError(f"data={cfg.data} does not exist (set bootstrap.multihop to generate the "
-                                    "offline multi-hop set)")
+            raise FileNotFoundError(f"data={cfg.data} does not exist (set bootstrap.multihop or bootstrap.arithmetic "
+                                    "to generate an offline set)")
         from megatron_matpo.data.multihop import MultihopConfig, write_multihop
 
         out = Path(cfg.data).parent

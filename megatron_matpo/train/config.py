@@ -5,6 +5,9 @@ from dataclasses import dataclass, field
 
 from megatron_matpo.algo.loss import LossConfig
 from megatron_matpo.config import ConfigError
+from megatron_matpo.maporl.discussion import DiscussionConfig
+from megatron_matpo.maporl.rewards import RewardConfig as MaporlRewardConfig
+from megatron_matpo.maporl.verifier import VerifierConfig
 from megatron_matpo.model.layout import ParallelLayout
 from megatron_matpo.orchestrate.cluster import OrchestrateSection
 from megatron_matpo.rollout.runner import RolloutConfig
@@ -58,10 +61,30 @@ class EvalSection:
 
 
 @dataclass
+class MaporlSection:
+    """algorithm=maporl: N agents discuss for T rounds (no tools); a verifier scores every answer;
+    influence-aware rewards + incentives; GRPO over the n_samples discussions of a question, per
+    (agent, round)."""
+    models: str = "shared"  # shared: one actor + engine set, agents told apart by prompt | distinct: one per agent
+    agent_models: list[str] | None = None  # distinct: an initial HF model per agent (default: `model` for all)
+    discussion: DiscussionConfig = field(default_factory=DiscussionConfig)
+    reward: MaporlRewardConfig = field(default_factory=MaporlRewardConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+
+    @property
+    def stacks(self) -> int:
+        return self.discussion.n_agents if self.models == "distinct" else 1
+
+    def model_of(self, stack: int, default: str) -> str:
+        return self.agent_models[stack] if self.agent_models else default
+
+
+@dataclass
 class BootstrapSection:
     """Build the embedded default's inputs when `model` / `data` paths do not exist yet."""
     tiny_model: str | None = None  # arch (qwen3 | qwen2 | llama) of a random-init tiny model
     multihop: dict | None = None  # MultihopConfig fields: generate data + corpus next to `data`
+    arithmetic: dict | None = None  # ArithmeticConfig fields: generate the MAPoRL word problems next to `data`
     toy_answer: str | None = None  # rewrite every question's answer to this (learnable toy task)
 
 
@@ -74,10 +97,12 @@ class TrainConfig:
     steps: int = 3
     prompts_per_step: int = 4
     seed: int = 0
+    algorithm: str = "matpo"  # matpo (planner + workers, or rollout.workflow.mode=single) | maporl
     # seeded sampling (SGLang deterministic inference, GPU only): a resumed run reproduces the
     # uninterrupted one, rollouts included
     deterministic: bool = False
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    maporl: MaporlSection = field(default_factory=MaporlSection)
     actor: ActorSection = field(default_factory=ActorSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -107,12 +132,21 @@ class TrainConfig:
              "mini-batches split whole GRPO groups")
         need(self.sync.mode in ("broadcast", "tensor", "disk"), "sync.mode: broadcast | tensor | disk")
         need(self.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
+        need(self.algorithm in ("matpo", "maporl"), f"algorithm: matpo | maporl, got {self.algorithm!r}")
+        mp = self.maporl
+        need(mp.models in ("shared", "distinct"), f"maporl.models: shared | distinct, got {mp.models!r}")
+        need(mp.agent_models is None or (mp.models == "distinct" and len(mp.agent_models) == mp.discussion.n_agents),
+             "maporl.agent_models: one HF model per agent, with maporl.models=distinct")
+        if self.algorithm == "maporl":
+            need(self.eval.every == 0, "eval during MAPoRL training is not implemented yet (eval.every must be 0)")
         wf = self.rollout.workflow
         longest = max(wf.planner.max_context_tokens, wf.worker.max_context_tokens)
+        if self.algorithm == "maporl":
+            longest = mp.discussion.max_context_tokens
         need(longest <= self.actor.max_tokens_per_micro_batch,
              f"actor.max_tokens_per_micro_batch={self.actor.max_tokens_per_micro_batch} is smaller than the longest"
-             f" agent context ({longest} tokens, rollout.workflow.*.max_context_tokens): a trajectory could not be"
-             " packed")
+             f" agent context ({longest} tokens, rollout.workflow.*.max_context_tokens or "
+             "maporl.discussion.max_context_tokens): a trajectory could not be packed")
         if self.deterministic:
             from megatron_matpo import platform
 

@@ -1,0 +1,130 @@
+"""MAPoRL rollouts for the trainer (algorithm=maporl): a batch of questions → `n_samples` discussions
+each on the engines → verifier scores → influence-aware rewards + incentives → GRPO advantages →
+one training row per (agent, round) turn, routed to that agent's actor.
+
+Advantage: GRPO over the n_samples discussions of one question, separately for every (agent, round)
+cell (the default of ../shared/MATPO.md's MAPoRL section; a turn is compared with the same agent's
+turn at the same round of the other samples). With shared models every row goes to actor 0; with
+distinct models agent i's rows go to actor i, whose engines also generated them.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from megatron_matpo.algo import grpo_advantages
+from megatron_matpo.data.packing import Row
+from megatron_matpo.data.schema import Sample
+from megatron_matpo.maporl.answers import answers_match
+from megatron_matpo.maporl.discussion import Discussion, DiscussionWorkflow, assign_rewards, verify_discussions
+from megatron_matpo.maporl.verifier import make_verifier
+from megatron_matpo.train.config import MaporlSection
+from megatron_matpo.train.rows import parity_mask, rollout_metrics
+
+
+class MaporlRollout:
+    def __init__(self, cfg: MaporlSection, models: list[str], engine_urls: list[list[str]], n_samples: int,
+                 eps: float = 1e-6, norm_by_std: bool = True, seeded: bool = False):
+        """`models` / `engine_urls`: per actor stack (one shared, or one per agent)."""
+        from transformers import AutoTokenizer
+
+        self.cfg, self.n_samples, self.eps, self.norm_by_std = cfg, n_samples, eps, norm_by_std
+        self.engine_urls = engine_urls
+        self.tokenizers = [AutoTokenizer.from_pretrained(m) for m in models]
+        self.verifier = make_verifier(cfg.verifier)
+        self.discussion_cfg = dataclasses.replace(cfg.discussion, seeded=seeded or cfg.discussion.seeded)
+
+    def run(self, samples: list[Sample], out_path: Path, uid_prefix: str = "",
+            seed: int | None = None) -> tuple[list[list[list[Row]]], dict[str, float]]:
+        """→ (rows[stack][prompt] = that prompt's rows for that actor, metrics)."""
+        discussions = asyncio.run(self._discuss(samples, uid_prefix, seed))
+        for d in discussions:
+            assign_rewards(d, self.cfg.reward)
+        self._write(discussions, samples, out_path)
+        rows = turn_rows(discussions, self.n_samples, len(self.engine_urls), self.eps, self.norm_by_std)
+        return rows, self.metrics(discussions)
+
+    async def _discuss(self, samples: list[Sample], uid_prefix: str, seed: int | None) -> list[Discussion]:
+        from megatron_matpo.agents.workflow import derive_seed
+        from megatron_matpo.rollout.engine import EngineClient, EngineRouter
+
+        routers = [EngineRouter([EngineClient(u) for u in urls]) for urls in self.engine_urls]
+        try:
+            # verified after each round only when agents are shown scores; otherwise once, batched
+            wf = DiscussionWorkflow(self.discussion_cfg, routers, self.tokenizers,
+                                    self.verifier if self.discussion_cfg.show_scores else None)
+            jobs = [wf.rollout(s.question, f"{uid_prefix}{s.uid}/{k}", s.group, s.ground_truth,
+                               derive_seed(seed, s.uid, k)) for s in samples for k in range(self.n_samples)]
+            discussions = list(await asyncio.gather(*jobs))
+            await verify_discussions(discussions, self.verifier)
+            return discussions
+        finally:
+            await asyncio.gather(*(r.aclose() for r in routers))
+
+    def metrics(self, discussions: list[Discussion]) -> dict[str, float]:
+        """Per-agent, per-round accuracy, the reward terms, consensus, and how often agents change
+        their answer after reading the others (with per-role lengths from `rollout_metrics`)."""
+        turns = [x for d in discussions for x in d.turns]
+        rows_like = [Row(token_ids=x.token_ids, loss_mask=x.loss_mask, old_logprobs=[], advantage=0.0)
+                     for x in turns]
+        m = {k: v for k, v in rollout_metrics([d.turns for d in discussions], rows_like).items()
+             if not k.startswith(("reward/", "advantage/"))}
+        mean = lambda xs: float(statistics.fmean(xs)) if xs else 0.0  # noqa: E731
+        cells: dict[tuple[int, int], list[float]] = defaultdict(list)
+        for x in turns:
+            cells[(x.agent, x.round)].append(x.score)
+        for (i, t), v in sorted(cells.items()):
+            m[f"maporl/accuracy_agent{i}_round{t}"] = mean(v)
+        for t in sorted({t for _, t in cells}):
+            m[f"maporl/accuracy_round{t}"] = mean([s for (_, tt), v in cells.items() if tt == t for s in v])
+        finals = [x.score for d in discussions for x in d.grid()[-1]]
+        m["reward/accuracy"] = m["maporl/accuracy_final"] = mean(finals)
+        m["reward/mean"] = mean([x.reward for x in turns])
+        m["reward/std"] = statistics.pstdev([x.reward for x in turns]) if len(turns) > 1 else 0.0
+        for key in sorted({k for x in turns for k in x.reward_components}):
+            m[f"maporl/{key}_mean"] = mean([x.reward_components.get(key, 0.0) for x in turns])
+        m["maporl/consensus_final"] = mean([float(d.final_consensus(self.cfg.discussion.tol)) for d in discussions])
+        m["maporl/rounds_played_mean"] = mean([float(d.rounds_played) for d in discussions])
+        grids = [d.grid() for d in discussions]
+        tol = self.cfg.discussion.tol
+        changed = [float(not (x.answer == p.answer or answers_match(x.answer, p.answer, tol)))
+                   for g in grids for t in range(1, len(g)) for x, p in zip(g[t], g[t - 1])]
+        m["maporl/answer_changed_fraction"] = mean(changed)
+        return m
+
+    @staticmethod
+    def _write(discussions: list[Discussion], samples: list[Sample], path: Path) -> None:
+        """One line per turn: the turn (its conversation, answer, score, reward terms and the ids of
+        the answers it was shown) plus the question and gold answer."""
+        per = len(discussions) // max(len(samples), 1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as f:
+            for j, d in enumerate(discussions):
+                s = samples[j // per]
+                for x in d.turns:
+                    line = x.to_json()
+                    line.update(question=s.question, ground_truth=s.ground_truth, data_source=s.data_source,
+                                stop_reason=d.stop_reason)
+                    f.write(json.dumps(line) + "\n")
+
+
+def turn_rows(discussions: list[Discussion], n_samples: int, stacks: int, eps: float = 1e-6,
+              norm_by_std: bool = True) -> list[list[list[Row]]]:
+    """Rewarded discussions (consecutive runs of `n_samples` per question) → rows[stack][question]:
+    one row per turn, GRPO-normalized within (question, agent, round); agent i's rows go to stack i
+    when there is one stack per agent, else all to stack 0."""
+    turns = [(j // n_samples, x) for j, d in enumerate(discussions) for x in d.turns]
+    adv = grpo_advantages([x.reward for _, x in turns], [(q, x.agent, x.round) for q, x in turns],
+                          eps=eps, norm_by_std=norm_by_std).tolist()
+    out: list[list[list[Row]]] = [[[] for _ in range(len(discussions) // n_samples)] for _ in range(stacks)]
+    counts = [0] * stacks
+    for (q, x), a in zip(turns, adv):
+        k = x.agent if stacks > 1 else 0
+        out[k][q].append(Row(token_ids=list(x.token_ids), loss_mask=list(x.loss_mask), old_logprobs=list(x.logprobs),
+                             advantage=float(a), row_id=counts[k], role=x.role, parity_mask=parity_mask(x)))
+        counts[k] += 1
+    return out

@@ -1,0 +1,87 @@
+"""MAPoRL co-training end to end through `matpo train` (algorithm=maporl): two agents discuss for three
+rounds on real SGLang engines, a numeric verifier scores every answer, influence-aware rewards with
+incentives, GRPO per (question, agent, round), PPO on Megatron actors, weights synced into the
+engines. One shared model (one actor + engine), and distinct models (an actor + engine per agent)
+on the learnable toy, where the final-round accuracy must rise."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from megatron_matpo.maporl.prompts import shareable
+from tests.test_train import REPO, check_invariants, metrics, train
+
+pytestmark = pytest.mark.slow
+AGENTS, ROUNDS = 2, 3
+
+
+@pytest.fixture(scope="session")
+def maporl_inputs(tmp_path_factory) -> list[str]:
+    """A tiny model + the arithmetic word problems, bootstrapped once for both runs."""
+    from megatron_matpo import config
+    from megatron_matpo.train.bootstrap import ensure_inputs
+    from megatron_matpo.train.config import TrainConfig
+
+    root = tmp_path_factory.mktemp("maporl-inputs")
+    ov = [f"model={root}/tiny-qwen3", f"data={root}/arithmetic/maporl_train_arithmetic"]
+    ensure_inputs(config.load(TrainConfig, REPO / "configs/maporl_tiny_cpu.yaml", ov))
+    return ov
+
+
+def _turns(run: Path, step: int) -> list[dict]:
+    return [json.loads(x) for x in (run / "rollouts" / f"step_{step:06d}.jsonl").read_text().splitlines()]
+
+
+def test_shared_model_discussion_trains(maporl_inputs, tmp_path):
+    run = tmp_path / "run"
+    out = train("configs/maporl_tiny_cpu.yaml", run, maporl_inputs + ["steps=2"])
+    m = metrics(run)
+    assert sorted(m) == [1, 2], out[-3000:]
+    check_invariants(m)  # ratio 1 at step 1; the engine computes the actor's logprobs after every sync
+    for step in m.values():
+        for i in range(AGENTS):
+            # 2 questions x 4 discussions, every round played (no consensus stop)
+            assert step[f"agent{i}/count"] == 2 * 4 * ROUNDS
+            for t in range(ROUNDS):
+                assert 0.0 <= step[f"maporl/accuracy_agent{i}_round{t}"] <= 1.0
+        for key in ("influence", "corrective", "regress", "persuasion", "misleading", "score"):
+            assert f"maporl/{key}_mean" in step
+        assert "maporl/accuracy_final" in step and "maporl/answer_changed_fraction" in step
+        assert step["actor/loss_tokens_planner"] > 0 and step["advantage/abs_mean"] >= 0  # every turn is trained
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    # agents read each other: a round-t turn was shown the other agent's round t-1 answer, in its prompt
+    turns = {d["traj_id"]: d for d in _turns(run, 1)}
+    later = [d for d in turns.values() if d["round"] > 0]
+    assert len(later) == 2 * 4 * AGENTS * (ROUNDS - 1)
+    for d in later:
+        (seen,) = d["seen"]
+        other = turns[seen]
+        assert other["agent"] != d["agent"] and other["round"] == d["round"] - 1
+        prompt = d["messages"][-2]["content"]  # the revision prompt, before this turn's answer
+        shown = shareable(other["final_text"], 300)[:40] or "(no answer)"
+        assert "Agent" in prompt and shown in prompt, (shown, prompt)
+    assert (run / "hf" / "model.safetensors").exists()
+
+
+def test_distinct_models_learn_the_toy(maporl_inputs, tmp_path):
+    """configs/maporl_toy_learnable_cpu.yaml: an actor and an engine per agent; every gold answer is 3
+    and every turn a constrained `\\boxed{<digit>}`. Both policies are trained on their own agent's
+    turns, and the final-round accuracy must rise."""
+    run = tmp_path / "run"
+    out = train("configs/maporl_toy_learnable_cpu.yaml", run, maporl_inputs)
+    m = metrics(run)
+    steps = sorted(m)
+    assert steps == list(range(1, 11)), out[-3000:]
+    acc = [m[s]["maporl/accuracy_final"] for s in steps]
+    print("final-round accuracy per step:", [round(a, 3) for a in acc])
+    assert sum(acc[5:]) / 5 >= sum(acc[:5]) / 5 + 0.25, acc
+    for i in range(AGENTS):
+        # each policy trains on its own agent's turns and syncs into its own engine
+        assert all(m[s][f"agent{i}/actor/loss_tokens_planner"] > 0 for s in steps)
+        assert all(m[s][f"agent{i}/sync/bytes"] > 0 for s in steps)
+        for s in (5, 10):
+            assert m[s][f"agent{i}/parity/max_abs"] <= 1e-4, (i, s)
+        assert abs(m[1][f"agent{i}/actor/ratio_mean"] - 1.0) < 1e-6
+        assert (run / f"agent{i}" / "checkpoints").exists()
