@@ -98,9 +98,11 @@ class Trainer:
         # per stack: a bundle per actor rank, then one per engine (its TP GPUs); stack 0 adds one for
         # the tool server; colocated engines share the actor's GPUs instead of bringing their own
         eng_gpus = 0.0 if cfg.orchestrate.colocate else gpu * eng_tp
-        rank_b, eng_b = {"CPU": 1, **({"GPU": gpu} if gpu else {})}, {"CPU": 1, **({"GPU": eng_gpus} if eng_gpus else {})}
+        rank_b = {"CPU": 1, **({"GPU": gpu} if gpu else {})}
+        eng_b = {"CPU": 1, **({"GPU": eng_gpus} if eng_gpus else {})}
         sizes = [world + n_eng + (k == 0 and tools is not None) for k in range(n)]
-        bundles = [b for k in range(n) for b in [rank_b] * world + [eng_b] * n_eng + [{"CPU": 1}] * (sizes[k] - world - n_eng)]
+        bundles = [b for k in range(n)
+                   for b in [rank_b] * world + [eng_b] * n_eng + [{"CPU": 1}] * (sizes[k] - world - n_eng)]
         self.pg = placement_group(bundles, cfg.orchestrate.placement_timeout_s, "matpo")
         where = placement_nodes(self.pg)
         print(f"placement: {len(bundles)} bundles on {len(set(where))} Ray node(s): actor ranks on "

@@ -63,10 +63,11 @@ def test_scripts_parse_and_lint():
     assert p.returncode == 0, p.stdout
 
 
-@pytest.mark.parametrize("script,nodes", [("matpo_14b.sbatch", "node[1-16]"), ("single_agent_14b.sbatch", "node[1-16]"),
-                                          ("eval_14b.sbatch", "node1")])
+@pytest.mark.parametrize("script,nodes", [("matpo_14b.sbatch", "node[1-16]"),
+                                          ("single_agent_14b.sbatch", "node[1-16]"), ("eval_14b.sbatch", "node1"),
+                                          ("maporl_2agent.sbatch", "node[1-2]")])
 def test_sbatch_test_only_accepts_the_cluster_jobs(slurm, script, nodes):
-    """The 14B jobs' resource headers (16 nodes x 8 GPUs, exclusive) fit a 16 x 8-GPU cluster."""
+    """The cluster jobs' resource headers (up to 16 nodes x 8 GPUs, exclusive) fit a 16 x 8-GPU cluster."""
     p = subprocess.run(["sbatch", "--test-only", f"slurm/{script}"], cwd=REPO, env=slurm, capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 0, p.stderr
@@ -81,7 +82,8 @@ def _job(env: dict, job: str) -> dict[str, str]:
 def test_tiny_job_two_nodes_preempted_requeued_resumed(slurm, inputs, tmp_path):
     run = tmp_path / "run"
     out = tmp_path / "job.out"
-    env = {**slurm, "MATPO_RUN_DIR": str(run), "MATPO_HOME": str(REPO), "PATH": f"{REPO}/.venv/bin:{os.environ['PATH']}"}
+    env = {**slurm, "MATPO_RUN_DIR": str(run), "MATPO_HOME": str(REPO),
+           "PATH": f"{REPO}/.venv/bin:{os.environ['PATH']}"}
     p = subprocess.run(["sbatch", "--parsable", f"--output={out}", "slurm/tiny_cpu.sbatch", "steps=3",
                         "checkpoint.every=1", *inputs], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr

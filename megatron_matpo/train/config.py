@@ -165,7 +165,8 @@ class TrainConfig:
         """The layout against the allocation (orchestrate.nodes x gpus_per_node) before any process starts;
         resolves actor.dp = 0 ("fill the cluster")."""
         a, o, eng = self.actor, self.orchestrate, self.rollout.engine
-        model_gpus = a.tp * a.pp
+        stacks = self.maporl.stacks if self.algorithm == "maporl" else 1  # policies, each with its actor + engines
+        model_gpus = stacks * a.tp * a.pp
         if not o.gpus_per_node:  # CPU or an unchecked single machine
             need(a.dp >= 1, "actor.dp = 0 (fill the cluster) needs orchestrate.nodes and orchestrate.gpus_per_node")
             return
@@ -178,20 +179,21 @@ class TrainConfig:
         need(not (o.colocate and self.sync.mode == "broadcast"),
              "orchestrate.colocate=true puts engines on the actor's GPUs, where NCCL cannot broadcast between "
              "processes sharing a GPU: use sync.mode=tensor (CUDA IPC) or disk")
-        engine_gpus = eng.num_engines * eng.tp_size
+        engine_gpus = stacks * eng.num_engines * eng.tp_size
         actor_gpus = total if o.colocate else total - engine_gpus
-        need(actor_gpus > 0, f"{eng.num_engines} engines x TP {eng.tp_size} = {engine_gpus} GPUs leave none of the "
-                             f"{total} for the actor (set orchestrate.colocate=true to share them)")
+        need(actor_gpus > 0, f"{stacks} x {eng.num_engines} engines x TP {eng.tp_size} = {engine_gpus} GPUs leave "
+                             f"none of the {total} for the actor (set orchestrate.colocate=true to share them)")
         if a.dp == 0:
             need(actor_gpus % model_gpus == 0,
                  f"actor world size {actor_gpus} ({nodes} nodes x {o.gpus_per_node} GPUs"
-                 f"{'' if o.colocate else f' - {engine_gpus} engine GPUs'}) is not divisible by tp x pp = {model_gpus}")
+                 f"{'' if o.colocate else f' - {engine_gpus} engine GPUs'}) is not divisible by policies x tp x pp "
+                 f"= {model_gpus}")
             a.dp = actor_gpus // model_gpus
-        world = a.tp * a.pp * a.dp
-        need(world <= actor_gpus, f"actor tp x pp x dp = {world} GPUs but the allocation has {actor_gpus} for the "
-                                  f"actor ({nodes} nodes x {o.gpus_per_node} GPUs, colocate={o.colocate})")
-        need(engine_gpus <= total, f"{eng.num_engines} engines x TP {eng.tp_size} = {engine_gpus} GPUs > {total} "
-                                   "in the allocation")
+        world = stacks * a.tp * a.pp * a.dp
+        need(world <= actor_gpus, f"{stacks} x actor tp x pp x dp = {world} GPUs but the allocation has {actor_gpus} "
+                                  f"for actors ({nodes} nodes x {o.gpus_per_node} GPUs, colocate={o.colocate})")
+        need(engine_gpus <= total, f"{stacks} x {eng.num_engines} engines x TP {eng.tp_size} = {engine_gpus} GPUs > "
+                                   f"{total} in the allocation")
 
     def resolved_dtype(self) -> str:
         from megatron_matpo import platform
