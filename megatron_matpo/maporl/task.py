@@ -23,7 +23,7 @@ from megatron_matpo.maporl.answers import answers_match
 from megatron_matpo.maporl.discussion import Discussion, DiscussionWorkflow, assign_rewards, verify_discussions
 from megatron_matpo.maporl.verifier import make_verifier
 from megatron_matpo.train.config import MaporlSection
-from megatron_matpo.train.rows import parity_mask, rollout_metrics
+from megatron_matpo.train.rows import advantage_stats, parity_mask, rollout_metrics
 
 
 class MaporlRollout:
@@ -46,7 +46,7 @@ class MaporlRollout:
             assign_rewards(d, self.cfg.reward)
         self._write(discussions, samples, out_path)
         rows = turn_rows(discussions, self.n_samples, len(self.engine_urls), self.eps, self.norm_by_std)
-        return rows, self.metrics(discussions)
+        return rows, {**self.metrics(discussions), **advantage_stats([r for st in rows for q in st for r in q])}
 
     async def _discuss(self, samples: list[Sample], uid_prefix: str, seed: int | None) -> list[Discussion]:
         from megatron_matpo.agents.workflow import derive_seed
@@ -69,10 +69,8 @@ class MaporlRollout:
         """Per-agent, per-round accuracy, the reward terms, consensus, and how often agents change
         their answer after reading the others (with per-role lengths from `rollout_metrics`)."""
         turns = [x for d in discussions for x in d.turns]
-        rows_like = [Row(token_ids=x.token_ids, loss_mask=x.loss_mask, old_logprobs=[], advantage=0.0)
-                     for x in turns]
-        m = {k: v for k, v in rollout_metrics([d.turns for d in discussions], rows_like).items()
-             if not k.startswith(("reward/", "advantage/"))}
+        m = {k: v for k, v in rollout_metrics([d.turns for d in discussions], []).items()
+             if not k.startswith(("reward/", "advantage/"))}  # per-role lengths; rewards differ here
         mean = lambda xs: float(statistics.fmean(xs)) if xs else 0.0  # noqa: E731
         cells: dict[tuple[int, int], list[float]] = defaultdict(list)
         for x in turns:

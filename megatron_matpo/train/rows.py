@@ -67,10 +67,12 @@ def rollout_metrics(rollouts: list[list[Trajectory]], rows: list[Row]) -> dict[s
             out[f"{role}/finish_{reason}"] = n / len(ts)
     if any(t.role == "planner" for t in roots):
         out["planner/workers_per_planner"] = _mean([float(len(r) - 1) for r in rollouts])
-    adv = [r.advantage for r in rows]
-    out["advantage/mean"] = _mean(adv)
-    out["advantage/abs_mean"] = _mean([abs(a) for a in adv])
-    out["advantage/max"] = max(adv, default=0.0)
-    out["advantage/min"] = min(adv, default=0.0)
-    out["advantage/nonzero_fraction"] = _mean([float(a != 0.0) for a in adv])
+    out.update(advantage_stats(rows))
     return out
+
+
+def advantage_stats(rows: list[Row]) -> dict[str, float]:
+    adv = [r.advantage for r in rows]
+    return {"advantage/mean": _mean(adv), "advantage/abs_mean": _mean([abs(a) for a in adv]),
+            "advantage/max": max(adv, default=0.0), "advantage/min": min(adv, default=0.0),
+            "advantage/nonzero_fraction": _mean([float(a != 0.0) for a in adv])}
