@@ -148,8 +148,8 @@ def test_resume_after_sigkill(tp2_run, inputs, tmp_path):
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    # the trainer prints "engines: ['http://HOST:PORT', ...]"; engines listen on their Ray node's address
-    (line,) = [x for x in (killed / "stdout.txt").read_text().splitlines() if x.startswith("engines: ")]
+    # the trainer prints "actor engines: ['http://HOST:PORT', ...]"; engines listen on their Ray node's address
+    (line,) = [x for x in (killed / "stdout.txt").read_text().splitlines() if x.startswith("actor engines: ")]
     urls = re.findall(r"http://([^:/']+):(\d+)", line.split(";")[0])
     deadline = time.time() + 60
     while any(_port_open(h, int(p)) for h, p in urls) and time.time() < deadline:
