@@ -82,6 +82,20 @@ def test_planner_spawns_isolated_workers(matpo_run):
         assert (w.final_text or "(the browsing agent returned no summary)") in obs["content"]
 
 
+def test_rollout_records_the_timing_of_every_call(matpo_run):
+    """Each trajectory's `timings` (benchmarks/rollout_overlap.py rebuilds critical paths from them):
+    one "generate" per turn, the planner's delegations as "agent" spans that contain their worker."""
+    trajs, _ = matpo_run
+    planner, workers = trajs[0], trajs[1:]
+    assert [(e["kind"], e["turn"]) for e in planner.timings[:3]] == [("generate", 0), ("agent", 0), ("agent", 0)]
+    spans = [e for e in planner.timings if e["kind"] == "agent"]
+    for t in trajs:
+        assert sum(e["kind"] == "generate" for e in t.timings) == t.turns
+        assert all(e["end"] >= e["start"] for e in t.timings) and "timings" in t.to_json()
+    for w in workers:
+        assert any(a["start"] <= w.timings[0]["start"] and w.timings[-1]["end"] <= a["end"] for a in spans)
+
+
 def _check_tokens(traj, tok, hf):
     ids = traj.token_ids
     assert len(ids) == len(traj.loss_mask) == len(traj.logprobs)

@@ -82,6 +82,10 @@ class Trajectory:
     constrained_spans: list[tuple[int, int]] = field(default_factory=list)
     reward: float | None = None
     reward_components: dict[str, float] = field(default_factory=dict)
+    # every engine call ("generate"), tool call ("tool") and delegation ("agent") of this agent:
+    # {"kind", "turn", "start", "end"} on the rollout process's time.perf_counter clock; with the
+    # workers' own timings this rebuilds a rollout's critical path (benchmarks/rollout_overlap.py)
+    timings: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -152,13 +156,16 @@ class Workflow:
         return min(limits.max_tokens_per_turn, limits.max_context_tokens - len(conv.ids) - reserve)
 
     async def _turn(self, conv: Conversation, max_new: int, extra: dict | None = None,
-                    seed: int | None = None) -> tuple[str, str]:
+                    seed: int | None = None, traj: Trajectory | None = None) -> tuple[str, str]:
         t0 = time.perf_counter()
         sampling = self._sampling(max_new, extra)
         if seed is not None:
             sampling["sampling_seed"] = seed
         gen = await self.engine.generate(conv.ids, sampling)
-        self.busy_s["generate"] += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.busy_s["generate"] += t1 - t0
+        if traj is not None:
+            traj.timings.append({"kind": "generate", "turn": traj.turns, "start": t0, "end": t1})
         ids = gen.output_ids
         body = ids[:-1] if ids and ids[-1] == self.template.eos_id else ids
         text = self.tok.decode(body, skip_special_tokens=False)
@@ -192,10 +199,15 @@ class Workflow:
                 if not str(call.arguments["subtask"]).strip():  # schema-valid, but nothing to delegate
                     traj.tool_errors += 1
                     return prompts.tool_error_message(call.server, call.tool, "subtask must not be empty")
-                return await agent_call(call.arguments["subtask"])
+                t0 = time.perf_counter()
+                summary = await agent_call(call.arguments["subtask"])
+                traj.timings.append({"kind": "agent", "turn": traj.turns - 1, "start": t0, "end": time.perf_counter()})
+                return summary
             t0 = time.perf_counter()
             res = await self.tools.call(call.server, call.tool, call.arguments)
-            self.busy_s["tools"] += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            self.busy_s["tools"] += t1 - t0
+            traj.timings.append({"kind": "tool", "turn": traj.turns - 1, "start": t0, "end": t1})
             if not res.ok:
                 traj.tool_errors += 1
             return res.text
@@ -226,7 +238,7 @@ class Workflow:
                 traj.finish = "context"
                 return text
             text, _ = await self._turn(conv, room, first_sampling if turn == 0 else later_sampling,
-                                       derive_seed(seed, turn))
+                                       derive_seed(seed, turn), traj=traj)
             traj.turns += 1
             observation = await self._run_tools(text, allowed, traj, limits, agent_call)
             if observation is None:
@@ -264,7 +276,7 @@ class Workflow:
         room = min(lim.summary_reserve_tokens, lim.max_context_tokens - len(conv.ids))
         summary = ""
         if room > 0:
-            summary, _ = await self._turn(conv, room, seed=derive_seed(seed, "summary"))
+            summary, _ = await self._turn(conv, room, seed=derive_seed(seed, "summary"), traj=traj)
             traj.turns += 1
         traj.final_text = prompts.clean_worker_summary(summary, self.cfg.summary_max_chars)
         self._finish(traj, conv, WORKER_TOOLS)

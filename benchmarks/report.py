@@ -1,0 +1,254 @@
+"""Render benchmarks/results/*.json as markdown tables into docs/benchmarks.md, between marker
+comments `<!-- BEGIN name -->` / `<!-- END name -->` (text outside the markers is left alone; a
+section whose result file is missing keeps its old content).
+
+    .venv/bin/python benchmarks/report.py [--results benchmarks/results] [--doc docs/benchmarks.md] [--check]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ROOT  # noqa: E402
+
+MiB = 2 ** 20
+
+
+def _load(results: Path, name: str) -> dict | None:
+    p = results / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _ok(met: bool | None) -> str:
+    return "n/a" if met is None else ("**met**" if met else "**missed**")
+
+
+def _provenance(m: dict) -> str:
+    v = m.get("versions", {})
+    stack = ", ".join(f"{k} {v[k]}" for k in ("torch", "megatron-core", "megatron-bridge", "sglang") if k in v)
+    load = m.get("load_avg_1m_at_end")
+    extra = f"; 1-min load at the end {load:.1f}" if load is not None else ""
+    wall = f"; ran {m['wall_s'] / 60:.1f} min" if m.get("wall_s") else ""
+    return (f"_{m['date']} · {m['machine']} · Python {v.get('python', '?')}, {stack} · commit {m.get('commit', '?')}"
+            f"{wall}{extra}_")
+
+
+# ---------------------------------------------------------------- sections
+
+
+def packing(d: dict) -> str:
+    rows = [[r["seed"], r["rows"], f"**{r['packed_fraction']:.4f}**", f"{r['padded_fraction']:.4f}", f"{r['ratio']:.2f}",
+             f"**{r['packed_imbalance']:.4f}**", f"{r['padded_imbalance']:.4f}", f"{r['pack_s']:.1f} s"] for r in d["rows"]]
+    t = d["targets"]
+    worst_frac = min(r["packed_fraction"] for r in d["rows"])
+    worst_imb = max(r["packed_imbalance"] for r in d["rows"])
+    return "\n\n".join([
+        _table(["seed", "rows", "packed real-token fraction", "padded", "ratio", "packed DP imbalance (max/mean)",
+                "padded", "packing time"], rows),
+        f"Targets: real-token fraction ≥ {t['real_token_fraction']:.0%} — {_ok(worst_frac >= t['real_token_fraction'])} "
+        f"(worst seed {worst_frac:.4f}); DP imbalance ≤ {t['dp_imbalance']} — {_ok(worst_imb <= t['dp_imbalance'])} "
+        f"(worst {worst_imb:.4f}).",
+        _provenance(d["meta"])])
+
+
+def actor_mfu_cpu(d: dict) -> str:
+    rows = [[r["variant"], f"{r['step_s']:.3f}", f"{r['real_tokens_per_s']:,.0f}", f"{r['slots']:,}", r["seqs"],
+             r["real_tokens"]] for r in d["rows"]]
+    return "\n\n".join([
+        _table(["variant", "step (s)", "real tokens/s", "slots", "sequences", "real tokens"], rows),
+        f"Packed over padded: **{d['speedup_packed_over_padded']:.2f}×** (no CPU target; the MFU figures are the GPU "
+        "table above).", _provenance(d["meta"])])
+
+
+def weight_sync(d: dict) -> str:
+    m = d["model"]
+    rows = []
+    for r in d["rows"]:
+        tgt = f"{r['memory_target_bytes'] / MiB:.2f}" if r["memory_target_bytes"] else "n/a (whole shard)"
+        rows.append([r["layout"], r["mode"], r["bucket_mb"] or "-", int(r["buckets"] or 0), f"{r['sync_s']:.3f}",
+                     f"{r['sync_bytes_per_s'] / 1e6:.0f}", f"{r['baseline_bytes_per_s'] / 1e6:,.0f}",
+                     f"**{r['ratio']:.3f}**", f"{r['export_s']:.3f}", f"{r['transport_ratio']:.3f}",
+                     f"**{r['peak_extra_rank0_bytes'] / MiB:.2f}**", tgt, _ok(r["memory_target_met"]),
+                     f"{r['peak_extra_export_bytes'] / MiB:.2f}", f"{r['peak_extra_engine_bytes'] / MiB:.2f}"])
+    ratios = [r["ratio"] for r in d["rows"]]
+    mem = [r for r in d["rows"] if r["memory_target_met"] is not None]
+    head = (f"Model: Qwen3 architecture, hidden {m['hidden']}, {m['layers']} layers, FFN {m['ffn']}: "
+            f"{m['bytes'] / MiB:.1f} MiB fp32 in {m['tensors']} HF tensors, largest {m['largest_tensor_bytes'] / MiB:.2f} MiB. "
+            f"Median of {d['meta']['reps']} syncs per row after one warm-up; baseline interleaved with each sync.")
+    return "\n\n".join([
+        head,
+        _table(["layout", "path", "bucket MiB", "buckets", "sync s", "sync MB/s", "baseline MB/s",
+                f"ratio (target ≥ {d['targets']['ratio']})", "export-only s", "ratio w/o export",
+                "peak extra rank 0 MiB", "target MiB", "memory", "export alone MiB", "engine extra MiB"], rows),
+        f"Bytes/s ratio: {min(ratios):.3f}–{max(ratios):.3f} — {_ok(max(ratios) >= d['targets']['ratio'])} "
+        f"(target ≥ {d['targets']['ratio']}). Peak extra memory ≤ 1 bucket + largest tensor: "
+        f"{sum(r['memory_target_met'] for r in mem)}/{len(mem)} bucketed variants met.",
+        _provenance(d["meta"])])
+
+
+def weight_sync_large(d: dict) -> str:
+    return weight_sync(d)
+
+
+def rollout_overlap(d: dict) -> str:
+    s, st = d["summary"], d["setup"]
+    rows = []
+    for mode in ("concurrent", "sequential"):
+        x = s[mode]
+        rows.append([mode, f"{x['wall_s']:.2f}", f"{x['critical_path_s']:.2f}",
+                     f"**{x['ratio']:.3f}**" if mode == "concurrent" else f"{x['ratio']:.3f}",
+                     f"{x['ratio_measured_tools']:.3f}", f"{x['rollout_ratio_median']:.3f}", int(x["workers"]),
+                     int(x["tool_calls"]), f"{x['tool_latency_median_s']:.2f} / {x['tool_latency_max_s']:.2f}",
+                     f"{x['busy_s']:.0f}"])
+    c = s["concurrent"]
+    return "\n\n".join([
+        f"{st['prompts']} prompts × {st['samples']} rollouts = {st['prompts'] * st['samples']} planners, each "
+        f"delegating {st['delegations']} subtasks in its first turn; every worker searches once; "
+        f"{st['latency_s']} s injected per tool call; {st['config']} limits (planner {st['planner']['max_turns']} turns × "
+        f"≤ {st['planner']['max_tokens_per_turn']} tokens, worker {st['worker']['max_turns']} × "
+        f"≤ {st['worker']['max_tokens_per_turn']} + summary ≤ {st['worker']['summary_reserve_tokens']}). "
+        f"Median of {d['meta']['reps']} batches per mode, alternating.",
+        _table(["workers run", "batch wall s", "critical path s", f"wall / critical path (target ≤ {d['targets']['ratio']})",
+                "… with measured tool latencies", "per-rollout median", "workers", "tool calls",
+                "tool latency median / max s", "Σ call time s"], rows),
+        f"Concurrent: **{c['ratio']:.3f}×** the critical path — {_ok(d['target_met'])}. Concurrent workers finish the "
+        f"batch **{d['speedup_concurrent_over_sequential']:.2f}×** faster than sequential ones.",
+        _provenance(d["meta"])])
+
+
+def step_breakdown(d: dict) -> str:
+    b, run = d["breakdown"], d["run"]
+    names = list(b["mean_stage_s"])
+    rows = []
+    for s in b["steps"]:
+        cp = s.get("rollout_critical_path_s")
+        rows.append([s["step"], f"{s['step_s']:.2f}"] + [f"{s['stages'].get(k, 0.0):.2f}" for k in names]
+                    + [f"{s['overhead_s'] * 1000:.1f} ms", f"{cp:.2f}" if cp else "-"])
+    rows.append([f"steps {b['steady_steps'][0]}–{b['steady_steps'][-1]} share", "100%"]
+                + [f"{b['share'][k]:.1%}" for k in names] + [f"**{b['overhead_share']:.2%}**", ""])
+    lines = [_table(["step", "step s"] + [f"{k} s" for k in names] + ["overhead", "rollout critical path s"], rows)]
+    lines.append(f"Orchestration overhead (step − Σ stages) in steady state: **{b['overhead_share']:.2%}** of the "
+                 f"step — {_ok(b['target_met'])} (target ≤ {d['targets']['overhead_share']:.0%}).")
+    more = []
+    if b.get("mean_between_steps_s") is not None:
+        more.append(f"between logged steps (logging, tensorboard) {b['mean_between_steps_s'] * 1000:.0f} ms")
+    if b.get("mean_sync_ray_roundtrip_s") is not None:
+        more.append(f"Ray round trip of the sync stage (controller − rank 0's own time) "
+                    f"{b['mean_sync_ray_roundtrip_s'] * 1000:.0f} ms")
+    if b.get("rollout_over_critical_path"):
+        more.append(f"rollout stage / its longest planner chain {b['rollout_over_critical_path']:.3f}")
+    if "command_wall_s" in run:
+        more.append(f"the whole `matpo train` took {run['command_wall_s']:.0f} s: bring-up {run['bring_up_s']:.0f} s, "
+                    f"{len(b['steps'])} steps {sum(s['step_s'] for s in b['steps']):.0f} s, "
+                    f"tear-down (checkpoint, HF export, stop) {run['tear_down_s']:.0f} s")
+    if more:
+        lines.append("Also: " + "; ".join(more) + ".")
+    lines.append(f"Source: {run.get('source', '?')}. " + _provenance(d["meta"]))
+    return "\n\n".join(lines)
+
+
+def layout_accuracy(d: dict) -> str:
+    st = d["setup"]
+    hidden = f" (hidden {st['hidden']})" if st.get("hidden") else ""
+    rows = [[f"`{r['key']}`", f"{r['predicted_s']:.3f}", r["predicted_rank"], f"{r['measured_s']:.3f}",
+             r["measured_rank"], f"{r['measured_over_predicted']:.2f}", f"{r['predicted_memory_gib']:.2f}",
+             f"{r['measured_memory_gib']:.2f}"] for r in d["rows"]]
+    per_round = ", ".join(f"{x:.3f}" for x in d["spearman_per_round"])
+    return "\n\n".join([
+        f"Model {st['model']}{hidden}, cluster preset `{st['cluster']}`, rows of {st['seq_len']} tokens, "
+        f"{st['batch_tokens']} tokens per step; {len(d['rows'])} of {st['fitting_layouts']} fitting layouts, "
+        f"{d['meta']['rounds']} rounds × {d['meta']['steps']} timed steps (median).",
+        _table(["layout", "predicted step s", "rank", "measured step s", "rank", "measured / predicted",
+                "predicted memory GiB", "measured RSS GiB"], rows),
+        f"Spearman **{d['spearman']:.3f}** (per round: {per_round}), Kendall {d['kendall']:.3f} over {len(d['rows'])} "
+        f"layouts — {_ok(d['target_met'])} against the ≥ {d['targets']['spearman']} bar used here (issue 7 sets no "
+        "number).", _provenance(d["meta"])])
+
+
+def summary(res: dict[str, dict]) -> str:
+    rows = []
+    if (d := res.get("packing")):
+        worst = min(r["packed_fraction"] for r in d["rows"])
+        imb = max(r["packed_imbalance"] for r in d["rows"])
+        rows.append(["packing", "real-token fraction (worst seed)", "≥ 0.98", f"{worst:.4f}", f"{worst / 0.98:.2f}",
+                     _ok(worst >= 0.98), d["meta"]["date"]])
+        rows.append(["packing", "DP imbalance max/mean (worst seed)", "≤ 1.05", f"{imb:.4f}", f"{imb / 1.05:.2f}",
+                     _ok(imb <= 1.05), d["meta"]["date"]])
+    if (d := res.get("weight_sync")):
+        best = max(d["rows"], key=lambda r: r["ratio"])
+        where = f"{best['layout']} {best['mode']}" + (f" {best['bucket_mb']:g} MiB" if best["bucket_mb"] else "")
+        rows.append(["weight sync", f"bytes/s vs plain transfer (best variant: {where})", "≥ 0.5", f"{best['ratio']:.3f}", f"{best['ratio'] / 0.5:.2f}",
+                     _ok(best["ratio"] >= 0.5), d["meta"]["date"]])
+        mem = [r for r in d["rows"] if r["memory_target_met"] is not None]
+        worst = max(mem, key=lambda r: r["peak_extra_rank0_bytes"] / r["memory_target_bytes"])
+        q = worst["peak_extra_rank0_bytes"] / worst["memory_target_bytes"]
+        rows.append(["weight sync", "peak extra memory / (bucket + largest tensor), worst variant", "≤ 1",
+                     f"{q:.2f}", f"{q:.2f}", _ok(all(r["memory_target_met"] for r in mem)), d["meta"]["date"]])
+    if (d := res.get("rollout_overlap")):
+        c = d["summary"]["concurrent"]
+        rows.append(["rollout overlap", "concurrent wall / critical path", "≤ 1.15", f"{c['ratio']:.3f}",
+                     f"{c['ratio'] / 1.15:.2f}", _ok(d["target_met"]), d["meta"]["date"]])
+    if (d := res.get("step_breakdown")):
+        b = d["breakdown"]
+        rows.append(["step breakdown", "orchestration overhead share of step", "≤ 10%", f"{b['overhead_share']:.2%}",
+                     f"{b['overhead_share'] / 0.10:.2f}", _ok(b["target_met"]), d["meta"]["date"]])
+    if (d := res.get("layout_accuracy")):
+        rows.append(["layout planner", f"Spearman, predicted vs measured ({len(d['rows'])} layouts)",
+                     f"≥ {d['targets']['spearman']} (ours)", f"{d['spearman']:.3f}",
+                     f"{d['spearman'] / d['targets']['spearman']:.2f}", _ok(d["target_met"]), d["meta"]["date"]])
+    machine = next((d["meta"]["machine"] for d in res.values() if d), "?")
+    return "\n\n".join([_table(["benchmark", "figure", "target", "measured", "measured / target", "", "date"], rows),
+                        f"_All on {machine}; versions and commit under each section._"])
+
+
+SECTIONS = {"summary": None, "packing": packing, "actor_mfu_cpu": actor_mfu_cpu, "weight_sync": weight_sync,
+            "weight_sync_large": weight_sync_large, "rollout_overlap": rollout_overlap,
+            "step_breakdown": step_breakdown, "layout_accuracy": layout_accuracy,
+            "layout_accuracy_h512": layout_accuracy}
+
+
+def render(doc: str, results: Path) -> tuple[str, list[str]]:
+    res = {name: _load(results, name) for name in SECTIONS if name != "summary"}
+    done = []
+    for name, fn in SECTIONS.items():
+        pat = re.compile(rf"(<!-- BEGIN {name} -->\n)(.*?)(<!-- END {name} -->)", re.S)
+        if not pat.search(doc):
+            continue
+        if name == "summary":
+            body = summary(res)
+        elif res.get(name) is None:
+            continue
+        else:
+            body = fn(res[name])
+        doc = pat.sub(lambda m: m.group(1) + body + "\n" + m.group(3), doc)
+        done.append(name)
+    return doc, done
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
+    ap.add_argument("--check", action="store_true", help="exit 1 if the doc is not up to date")
+    args = ap.parse_args()
+    doc_path = Path(args.doc)
+    old = doc_path.read_text()
+    new, done = render(old, Path(args.results))
+    if args.check:
+        sys.exit(0 if new == old else 1)
+    doc_path.write_text(new)
+    print(f"{doc_path}: rendered {', '.join(done) or 'nothing'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Benchmark plumbing without processes or engines (no timing assertions): the critical path built
+from per-call timing records, the step-breakdown arithmetic and the markdown rendering between
+markers. (That a real rollout records those timings is tests/test_workflow.py.)"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+from rollout_overlap import critical_path  # noqa: E402
+from step_breakdown import breakdown  # noqa: E402
+
+
+def _ev(kind, turn, start, end):
+    return {"kind": kind, "turn": turn, "start": start, "end": end}
+
+
+def test_critical_path_takes_the_longest_worker_of_each_turn():
+    # planner: generate [0,1], two delegations in turn 0, generate [5,6] in turn 1
+    planner = SimpleNamespace(timings=[_ev("generate", 0, 0, 1), _ev("agent", 0, 1, 5), _ev("agent", 0, 1, 4),
+                                       _ev("generate", 1, 5, 6)])
+    a = SimpleNamespace(timings=[_ev("generate", 0, 1.0, 2), _ev("tool", 0, 2, 3), _ev("generate", 1, 3, 5)])  # 4 s
+    b = SimpleNamespace(timings=[_ev("generate", 0, 1.1, 2), _ev("tool", 0, 2, 2.5), _ev("generate", 1, 2.5, 4)])
+    assert critical_path(planner, [a, b]) == pytest.approx(1 + 4 + 1)
+    # nominal tool latency instead of the measured one: worker a = 1 + 0.5 + 2
+    assert critical_path(planner, [a, b], tool_s=0.5) == pytest.approx(1 + 3.5 + 1)
+    # workers one after another: same critical path (it is what concurrency could reach)
+    b_late = SimpleNamespace(timings=[_ev("generate", 0, 5.0, 6), _ev("tool", 0, 6, 6.5), _ev("generate", 1, 6.5, 8)])
+    seq = SimpleNamespace(timings=[_ev("generate", 0, 0, 1), _ev("agent", 0, 1, 5), _ev("agent", 0, 5, 8),
+                                   _ev("generate", 1, 8, 9)])
+    assert critical_path(seq, [a, b_late]) == pytest.approx(1 + 4 + 1)
+
+
+def test_step_breakdown_overhead_is_step_minus_stages():
+    recs = [{"step": 1, "time": 100.0, "time/step_s": 10.0, "time/rollout_s": 6.0, "time/train_s": 3.0},
+            {"step": 2, "time": 110.5, "time/step_s": 10.0, "time/rollout_s": 5.0, "time/train_s": 4.5,
+             "time/sync_s": 0.3, "sync/seconds": 0.25}]
+    b = breakdown(recs, Path("/nonexistent"))
+    assert b["steady_steps"] == [2]
+    assert b["mean_overhead_s"] == pytest.approx(0.2) and b["overhead_share"] == pytest.approx(0.02)
+    assert b["share"]["rollout"] == pytest.approx(0.5) and b["target_met"]
+    assert b["steps"][1]["between_steps_s"] == pytest.approx(0.5)
+    assert b["steps"][1]["sync_ray_roundtrip_s"] == pytest.approx(0.05)
+
+
+def test_report_renders_between_markers_only(tmp_path):
+    import json
+
+    from report import render
+
+    (tmp_path / "packing.json").write_text(json.dumps({
+        "meta": {"date": "2026-01-01", "machine": "m", "versions": {"python": "3.12"}, "commit": "c"},
+        "targets": {"real_token_fraction": 0.98, "dp_imbalance": 1.05},
+        "rows": [{"seed": 0, "rows": 10, "packed_fraction": 1.0, "padded_fraction": 0.5, "ratio": 2.0,
+                  "packed_imbalance": 1.0, "padded_imbalance": 1.2, "pack_s": 0.1}]}))
+    doc = "keep\n<!-- BEGIN packing -->\nold\n<!-- END packing -->\nkeep too\n<!-- BEGIN weight_sync -->\nstays\n<!-- END weight_sync -->\n"
+    new, done = render(doc, tmp_path)
+    assert done == ["packing"]  # no weight_sync result: that section keeps its content
+    assert "old" not in new and "| 0 | 10 | **1.0000** |" in new and "**met**" in new
+    assert new.startswith("keep\n") and "keep too\n" in new and "stays" in new
