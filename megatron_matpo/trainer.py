@@ -21,7 +21,7 @@ from megatron_matpo.train import preemption
 from megatron_matpo.train import stats as S
 from megatron_matpo.train.preemption import Preempted
 from megatron_matpo.train.config import TrainConfig
-from megatron_matpo.train.rows import build_rows, rollout_metrics
+from megatron_matpo.train.rows import apply_gae, build_rows, rollout_metrics
 
 
 class Timer(dict):
@@ -40,6 +40,7 @@ class Stack:
     services: "Services"
     root: Path  # its checkpoints/ and hf/ live here
     actors: "ActorGroup | None" = None
+    critic: "ActorGroup | None" = None  # advantage.estimator=gae: its value model (checkpoints in root/critic)
 
 
 class Trainer:
@@ -91,22 +92,23 @@ class Trainer:
 
         layout, ro = cfg.actor.layout, cfg.rollout
         n_eng, eng_tp, world, n = ro.engine.num_engines, ro.engine.tp_size, layout.world_size, len(self.names)
-        maporl = cfg.algorithm == "maporl"
+        maporl, gae = cfg.algorithm == "maporl", cfg.advantage.estimator == "gae"
+        ranks = world * (2 if gae else 1)  # actor ranks, then the critic's
         tools = None if maporl else toolbox_server_config(ro.toolbox, cfg.corpus)
         gpu = gpus_per_rank()
-        start_ray(cfg.orchestrate, needed_cpus=n * (world + n_eng) + 1)
-        # per stack: a bundle per actor rank, then one per engine (its TP GPUs); stack 0 adds one for
+        start_ray(cfg.orchestrate, needed_cpus=n * (ranks + n_eng) + 1)
+        # per stack: a bundle per actor (and critic) rank, then one per engine (its TP GPUs); stack 0 adds one for
         # the tool server; colocated engines share the actor's GPUs instead of bringing their own
         eng_gpus = 0.0 if cfg.orchestrate.colocate else gpu * eng_tp
         rank_b = {"CPU": 1, **({"GPU": gpu} if gpu else {})}
         eng_b = {"CPU": 1, **({"GPU": eng_gpus} if eng_gpus else {})}
-        sizes = [world + n_eng + (k == 0 and tools is not None) for k in range(n)]
+        sizes = [ranks + n_eng + (k == 0 and tools is not None) for k in range(n)]
         bundles = [b for k in range(n)
-                   for b in [rank_b] * world + [eng_b] * n_eng + [{"CPU": 1}] * (sizes[k] - world - n_eng)]
+                   for b in [rank_b] * ranks + [eng_b] * n_eng + [{"CPU": 1}] * (sizes[k] - ranks - n_eng)]
         self.pg = placement_group(bundles, cfg.orchestrate.placement_timeout_s, "matpo")
         where = placement_nodes(self.pg)
         print(f"placement: {len(bundles)} bundles on {len(set(where))} Ray node(s): actor ranks on "
-              f"{sorted(set(where[:world]))}, engines/tools on {sorted(set(where[world:sizes[0]]))}", flush=True)
+              f"{sorted(set(where[:ranks]))}, engines/tools on {sorted(set(where[ranks:sizes[0]]))}", flush=True)
         # seeded, batch-invariant sampling; cached prefixes would change numerics
         extra = ["--enable-deterministic-inference", "--disable-radix-cache"] if cfg.deterministic else []
         if cfg.orchestrate.colocate and engine_memory_release_supported():
@@ -118,7 +120,7 @@ class Trainer:
                                 mem_fraction_static=ro.engine.mem_fraction_static, random_seed=cfg.seed,
                                 context_length=ro.engine.context_length, log_dir=str(self.run_dir / "logs"),
                                 extra_args=extra)
-            services = Services(ecfg, n_eng, tools if k == 0 else None, self.pg, off + world, eng_gpus)
+            services = Services(ecfg, n_eng, tools if k == 0 else None, self.pg, off + ranks, eng_gpus)
             print(f"{self.names[k]} engines: {services.engine_urls}; tool server: "
                   f"{services.toolbox_url or ro.toolbox.url}", flush=True)
             self.stacks.append(Stack(self.names[k], services, self.roots[k]))
@@ -130,6 +132,10 @@ class Trainer:
                               total_steps=cfg.steps * cfg.actor.mini_batches)
             self.stacks[k].actors = ActorGroup(spec, self.pg, off, gpu)
             self.stacks[k].actors.call("connect_engines", services.engine_urls)
+            if gae:  # same layout and packing, its own optimizer; no engines, no reference
+                cspec = dataclasses.replace(spec, model=cfg.critic.model or self.models[k], optim=cfg.critic.optim,
+                                            sync={}, use_reference=False)
+                self.stacks[k].critic = ActorGroup(cspec, self.pg, off + world, gpu, kind="critic")
 
         self.step = 0
         if self.resume_from is not None:
@@ -139,6 +145,8 @@ class Trainer:
                 if int(state["step"]) != int(self.step or state["step"]):
                     raise RuntimeError(f"{st.name}'s latest checkpoint {ckpt} is not at step {self.step}")
                 self.step = int(state["step"])
+                if st.critic is not None:
+                    st.critic.call("load", str(latest_checkpoint(st.root / "critic")))
                 st.actors.call("sync_weights")  # the engines start from the initial weights
             self.loader.load_state_dict(state["data"])
             self.log.truncate_after(self.step)
@@ -147,7 +155,8 @@ class Trainer:
             from megatron_matpo.maporl.task import MaporlRollout
 
             self.maporl = MaporlRollout(cfg.maporl, self.models, [st.services.engine_urls for st in self.stacks],
-                                        ro.n_samples, cfg.advantage.eps, cfg.advantage.norm_by_std, cfg.deterministic)
+                                        ro.n_samples, cfg.advantage.eps, cfg.advantage.norm_by_std, cfg.deterministic,
+                                        grpo=not gae)
         else:
             urls, tool_url = self.stacks[0].services.engine_urls, ro.toolbox.url or self.stacks[0].services.toolbox_url
             rcfg = dataclasses.replace(ro, model=cfg.model, data=cfg.data, log_dir=str(self.run_dir / "logs"),
@@ -166,6 +175,7 @@ class Trainer:
             parts = [("session", getattr(self, "session", None), lambda o: o.__exit__(None, None, None))]
             for st in getattr(self, "stacks", []):
                 parts += [(f"{st.name} actors", st.actors, lambda o: o.shutdown()),
+                          (f"{st.name} critic", st.critic, lambda o: o.shutdown()),
                           (f"{st.name} engines", st.services, lambda o: o.stop())]
             for name, obj, close in parts + [("log", getattr(self, "log", None), lambda o: o.close())]:
                 if obj is None:
@@ -239,16 +249,23 @@ class Trainer:
         return m
 
     def optimize(self, st: "Stack", per_prompt: list[list[Row]], step: int, t: Timer) -> dict[str, float]:
-        """One policy's update on its rows: pack → old/ref logprobs → PPO → sync into its engines →
-        engine-vs-actor parity."""
-        cfg, actors = self.cfg, st.actors
+        """One policy's update on its rows: (critic values → GAE) → pack → old/ref logprobs → PPO (and the
+        critic's value regression) → sync into its engines → engine-vs-actor parity."""
+        cfg, actors, m = self.cfg, st.actors, {}
+        if st.critic is not None:
+            with t("values"):
+                rows, a = [r for p in per_prompt for r in p], cfg.actor
+                st.critic.load_batch([pack_rows(rows, a.max_tokens_per_micro_batch, a.dp, pad_to_multiple=a.tp)])
+                values = {rid: v for rep in st.critic.reported("values") for rid, v in rep.items()}
+                ad = cfg.advantage
+                m.update(apply_gae(rows, values, ad.gamma, ad.lam, ad.whiten))
         with t("advantage_pack"):
             # mini-batches split whole prompts (GRPO groups)
             chunks = S.split_even(per_prompt, cfg.actor.mini_batches)
             packed = [pack_rows([r for group in c for r in group], cfg.actor.max_tokens_per_micro_batch,
                                 cfg.actor.dp, pad_to_multiple=cfg.actor.tp) for c in chunks]
             actors.load_batch(packed)
-        m = S.prefixed("pack", packing_stats(packed[0]))
+        m.update(S.prefixed("pack", packing_stats(packed[0])))
         with t("old_logprobs"):
             m.update(S.parity_stats(actors.reported("old_logprobs", cfg.actor.recompute_old_logprobs)))
         if cfg.loss.kl_coef > 0:
@@ -257,6 +274,10 @@ class Trainer:
         with t("train"):
             counts = [sum(mb.num_loss_tokens for rank in p for mb in rank) for p in packed]
             m.update(S.train_stats(actors.call("train", counts), [i["reports"] for i in actors.info]))
+        if st.critic is not None:
+            with t("critic_train"):
+                st.critic.load_batch(packed)
+                m.update(S.critic_stats(st.critic.call("train", counts), [i["reports"] for i in st.critic.info]))
         with t("sync"):
             self.engine_memory("resume", ["weights"], st)
             m.update(S.prefixed("sync", actors.call("sync_weights")[0]))
@@ -304,6 +325,8 @@ class Trainer:
         state = {"step": self.step, "data": self.loader.state_dict()}
         for st in self.stacks:
             st.actors.call("save", str(st.root), self.step, state, self.cfg.checkpoint.keep_last)
+            if st.critic is not None:
+                st.critic.call("save", str(st.root / "critic"), self.step, state, self.cfg.checkpoint.keep_last)
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> list[dict[str, float]]:

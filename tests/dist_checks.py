@@ -199,6 +199,60 @@ def actor_step(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
     return _max_over_world(out)
 
 
+def critic_step(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
+    """CriticWorker: its values equal transformers' final hidden states through the same head (an
+    independent reference), at the loss positions of packed rows; three clipped value-loss steps
+    (compared across layouts by the test) lower the loss."""
+    from megatron.core import parallel_state
+
+    from megatron_matpo.algo.loss import LossConfig
+    from megatron_matpo.data.packing import Row, pack_rows
+    from megatron_matpo.train.critic import CriticWorker
+    from megatron_matpo.train.optim import OptimConfig
+    from megatron_matpo.train.worker import WorkerSpec
+    from transformers import AutoModelForCausalLM
+
+    w = CriticWorker(WorkerSpec(model=hf_dir, layout=layout, optim=OptimConfig(lr=1e-4, weight_decay=0.0),
+                                loss=LossConfig(value_clip=0.2)))
+    w.build()
+    hidden = w.built.provider.hidden_size
+    g = torch.Generator().manual_seed(7)
+    head_w, head_b = torch.randn(1, hidden, generator=g) * 0.2, torch.tensor([0.3])
+    for c in w.built.chunks:
+        inner = c.module if hasattr(c, "module") else c
+        if inner.post_process:  # a random head, so the values are not trivially 0
+            inner.output_layer.linear.weight.data.copy_(head_w)
+            inner.output_layer.linear.bias.data.copy_(head_b)
+    seqs = _sequences(w.built.provider.vocab_size, seed=5)
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():  # V at position i = value of the state before token i+1
+        ref_v = [(hf.model(s.unsqueeze(0)).last_hidden_state[0] @ head_w.T + head_b)[:, 0] for s in seqs]
+    rows = []
+    for i, s in enumerate(seqs):
+        n = len(s)
+        mask = [0] * (n // 2) + [1] * (n - n // 2)
+        old_v = [0.0] + ref_v[i][:-1].tolist()  # row convention: token j's value sits at position j-1
+        rows.append(Row(s.tolist(), mask, [0.0] * n, advantage=0.0, row_id=i, reward=1.0,
+                        returns=[float(i) - 1.0] * n, old_values=old_v))
+    packed = pack_rows(rows, max_tokens_per_micro_batch=64, dp_size=1, pad_to_multiple=layout.tp)
+    w.load_batch([packed[0]])
+    got = w.values()
+    out = {"value_vs_hf": 0.0, "rows": float(len(got))}
+    for rid, v in got.items():
+        pos = [j for j, m in enumerate(rows[rid].loss_mask) if m]
+        expect = ref_v[rid][[j - 1 for j in pos]]
+        out["value_vs_hf"] = max(out["value_vs_hf"], (torch.as_tensor(v) - expect).abs().max().item())
+    count = sum(sum(r.loss_mask) for r in rows)
+    for step in range(3):
+        w.load_batch([packed[0]])
+        (stats,) = w.train([count])
+        out[f"value_loss{step}"] = stats.get("value_loss", 0.0)
+        out[f"skipped{step}"] = stats.get("step_skipped", 0.0)  # ranks other than 0 and the reporters: {}
+    if not parallel_state.is_pipeline_last_stage():
+        out["rows"] = 0.0
+    return _max_over_world(out)
+
+
 def world_checks(hf_dirs: dict[str, str], phases: list[tuple[str, ParallelLayout]],
                  work_dir: str = "") -> dict[str, dict]:
     """Run several checks in one launched world, re-forming megatron's groups for each layout
@@ -232,6 +286,8 @@ def world_checks(hf_dirs: dict[str, str], phases: list[tuple[str, ParallelLayout
             res = train_losses(hf_dirs["qwen3"], layout, recompute="full")
         elif name == "actor":
             res = actor_step(hf_dirs["qwen3"], layout)
+        elif name == "critic":
+            res = critic_step(hf_dirs["qwen3"], layout)
         else:
             raise ValueError(name)
         results[f"{name}@tp{layout.tp}pp{layout.pp}dp{layout.dp}"] = res

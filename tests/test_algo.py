@@ -295,3 +295,65 @@ def test_policy_loss_combines_terms():
         policy_loss(logp, old, adv, mask, LossConfig(kl_coef=0.1))  # no ref_logprobs
     with pytest.raises(ValueError):
         LossConfig(agg="seq-sum")
+
+
+# ---------------------------------------------------------------- PPO + GAE (the MAPoRL critic option)
+
+def _gae_by_definition(v, reward, gamma, lam):
+    """A_t = Σ_k (γλ)^k δ_{t+k}, δ_t = r_t + γ V_{t+1} − V_t (V after the last step = 0), summed directly."""
+    n = len(v)
+    vv = list(v) + [0.0]
+    delta = [(reward if t == n - 1 else 0.0) + gamma * vv[t + 1] - vv[t] for t in range(n)]
+    return [sum((gamma * lam) ** k * delta[t + k] for k in range(n - t)) for t in range(n)]
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0), (1.0, 0.0)])
+def test_gae_matches_its_definition(gamma, lam):
+    from megatron_matpo.algo import gae
+
+    v = [0.3, -0.2, 0.5, 0.1]
+    adv, ret = gae(v, 1.5, gamma, lam)
+    assert close(adv, _gae_by_definition(v, 1.5, gamma, lam), 1e-9)
+    assert close(ret, [a + x for a, x in zip(adv, v)], 1e-9)
+    if gamma == 1.0 and lam == 1.0:  # Monte Carlo: A_t = R − V_t
+        assert close(adv, [1.5 - x for x in v], 1e-9)
+    if lam == 0.0:  # one-step TD errors
+        assert close(adv, [-0.2 - 0.3, 0.5 + 0.2, 0.1 - 0.5, 1.5 - 0.1], 1e-9)
+
+
+def test_gae_with_zero_values_decays_the_reward_backwards():
+    from megatron_matpo.algo import gae
+
+    adv, _ = gae([0.0, 0.0, 0.0], 2.0, 1.0, 0.95)  # an untrained (zero-init) critic
+    assert close(adv, [2.0 * 0.95 ** 2, 2.0 * 0.95, 2.0], 1e-9)
+
+
+def test_whiten_over_the_batch():
+    import numpy as np
+
+    from megatron_matpo.algo import whiten
+
+    a, b = whiten([np.array([1.0, 2.0]), np.array([3.0])])
+    flat = np.concatenate([a, b])
+    assert abs(flat.mean()) < 1e-9 and abs(flat.std() - 1.0) < 1e-5
+
+
+def test_value_loss_clipped_by_hand():
+    from megatron_matpo.algo import value_loss
+
+    v, old, ret = torch.tensor([1.0, 0.0, 0.5]), torch.tensor([0.0, 0.0, 0.4]), torch.tensor([0.5, 1.0, 0.0])
+    mask = torch.tensor([1.0, 1.0, 0.0])
+    loss, m = value_loss(v, old, ret, mask, clip=0.2)
+    # token 0: unclipped (1-0.5)^2 = 0.25, clipped V = 0.2 → (0.2-0.5)^2 = 0.09 → max 0.25
+    # token 1: V = old → both (0-1)^2 = 1; token 2 masked
+    assert close(loss, 0.5 * (0.25 + 1.0) / 2)
+    assert close(m["value_clip_frac"], 0.0)
+    loss2, m2 = value_loss(torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([1.0]), 0.2)
+    # clipped V = 0.8 → (0.8-0.5)^2 = 0.09 > (0-0.5)^2 = 0.25? no: max(0.25, 0.09) = 0.25, unclipped
+    assert close(loss2, 0.125) and close(m2["value_clip_frac"], 0.0)
+    loss3, m3 = value_loss(torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([1.1]), torch.tensor([1.0]), 0.2)
+    # unclipped (2-1.1)^2 = 0.81; clipped V = 1.2 → 0.01: max is the unclipped one
+    assert close(loss3, 0.405)
+    loss4, m4 = value_loss(torch.tensor([1.05]), torch.tensor([1.0]), torch.tensor([3.0]), torch.tensor([1.0]), 0.01)
+    # unclipped (1.05-3)^2 = 3.8025; clipped V = 1.01 → (1.01-3)^2 = 3.9601 (larger: the clipped term wins)
+    assert close(loss4, 0.5 * 3.9601) and close(m4["value_clip_frac"], 1.0)

@@ -16,14 +16,15 @@ LOGIT_TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def world1(tiny_models):
-    phases = [("logits", L()), ("packed_backward", L()), ("train", L()), ("actor", L())]
+    phases = [("logits", L()), ("packed_backward", L()), ("train", L()), ("actor", L()), ("critic", L())]
     return launch_local(world_checks, 1, tiny_models, phases)
 
 
 @pytest.fixture(scope="module")
 def world2(tiny_models):
     phases = [("logits", L(tp=2)), ("logits", L(pp=2)), ("packed_backward", L(tp=2)),
-              ("train", L(tp=2)), ("train", L(dp=2)), ("train_recompute", L(tp=2)), ("actor", L(tp=2))]
+              ("train", L(tp=2)), ("train", L(dp=2)), ("train_recompute", L(tp=2)), ("actor", L(tp=2)),
+              ("critic", L(tp=2)), ("critic", L(pp=2))]
     return launch_local(world_checks, 2, tiny_models, phases)
 
 
@@ -89,3 +90,16 @@ def test_actor_logprobs_and_first_ppo_step(request, world, key):
     assert res["skipped"] == 0.0
     assert res["gain_pos"] < 0.0  # (negated) positive-advantage rows gained logprob
     assert res["gain_neg"] < 0.0  # the negative-advantage row lost logprob
+
+
+@pytest.mark.parametrize("key", ["critic@tp1pp1dp1", "critic@tp2pp1dp1", "critic@tp1pp2dp1"])
+def test_critic_values_and_value_steps(world1, world2, key):
+    """The critic (value head on the Megatron model) == transformers' hidden states · head; its value
+    loss steps agree across TP / PP with the single-process run and lower the loss."""
+    ref = world1["critic@tp1pp1dp1"]
+    got = ref if key == "critic@tp1pp1dp1" else world2[key]
+    assert got["rows"] == 3.0 and got["value_vs_hf"] <= 1e-5, got
+    for step in range(3):
+        assert got[f"skipped{step}"] == 0.0
+        assert abs(got[f"value_loss{step}"] - ref[f"value_loss{step}"]) <= 1e-6, (step, got, ref)
+    assert ref["value_loss2"] < ref["value_loss0"]

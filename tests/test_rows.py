@@ -105,3 +105,32 @@ def test_forced_call_regex_never_allows_a_blank_argument():
     assert re.fullmatch(r, text("who founded x", "a"))
     assert not re.fullmatch(r, text(" ", "a")) and not re.fullmatch(r, text("x" * 31, "a"))
     assert [c.arguments["subtask"] for c in parse_tool_calls(text("who founded x", "a")).calls] == ["who founded x", "a"]
+
+
+def test_apply_gae_places_values_advantages_and_returns_for_packing():
+    """GAE over each row's generated tokens; after packing, position i carries token i+1's advantage,
+    return and old value (the critic's output at position i)."""
+    import numpy as np
+
+    from megatron_matpo.algo import gae
+    from megatron_matpo.data.packing import Row, pack_rows
+    from megatron_matpo.train.rows import apply_gae
+
+    rows = [Row([5, 6, 7, 8, 9], [0, 0, 1, 1, 1], [0.0] * 5, 0.0, row_id=0, reward=1.0),
+            Row([5, 6, 7], [0, 1, 1], [0.0] * 3, 0.0, row_id=1, reward=-1.0)]
+    values = {0: np.array([0.1, 0.2, 0.3]), 1: np.array([-0.5, 0.5])}
+    m = apply_gae(rows, values, gamma=1.0, lam=0.95, whiten_advantages=False)
+    a0, r0 = gae([0.1, 0.2, 0.3], 1.0, 1.0, 0.95)
+    assert rows[0].advantage[:2] == [0.0, 0.0] and np.allclose(rows[0].advantage[2:], a0)
+    assert np.allclose(rows[0].returns[2:], r0) and np.allclose(rows[0].old_values[2:], [0.1, 0.2, 0.3])
+    assert m["gae/value_mean"] == pytest.approx(np.mean([0.1, 0.2, 0.3, -0.5, 0.5]))
+    (mb,) = pack_rows(rows, max_tokens_per_micro_batch=16, dp_size=1)[0]
+    lm = mb.loss_mask[0]
+    assert lm.tolist() == [0, 1, 1, 1, 0, 1, 1, 0]  # row 0 positions 1..3 predict tokens 2..4; row 1: 0..1
+    assert np.allclose(mb.advantages[0][lm > 0].numpy(), list(a0) + list(gae([-0.5, 0.5], -1.0, 1.0, 0.95)[0]))
+    assert np.allclose(mb.old_values[0][lm > 0].numpy(), [0.1, 0.2, 0.3, -0.5, 0.5])
+    with pytest.raises(ValueError, match="2 values for 3 generated tokens"):
+        apply_gae([Row([1, 2, 3, 4], [0, 1, 1, 1], [0.0] * 4, 0.0, row_id=0, reward=1.0)], {0: np.zeros(2)}, 1.0, 0.95)
+    whitened = apply_gae(rows, values, 1.0, 0.95, whiten_advantages=True)
+    flat = np.concatenate([np.array(r.advantage)[np.array(r.loss_mask) > 0] for r in rows])
+    assert abs(flat.mean()) < 1e-9 and whitened["gae/advantage_mean"] != 0.0

@@ -18,10 +18,13 @@ from megatron_matpo.algo.loss import (
     per_sequence_sums,
     policy_loss,
     ppo_policy_loss,
+    value_loss,
 )
+from megatron_matpo.algo.gae import gae, whiten
 
 __all__ = [
     "AGG_MODES", "KL_KINDS", "LossConfig", "RowMeta", "aggregate_loss", "apply_kl_to_rewards",
     "broadcast_to_tokens", "entropy_from_logits", "grpo_advantages", "kl_penalty", "masked_mean",
     "matpo_advantages", "matpo_advantages_from_rows", "per_sequence_sums", "policy_loss", "ppo_policy_loss",
+    "value_loss", "gae", "whiten",
 ]

@@ -183,6 +183,7 @@ class LossConfig:
     kl_kind: str = "k3"
     kl_as: str = "loss"  # "loss": added to the loss; "reward": use apply_kl_to_rewards before advantages
     entropy_coef: float = 0.0
+    value_clip: float | None = 0.2  # critic (advantage.estimator=gae): PPO's value clipping range; null = off
 
     def __post_init__(self) -> None:
         if self.agg not in AGG_MODES:
@@ -224,4 +225,27 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, loss
     elif cfg.entropy_coef != 0.0:
         raise ValueError("entropy_coef != 0 needs the per-token entropy")
     metrics["loss"] = loss.detach()
+    return loss, metrics
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, loss_mask: Tensor, clip: float | None = 0.2,
+               global_token_count: float | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped value loss: 0.5·max((V − R)², (V_old + clip(V − V_old, ±clip) − R)²), token-mean.
+
+    The clipped term keeps the critic near the values the advantages were computed with; `clip=None`
+    is the plain squared error."""
+    mask = loss_mask.to(values.dtype)
+    err = (values - returns).square()
+    if clip is not None:
+        clipped = old_values + (values - old_values).clamp(-clip, clip)
+        err_c = (clipped - returns).square()
+        per_token = 0.5 * torch.maximum(err, err_c)
+    else:
+        err_c, per_token = err, 0.5 * err
+    loss = masked_mean(per_token, mask, denom=global_token_count)
+    with torch.no_grad():
+        m = mask != 0
+        n = m.sum().clamp_min(1).to(values.dtype)
+        metrics = {"value_loss": loss.detach(), "value_clip_frac": ((err_c > err) & m).sum().to(values.dtype) / n,
+                   "value_mean": masked_mean(values.detach(), mask)}
     return loss, metrics

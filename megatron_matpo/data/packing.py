@@ -34,13 +34,16 @@ class Row:
     token_ids: list[int]
     loss_mask: list[int]
     old_logprobs: list[float]
-    advantage: float  # one per row, broadcast to its tokens
+    advantage: float | list[float]  # one per row, broadcast to its tokens, or one per token (GAE)
     ref_logprobs: list[float] | None = None
     row_id: int | None = None  # defaults to the row's index in the list given to `pack_rows`
     role: str | None = None  # "planner" / "worker" / "single"; per-role metrics
     # tokens whose `old_logprobs` came from an unconstrained engine distribution (train/rollout
     # parity is measured there); defaults to `loss_mask`
     parity_mask: list[int] | None = None
+    reward: float | None = None  # the row's scalar reward (GAE puts it on the last generated token)
+    returns: list[float] | None = None  # per token: the critic's regression target (GAE)
+    old_values: list[float] | None = None  # per token: the critic's value before this step's update
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -57,12 +60,14 @@ class PackedMicroBatch:
     labels: torch.Tensor  # long; token predicted at each position (IGNORE_LABEL at sequence ends)
     loss_mask: torch.Tensor  # float32; 1 where the predicted token is trained
     old_logprobs: torch.Tensor  # float32; rollout-policy logprob of the predicted token
-    advantages: torch.Tensor  # float32; the row's advantage on every position of the row
+    advantages: torch.Tensor  # float32; advantage of the predicted token (a row scalar: on every position)
     ref_logprobs: torch.Tensor | None  # float32 or None when no row had them
     row_ids: torch.Tensor  # long; owning row, PAD_ROW_ID for dummy tokens
     num_loss_tokens: int
     parity_mask: torch.Tensor | None = None  # float32; positions counted in train/rollout parity
     worker_mask: torch.Tensor | None = None  # float32; 1 on positions of worker rows
+    returns: torch.Tensor | None = None  # float32; critic target of the predicted token (GAE rows)
+    old_values: torch.Tensor | None = None  # float32; critic value at the position, before the update
 
     @property
     def num_tokens(self) -> int:
@@ -83,10 +88,12 @@ def _check_rows(rows: list[Row], capacity: int, budget: int) -> None:
         n = len(r.token_ids)
         if n == 0:
             raise ValueError(f"row {rid} (index {idx}) is empty")
-        for name in ("loss_mask", "old_logprobs", "ref_logprobs", "parity_mask"):
+        for name in ("loss_mask", "old_logprobs", "ref_logprobs", "parity_mask", "returns", "old_values"):
             v = getattr(r, name)
             if v is not None and len(v) != n:
                 raise ValueError(f"row {rid} (index {idx}): {name} has {len(v)} entries, token_ids has {n}")
+        if isinstance(r.advantage, list) and len(r.advantage) != n:
+            raise ValueError(f"row {rid} (index {idx}): advantage has {len(r.advantage)} entries, token_ids has {n}")
         if n > capacity:
             extra = "" if capacity == budget else f" (budget rounded down to the pad multiple: {capacity})"
             raise ValueError(
@@ -210,6 +217,8 @@ def _shifted(values: list, fill) -> list:
 def _build(rows: list[Row], ids: list[int], pad_to_multiple: int, pad_token_id: int,
            with_ref: bool) -> PackedMicroBatch:
     seqs, labels, mask, old, ref, adv, owner, parity, worker = [], [], [], [], [], [], [], [], []
+    with_values = any(r.returns is not None for r in rows)
+    ret, val = [], []
     for r, rid in zip(rows, ids):
         n = len(r.token_ids)
         seqs.append(torch.tensor(r.token_ids, dtype=torch.long))
@@ -219,7 +228,12 @@ def _build(rows: list[Row], ids: list[int], pad_to_multiple: int, pad_token_id: 
         worker += [float(r.role == "worker")] * n
         old += _shifted(r.old_logprobs, 0.0)
         ref += _shifted(r.ref_logprobs, 0.0) if r.ref_logprobs is not None else [0.0] * n
-        adv += [float(r.advantage)] * n
+        adv += _shifted(r.advantage, 0.0) if isinstance(r.advantage, list) else [float(r.advantage)] * n
+        if with_values:
+            if r.returns is None or r.old_values is None:
+                raise ValueError(f"row {rid}: a batch with critic targets needs returns and old_values on every row")
+            ret += _shifted(r.returns, 0.0)
+            val += _shifted(r.old_values, 0.0)
         owner += [rid] * n
     total = len(owner)
     # Dummy segment (own cu_seqlens entry so it attends to nothing real): rounds the packed length
@@ -232,6 +246,8 @@ def _build(rows: list[Row], ids: list[int], pad_to_multiple: int, pad_token_id: 
         old += [0.0] * pad
         ref += [0.0] * pad
         adv += [0.0] * pad
+        ret += [0.0] * pad if with_values else []
+        val += [0.0] * pad if with_values else []
         owner += [PAD_ROW_ID] * pad
         parity += [0] * pad
         worker += [0.0] * pad
@@ -246,7 +262,8 @@ def _build(rows: list[Row], ids: list[int], pad_to_multiple: int, pad_token_id: 
         old_logprobs=t(old, torch.float32), advantages=t(adv, torch.float32),
         ref_logprobs=t(ref, torch.float32) if with_ref else None, row_ids=t(owner, torch.long),
         num_loss_tokens=int(loss_mask.sum()), parity_mask=t(parity, torch.float32),
-        worker_mask=t(worker, torch.float32))
+        worker_mask=t(worker, torch.float32), returns=t(ret, torch.float32) if with_values else None,
+        old_values=t(val, torch.float32) if with_values else None)
     mb.extras = {"labels": pmb.labels, "loss_mask": pmb.loss_mask, "old_logprobs": pmb.old_logprobs,
                  "advantages": pmb.advantages, "ref_logprobs": pmb.ref_logprobs, "row_ids": pmb.row_ids,
                  "num_loss_tokens": pmb.num_loss_tokens}

@@ -28,11 +28,12 @@ from megatron_matpo.train.rows import advantage_stats, parity_mask, rollout_metr
 
 class MaporlRollout:
     def __init__(self, cfg: MaporlSection, models: list[str], engine_urls: list[list[str]], n_samples: int,
-                 eps: float = 1e-6, norm_by_std: bool = True, seeded: bool = False):
-        """`models` / `engine_urls`: per actor stack (one shared, or one per agent)."""
+                 eps: float = 1e-6, norm_by_std: bool = True, seeded: bool = False, grpo: bool = True):
+        """`models` / `engine_urls`: per actor stack (one shared, or one per agent). `grpo=False`: the
+        trainer replaces the rows' GRPO advantages by GAE from a critic (advantage.estimator=gae)."""
         from transformers import AutoTokenizer
 
-        self.cfg, self.n_samples, self.eps, self.norm_by_std = cfg, n_samples, eps, norm_by_std
+        self.cfg, self.n_samples, self.eps, self.norm_by_std, self.grpo = cfg, n_samples, eps, norm_by_std, grpo
         self.engine_urls = engine_urls
         self.tokenizers = [AutoTokenizer.from_pretrained(m) for m in models]
         self.verifier = make_verifier(cfg.verifier)
@@ -46,7 +47,10 @@ class MaporlRollout:
             assign_rewards(d, self.cfg.reward)
         self._write(discussions, samples, out_path)
         rows = turn_rows(discussions, self.n_samples, len(self.engine_urls), self.eps, self.norm_by_std)
-        return rows, {**self.metrics(discussions), **advantage_stats([r for st in rows for q in st for r in q])}
+        m = self.metrics(discussions)
+        if self.grpo:
+            m.update(advantage_stats([r for st in rows for q in st for r in q]))
+        return rows, m
 
     async def _discuss(self, samples: list[Sample], uid_prefix: str, seed: int | None) -> list[Discussion]:
         from megatron_matpo.agents.workflow import derive_seed
@@ -123,6 +127,7 @@ def turn_rows(discussions: list[Discussion], n_samples: int, stacks: int, eps: f
     for (q, x), a in zip(turns, adv):
         k = x.agent if stacks > 1 else 0
         out[k][q].append(Row(token_ids=list(x.token_ids), loss_mask=list(x.loss_mask), old_logprobs=list(x.logprobs),
-                             advantage=float(a), row_id=counts[k], role=x.role, parity_mask=parity_mask(x)))
+                             advantage=float(a), row_id=counts[k], role=x.role, parity_mask=parity_mask(x),
+                             reward=float(x.reward)))
         counts[k] += 1
     return out

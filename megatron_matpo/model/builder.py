@@ -77,13 +77,14 @@ def make_bridge(hf_dir: str | Path, config=None):
 
 def build_model(hf_dir: str | Path, layout: ParallelLayout, *, load_weights: bool = True,
                 dtype: torch.dtype = torch.float32, seq_length: int = 4096, ddp_config=None,
-                bridge=None, recompute: str = "none") -> BuiltModel:
+                bridge=None, recompute: str = "none", head: str = "lm") -> BuiltModel:
     """Build this rank's model chunks. Requires `dist.init_megatron(layout)` to have run.
 
     With `ddp_config`, the chunks come wrapped in megatron's DistributedDataParallel (training);
     without, they are bare modules (inference, reference model, conversion). `recompute="full"`
     checkpoints every transformer layer (inputs kept, activations recomputed in backward): what lets
-    40k-token micro-batches of a 14B model fit in 80 GB.
+    40k-token micro-batches of a 14B model fit in 80 GB. `head="value"` swaps the LM head for a
+    zero-initialized scalar value head after loading the weights (the PPO critic).
     """
     from megatron.core import parallel_state
 
@@ -125,15 +126,28 @@ def build_model(hf_dir: str | Path, layout: ParallelLayout, *, load_weights: boo
 
         provider.attention_backend = AttnBackend.auto  # `local` would swap our attention back out
     provider.finalize()
+    hooks = [bridge.load_hf_weights] if load_weights else []
+    if head == "value":
+        from megatron_matpo.model.value_head import attach_value_heads
+
+        hooks.append(attach_value_heads)
+    elif head != "lm":
+        raise LayoutError(f"head={head!r}: expected 'lm' or 'value'")
     chunks = provider.provide_distributed_model(
         ddp_config=ddp_config, wrap_with_ddp=ddp_config is not None,
         use_cpu_initialization=not platform.capabilities().cuda,
         mixed_precision_wrapper=None if dtype == torch.float32 else _float16_module(),
-        pre_wrap_hook=(lambda chunks: bridge.load_hf_weights(chunks)) if load_weights else [],
+        pre_wrap_hook=lambda chunks: _run_hooks(hooks, chunks),
     )
     if ddp_config is not None:
         _wire_grad_sync(chunks)
     return BuiltModel(chunks=chunks, bridge=bridge, provider=provider, layout=layout)
+
+
+def _run_hooks(hooks: list, chunks: list) -> list:
+    for h in hooks:  # each edits the chunks in place (load_hf_weights returns None)
+        h(chunks)
+    return chunks
 
 
 def _wire_grad_sync(chunks: list) -> None:

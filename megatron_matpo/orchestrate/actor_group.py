@@ -5,12 +5,13 @@ from typing import Any
 
 from megatron_matpo import platform
 from megatron_matpo.data.packing import PackedMicroBatch
+from megatron_matpo.train.critic import CriticWorker
 from megatron_matpo.train.worker import ActorWorker, WorkerSpec
 
 
-class _RankActor(ActorWorker):
-    """ActorWorker plus what only a Ray actor needs: where rank 0 listens. (Ray points
-    CUDA_VISIBLE_DEVICES at the actor's own GPU, so its local rank is 0.)"""
+class _Rendezvous:
+    """What only a Ray actor needs: where rank 0 listens. (Ray points CUDA_VISIBLE_DEVICES at the
+    actor's own GPU, so its local rank is 0.)"""
 
     def rendezvous(self) -> tuple[str, int]:
         import ray
@@ -20,13 +21,24 @@ class _RankActor(ActorWorker):
         return ray.util.get_node_ip_address(), free_port()
 
 
+class _RankActor(ActorWorker, _Rendezvous):
+    pass
+
+
+class _RankCritic(CriticWorker, _Rendezvous):
+    pass
+
+
+WORKERS = {"actor": _RankActor, "critic": _RankCritic}
+
+
 class ActorGroup:
-    def __init__(self, spec: WorkerSpec, pg, bundle_offset: int = 0, gpus_per_rank: float = 0.0):
+    def __init__(self, spec: WorkerSpec, pg, bundle_offset: int = 0, gpus_per_rank: float = 0.0, kind: str = "actor"):
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         world = spec.layout.world_size
-        remote = ray.remote(_RankActor)
+        remote = ray.remote(WORKERS[kind])
         self.workers = [remote.options(
             num_cpus=1, num_gpus=gpus_per_rank, name=None,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_offset + r),

@@ -33,8 +33,20 @@ class ActorSection:
 
 @dataclass
 class AdvantageSection:
+    estimator: str = "grpo"  # grpo: group-normalized rewards | gae: PPO with a critic (MAPoRL only)
     eps: float = 1e-6
     norm_by_std: bool = True
+    gamma: float = 1.0  # gae: discount over the generated tokens of a row
+    lam: float = 0.95  # gae: λ
+    whiten: bool = True  # gae: normalize advantages over the batch's tokens
+
+
+@dataclass
+class CriticSection:
+    """advantage.estimator=gae: a value model per policy on Megatron, laid out like the actor (its own
+    ranks), initialized from `model` (or `critic.model`) with a zero scalar head."""
+    model: str | None = None
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
 
 
 @dataclass
@@ -107,6 +119,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     advantage: AdvantageSection = field(default_factory=AdvantageSection)
+    critic: CriticSection = field(default_factory=CriticSection)
     sync: SyncSection = field(default_factory=SyncSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: EvalSection = field(default_factory=EvalSection)
@@ -137,6 +150,12 @@ class TrainConfig:
         need(mp.models in ("shared", "distinct"), f"maporl.models: shared | distinct, got {mp.models!r}")
         need(mp.agent_models is None or (mp.models == "distinct" and len(mp.agent_models) == mp.discussion.n_agents),
              "maporl.agent_models: one HF model per agent, with maporl.models=distinct")
+        adv = self.advantage
+        need(adv.estimator in ("grpo", "gae"), f"advantage.estimator: grpo | gae, got {adv.estimator!r}")
+        need(adv.estimator == "grpo" or self.algorithm == "maporl",
+             "advantage.estimator=gae is implemented for algorithm=maporl (MATPO's workers inherit their planner's "
+             "GRPO advantage)")
+        need(0.0 <= adv.gamma <= 1.0 and 0.0 <= adv.lam <= 1.0, "advantage.gamma and advantage.lam must be in [0, 1]")
         if self.algorithm == "maporl":
             need(self.eval.every == 0, "eval during MAPoRL training is not implemented yet (eval.every must be 0)")
         wf = self.rollout.workflow
@@ -166,7 +185,8 @@ class TrainConfig:
         resolves actor.dp = 0 ("fill the cluster")."""
         a, o, eng = self.actor, self.orchestrate, self.rollout.engine
         stacks = self.maporl.stacks if self.algorithm == "maporl" else 1  # policies, each with its actor + engines
-        model_gpus = stacks * a.tp * a.pp
+        models = 2 if self.advantage.estimator == "gae" else 1  # a critic per policy, laid out like its actor
+        model_gpus = stacks * models * a.tp * a.pp
         if not o.gpus_per_node:  # CPU or an unchecked single machine
             need(a.dp >= 1, "actor.dp = 0 (fill the cluster) needs orchestrate.nodes and orchestrate.gpus_per_node")
             return
@@ -186,12 +206,12 @@ class TrainConfig:
         if a.dp == 0:
             need(actor_gpus % model_gpus == 0,
                  f"actor world size {actor_gpus} ({nodes} nodes x {o.gpus_per_node} GPUs"
-                 f"{'' if o.colocate else f' - {engine_gpus} engine GPUs'}) is not divisible by policies x tp x pp "
-                 f"= {model_gpus}")
+                 f"{'' if o.colocate else f' - {engine_gpus} engine GPUs'}) is not divisible by policies x models x tp x pp "
+                 f"= {model_gpus} (models: the actor, plus a critic with advantage.estimator=gae)")
             a.dp = actor_gpus // model_gpus
-        world = stacks * a.tp * a.pp * a.dp
-        need(world <= actor_gpus, f"{stacks} x actor tp x pp x dp = {world} GPUs but the allocation has {actor_gpus} "
-                                  f"for actors ({nodes} nodes x {o.gpus_per_node} GPUs, colocate={o.colocate})")
+        world = model_gpus * a.dp
+        need(world <= actor_gpus, f"{stacks} x {models} model(s) x actor tp x pp x dp = {world} GPUs but the "
+                                  f"allocation has {actor_gpus} for actors ({nodes} nodes x {o.gpus_per_node} GPUs, colocate={o.colocate})")
         need(engine_gpus <= total, f"{stacks} x {eng.num_engines} engines x TP {eng.tp_size} = {engine_gpus} GPUs > "
                                    f"{total} in the allocation")
 

@@ -76,3 +76,38 @@ def advantage_stats(rows: list[Row]) -> dict[str, float]:
     return {"advantage/mean": _mean(adv), "advantage/abs_mean": _mean([abs(a) for a in adv]),
             "advantage/max": max(adv, default=0.0), "advantage/min": min(adv, default=0.0),
             "advantage/nonzero_fraction": _mean([float(a != 0.0) for a in adv])}
+
+
+def apply_gae(rows: list[Row], values: dict[int, "np.ndarray"], gamma: float, lam: float,
+              whiten_advantages: bool = True) -> dict[str, float]:
+    """PPO+GAE advantages in place: each row's critic values at its generated tokens (in order, from
+    `CriticWorker.values`) and its scalar reward → per-token advantages (whitened over the batch),
+    returns (the critic's targets) and old values. Returns the batch's GAE metrics."""
+    import numpy as np
+
+    from megatron_matpo.algo.gae import gae, whiten
+
+    pos, vals, advs, rets = [], [], [], []
+    for r in rows:
+        p = [j for j, m in enumerate(r.loss_mask) if m]
+        v = np.asarray(values[r.row_id], dtype=np.float64)
+        if r.reward is None or len(v) != len(p):
+            raise ValueError(f"row {r.row_id}: {len(v)} values for {len(p)} generated tokens, reward {r.reward}")
+        a, ret = gae(v, r.reward, gamma, lam)
+        pos.append(p), vals.append(v), advs.append(a), rets.append(ret)
+    raw = np.concatenate(advs) if advs else np.zeros(0)
+    if whiten_advantages:
+        advs = whiten(advs)
+    for r, p, v, a, ret in zip(rows, pos, vals, advs, rets):
+        full = [np.zeros(len(r)) for _ in range(3)]
+        for f, x in zip(full, (a, ret, v)):
+            f[p] = x
+        r.advantage, r.returns, r.old_values = (f.tolist() for f in full)
+    ret_all = np.concatenate(rets) if rets else np.zeros(0)
+    v_all = np.concatenate(vals) if vals else np.zeros(0)
+    ev = 1.0 - float(np.var(ret_all - v_all)) / float(np.var(ret_all)) if ret_all.size > 1 and np.var(ret_all) > 0 else 0.0
+    return {"gae/advantage_mean": float(raw.mean()) if raw.size else 0.0,
+            "gae/advantage_abs_mean": float(np.abs(raw).mean()) if raw.size else 0.0,
+            "gae/return_mean": float(ret_all.mean()) if ret_all.size else 0.0,
+            "gae/value_mean": float(v_all.mean()) if v_all.size else 0.0,
+            "gae/explained_variance": ev}

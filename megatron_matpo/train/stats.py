@@ -72,3 +72,16 @@ def parity_sample(rows: list[Row], k: int) -> list[list[int]]:
             firsts.append(r)
     rest = [r for r in rows if all(r is not f for f in firsts)]
     return [list(r.token_ids) for r in (firsts + rest)[:k]]
+
+
+def critic_stats(per_rank: list[list[dict]], reports: list[bool]) -> dict[str, float]:
+    """The critic's `per_rank[rank][mini_batch]` → metrics: value loss (normalized by the global token
+    count, so it adds over DP ranks; mean over mini-batches), token-weighted clip fraction and value."""
+    rank0, minis = per_rank[0], len(per_rank[0])
+    out = {"critic/grad_norm": sum(s["grad_norm"] for s in rank0) / minis, "critic/lr": rank0[-1]["lr"]}
+    rep = [s for stats, r in zip(per_rank, reports) if r for s in stats if "tokens" in s]
+    tokens = max(sum(s["tokens"] for s in rep), 1.0)
+    out["critic/value_loss"] = sum(s["value_loss"] for s in rep) / minis
+    for k in ("value_clip_frac", "value_mean"):
+        out[f"critic/{k}"] = sum(s[k] * s["tokens"] for s in rep) / tokens
+    return out

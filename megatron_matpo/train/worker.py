@@ -41,6 +41,8 @@ def _dtype(name: str) -> torch.dtype:
 
 
 class ActorWorker:
+    head = "lm"  # the model's output: vocabulary logits (a CriticWorker: a scalar value)
+
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
         self.batches: list[list[PackedMicroBatch]] = []  # this rank's mini-batches of the current step
@@ -49,21 +51,26 @@ class ActorWorker:
     def setup(self, rank: int, world: int, master_addr: str, master_port: int, local_rank: int = 0) -> dict:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-        from megatron.core import parallel_state as ps
-
-        from megatron_matpo import platform
         from megatron_matpo.dist import init_megatron, quiet_known_noise
-        from megatron_matpo.model.builder import build_model
-        from megatron_matpo.train.optim import build_optimizer, build_scheduler, ddp_config
 
         quiet_known_noise()
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        s = self.spec
-        init_megatron(s.layout, seed=s.seed)
+        init_megatron(self.spec.layout, seed=self.spec.seed)
+        return self.build()
+
+    def build(self) -> dict:
+        """Model(s), optimizer and schedule on this rank of an initialized megatron world."""
+        from megatron.core import parallel_state as ps
+
+        from megatron_matpo import platform
+        from megatron_matpo.model.builder import build_model
+        from megatron_matpo.train.optim import build_optimizer, build_scheduler, ddp_config
+
+        s, rank = self.spec, torch.distributed.get_rank()
         self.device = platform.device()
         dtype = _dtype(s.dtype)
         self.built = build_model(s.model, s.layout, dtype=dtype, seq_length=s.seq_length,
-                                 ddp_config=ddp_config(s.optim), recompute=s.recompute)
+                                 ddp_config=ddp_config(s.optim), recompute=s.recompute, head=self.head)
         self.optimizer = build_optimizer(self.built.chunks, s.optim, dtype)
         self.scheduler = build_scheduler(self.optimizer, s.optim, s.total_steps)
         # the reference is the initial policy, frozen (also after a resume: always from `model`)

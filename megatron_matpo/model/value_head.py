@@ -1,0 +1,33 @@
+"""A scalar value head in place of a Megatron GPTModel's vocabulary projection (the critic of PPO+GAE).
+
+GPTModel calls `output_layer(hidden, weight=..., runtime_gather_output=...)` after its final norm and
+returns the result as [b, s, out]; a head returning [s, b, 1] makes the same model emit per-position
+values. The head is one replicated Linear: every TP rank sees the same (final-norm) hidden states, so
+its output and gradients agree across TP ranks without communication.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class ValueHead(torch.nn.Module):
+    def __init__(self, hidden_size: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, 1, dtype=dtype)
+        # zero init: V = 0 everywhere at the start, so the first advantages are the plain discounted rewards
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden_states: torch.Tensor, weight=None, runtime_gather_output=None):
+        return self.linear(hidden_states), None
+
+
+def attach_value_heads(chunks: list) -> list:
+    """Replace the LM head of the last pipeline stage by a ValueHead (a `pre_wrap_hook`: before DDP and
+    the optimizer see the parameters). The input embedding stays; it is no longer tied to an output."""
+    for c in chunks:
+        c.share_embeddings_and_output_weights = False  # no embedding/output grad all-reduce across PP
+        if getattr(c, "post_process", False):
+            cfg = c.config
+            c.output_layer = ValueHead(cfg.hidden_size, cfg.params_dtype).to(next(c.parameters()).device)
+    return chunks

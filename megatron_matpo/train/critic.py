@@ -1,0 +1,98 @@
+"""One Megatron critic rank (advantage.estimator=gae): the policy's architecture with a scalar value head
+(`model.value_head`), its own optimizer and checkpoints, the same layout and packed batches as the
+actor. Every public method is collective, as in `ActorWorker`, whose bring-up, batch loading and
+persistence it shares; it has no engines and no reference model.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from megatron_matpo.data.packing import PAD_ROW_ID, PackedMicroBatch
+from megatron_matpo.model.forward import run_schedule
+from megatron_matpo.train.worker import ActorWorker
+
+
+def _values(out: torch.Tensor) -> torch.Tensor:
+    return out[..., 0].float()  # [b, s, 1] → [b, s]
+
+
+class CriticWorker(ActorWorker):
+    head = "value"
+
+    def connect_engines(self, engine_urls: list[str]) -> None:
+        raise RuntimeError("the critic has no engines: only the actor's weights are synced")
+
+    def values(self) -> dict[int, np.ndarray]:
+        """Per row (id → values at its loss positions, in token order) of the current batch; the
+        reporting ranks of each DP slice return theirs, the others {}."""
+        from megatron.core import parallel_state
+
+        out: dict[int, np.ndarray] = {}
+        for mbs in self.batches:
+            by_mb = {id(p.micro_batch): p for p in mbs}
+
+            def keep(o, mb):
+                return torch.zeros((), device=o.device), {"values": _values(o).detach().cpu(), "mb": id(mb)}
+
+            for c in self.built.chunks:
+                c.eval()
+            with torch.no_grad():
+                reported = run_schedule(self.built.chunks, [p.micro_batch for p in mbs], keep, forward_only=True,
+                                        device=self.device)
+            if not parallel_state.is_pipeline_last_stage():
+                continue
+            for r in reported:
+                p = by_mb[r["mb"]]
+                rows, mask, v = p.row_ids[0], p.loss_mask[0] > 0, r["values"][0]
+                for rid in rows.unique().tolist():
+                    if rid != PAD_ROW_ID:
+                        sel = (rows == rid) & mask
+                        out[rid] = v[sel].numpy().astype(np.float32)
+        return out if self.reports else {}
+
+    def train(self, global_token_counts: list[int]) -> list[dict[str, float]]:
+        """One optimizer step of the clipped value loss per mini-batch (token mean over all DP ranks)."""
+        from megatron.core import parallel_state
+
+        from megatron_matpo.algo.loss import value_loss
+
+        dp = parallel_state.get_data_parallel_world_size()
+        out = []
+        for mbs, n in zip(self.batches, global_token_counts):
+            by_mb = {id(p.micro_batch): p for p in mbs}
+            scale = len(mbs) * dp  # see train.actor.train_step: undo megatron's per-micro-batch and DP averaging
+
+            def loss_fn(o, mb, by_mb=by_mb, n=n, scale=scale):
+                p: PackedMicroBatch = by_mb[id(mb)]
+                v = _values(o)
+                if p.returns is None:  # a padding micro-batch: nothing to fit
+                    ret = old = torch.zeros_like(v)
+                else:
+                    ret, old = p.returns.to(v.device), p.old_values.to(v.device)
+                loss, m = value_loss(v, old, ret, p.loss_mask.to(v.device), self.spec.loss.value_clip,
+                                     global_token_count=n)
+                tokens = p.loss_mask.sum().to(v.device)
+                return loss * scale, {"value_loss": m["value_loss"].detach(), "tokens": tokens,
+                                      "value_clip_frac": m["value_clip_frac"] * tokens,
+                                      "value_mean": m["value_mean"] * tokens}
+
+            for c in self.built.chunks:
+                c.train()
+                c.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            reported = run_schedule(self.built.chunks, [p.micro_batch for p in mbs], loss_fn, forward_only=False,
+                                    device=self.device)
+            ok, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(increment=1)
+            stats = {"grad_norm": float(grad_norm or 0.0), "step_skipped": float(not ok),
+                     "lr": float(self.optimizer.param_groups[0]["lr"])}
+            if reported:
+                tokens = max(sum(float(r["tokens"]) for r in reported), 1.0)
+                stats["value_loss"] = sum(float(r["value_loss"]) for r in reported)  # divided by the global count
+                stats["value_clip_frac"] = sum(float(r["value_clip_frac"]) for r in reported) / tokens
+                stats["value_mean"] = sum(float(r["value_mean"]) for r in reported) / tokens
+                stats["tokens"] = tokens
+            out.append(stats if self.reports or self.rank == 0 else {})
+        self.batches = []
+        return out
