@@ -317,6 +317,14 @@ class Trainer:
             samples = list(read_dataset(data, limit=e.max_prompts))
             tag = f"eval{i}" if i else "eval"
             path = self.log.transcript_path(self.step, prefix=tag)
+            if self.cfg.algorithm == "maporl":  # discussions on the val questions: accuracy per agent and round
+                for src in sorted({s.data_source for s in samples}):
+                    part = [s for s in samples if s.data_source == src]
+                    _, mm = self.maporl.run(part, path.with_name(f"{path.stem}_{src}{path.suffix}"),
+                                            f"{tag}:", n_samples=e.n_samples)
+                    out.update({f"eval/{src}/{k}": v for k, v in mm.items()
+                                if k.startswith(("maporl/accuracy", "maporl/consensus", "reward/"))})
+                continue
             asyncio.run(self.session.run(samples, path, progress=False, n_samples=e.n_samples, uid_prefix=f"{tag}:"))
             out.update({f"eval/{src}/{k}": v for src, mm in evaluate_traces(path).items() for k, v in mm.items()})
         return out

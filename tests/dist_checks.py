@@ -221,8 +221,8 @@ def critic_step(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
     for c in w.built.chunks:
         inner = c.module if hasattr(c, "module") else c
         if inner.post_process:  # a random head, so the values are not trivially 0
-            inner.output_layer.linear.weight.data.copy_(head_w)
-            inner.output_layer.linear.bias.data.copy_(head_b)
+            inner.output_layer.weight.data.copy_(head_w)
+            inner.output_layer.bias.data.copy_(head_b)
     seqs = _sequences(w.built.provider.vocab_size, seed=5)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():  # V at position i = value of the state before token i+1
@@ -248,6 +248,25 @@ def critic_step(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
         (stats,) = w.train([count])
         out[f"value_loss{step}"] = stats.get("value_loss", 0.0)
         out[f"skipped{step}"] = stats.get("step_skipped", 0.0)  # ranks other than 0 and the reporters: {}
+    # checkpoint round trip: a fresh critic loading the saved step gives the trained critic's values
+    import tempfile
+
+    from megatron_matpo.train.checkpoint import latest_checkpoint
+
+    where = [tempfile.mkdtemp(prefix="critic-ckpt-") if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(where, src=0)
+    w.save(where[0], 3, {"step": 3}, keep_last=1)
+    w.load_batch([packed[0]])
+    trained = w.values()
+    w2 = CriticWorker(w.spec)
+    w2.build()
+    w2.load(str(latest_checkpoint(where[0])))
+    w2.load_batch([packed[0]])
+    restored = w2.values()
+    out["resume_diff"] = max((float(abs(torch.as_tensor(trained[k]) - torch.as_tensor(restored[k])).max())
+                              for k in trained), default=0.0)
+    out["trained_vs_initial"] = max((float(abs(torch.as_tensor(trained[k]) - torch.as_tensor(got[k])).max())
+                                     for k in trained), default=0.0)
     if not parallel_state.is_pipeline_last_stage():
         out["rows"] = 0.0
     return _max_over_world(out)

@@ -37,7 +37,9 @@ def _turns(run: Path, step: int) -> list[dict]:
 def test_shared_model_discussion_trains_with_a_critic(maporl_inputs, tmp_path):
     """Shared model, with the PPO + GAE option: a Megatron critic (value head) beside the actor."""
     run = tmp_path / "run"
-    out = train("configs/maporl_tiny_cpu.yaml", run, maporl_inputs + ["steps=2", "advantage.estimator=gae"])
+    val = maporl_inputs[1].replace("data=", "").replace("maporl_train_", "maporl_val_")
+    out = train("configs/maporl_tiny_cpu.yaml", run, maporl_inputs + [
+        "steps=2", "advantage.estimator=gae", "eval.every=2", f"eval.data={val}", "eval.max_prompts=2"])
     m = metrics(run)
     assert sorted(m) == [1, 2], out[-3000:]
     check_invariants(m)  # ratio 1 at step 1; the engine computes the actor's logprobs after every sync
@@ -55,6 +57,12 @@ def test_shared_model_discussion_trains_with_a_critic(maporl_inputs, tmp_path):
     # the zero-initialized value head: V = 0 before the critic's first update, not after it
     assert m[1]["gae/value_mean"] == 0.0 and m[2]["gae/value_mean"] != 0.0
     assert (run / "critic" / "checkpoints" / "latest").exists()
+    # eval after step 2: discussions on the val questions, accuracy per agent and round
+    ev = [k for k in m[2] if k.startswith("eval/") and k.endswith("/maporl/accuracy_final")]
+    assert len(ev) == 1 and 0.0 <= m[2][ev[0]] <= 1.0, sorted(m[2])
+    src = ev[0].split("/")[1]
+    assert f"eval/{src}/maporl/accuracy_agent1_round2" in m[2] and not any(k.startswith("eval/") for k in m[1])
+    assert (run / "rollouts" / f"eval_{2:06d}_{src}.jsonl").exists()
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     # agents read each other: a round-t turn was shown the other agent's round t-1 answer, in its prompt
     turns = {d["traj_id"]: d for d in _turns(run, 1)}

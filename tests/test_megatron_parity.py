@@ -103,3 +103,4 @@ def test_critic_values_and_value_steps(world1, world2, key):
         assert got[f"skipped{step}"] == 0.0
         assert abs(got[f"value_loss{step}"] - ref[f"value_loss{step}"]) <= 1e-6, (step, got, ref)
     assert ref["value_loss2"] < ref["value_loss0"]
+    assert got["trained_vs_initial"] > 1e-4 and got["resume_diff"] == 0.0  # the critic's checkpoint restores it

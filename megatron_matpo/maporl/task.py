@@ -39,20 +39,22 @@ class MaporlRollout:
         self.verifier = make_verifier(cfg.verifier)
         self.discussion_cfg = dataclasses.replace(cfg.discussion, seeded=seeded or cfg.discussion.seeded)
 
-    def run(self, samples: list[Sample], out_path: Path, uid_prefix: str = "",
-            seed: int | None = None) -> tuple[list[list[list[Row]]], dict[str, float]]:
-        """→ (rows[stack][prompt] = that prompt's rows for that actor, metrics)."""
-        discussions = asyncio.run(self._discuss(samples, uid_prefix, seed))
+    def run(self, samples: list[Sample], out_path: Path, uid_prefix: str = "", seed: int | None = None,
+            n_samples: int | None = None) -> tuple[list[list[list[Row]]], dict[str, float]]:
+        """→ (rows[stack][prompt] = that prompt's rows for that actor, metrics). `n_samples` overrides
+        the discussions per question (evaluation)."""
+        n = n_samples or self.n_samples
+        discussions = asyncio.run(self._discuss(samples, uid_prefix, seed, n))
         for d in discussions:
             assign_rewards(d, self.cfg.reward)
         self._write(discussions, samples, out_path)
-        rows = turn_rows(discussions, self.n_samples, len(self.engine_urls), self.eps, self.norm_by_std)
+        rows = turn_rows(discussions, n, len(self.engine_urls), self.eps, self.norm_by_std)
         m = self.metrics(discussions)
         if self.grpo:
             m.update(advantage_stats([r for st in rows for q in st for r in q]))
         return rows, m
 
-    async def _discuss(self, samples: list[Sample], uid_prefix: str, seed: int | None) -> list[Discussion]:
+    async def _discuss(self, samples: list[Sample], uid_prefix: str, seed: int | None, n: int) -> list[Discussion]:
         from megatron_matpo.agents.workflow import derive_seed
         from megatron_matpo.rollout.engine import EngineClient, EngineRouter
 
@@ -62,7 +64,7 @@ class MaporlRollout:
             wf = DiscussionWorkflow(self.discussion_cfg, routers, self.tokenizers,
                                     self.verifier if self.discussion_cfg.show_scores else None)
             jobs = [wf.rollout(s.question, f"{uid_prefix}{s.uid}/{k}", s.group, s.ground_truth,
-                               derive_seed(seed, s.uid, k)) for s in samples for k in range(self.n_samples)]
+                               derive_seed(seed, s.uid, k)) for s in samples for k in range(n)]
             discussions = list(await asyncio.gather(*jobs))
             await verify_discussions(discussions, self.verifier)
             return discussions

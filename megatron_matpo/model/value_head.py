@@ -11,15 +11,16 @@ import torch
 
 
 class ValueHead(torch.nn.Module):
+    # `weight` / `bias` directly on the head (no nested Linear): megatron's LanguageModule checkpointing
+    # looks up `output_layer.weight` by name
     def __init__(self, hidden_size: int, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.linear = torch.nn.Linear(hidden_size, 1, dtype=dtype)
         # zero init: V = 0 everywhere at the start, so the first advantages are the plain discounted rewards
-        torch.nn.init.zeros_(self.linear.weight)
-        torch.nn.init.zeros_(self.linear.bias)
+        self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
 
     def forward(self, hidden_states: torch.Tensor, weight=None, runtime_gather_output=None):
-        return self.linear(hidden_states), None
+        return torch.nn.functional.linear(hidden_states, self.weight, self.bias), None
 
 
 def attach_value_heads(chunks: list) -> list:

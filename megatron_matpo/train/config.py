@@ -156,8 +156,6 @@ class TrainConfig:
              "advantage.estimator=gae is implemented for algorithm=maporl (MATPO's workers inherit their planner's "
              "GRPO advantage)")
         need(0.0 <= adv.gamma <= 1.0 and 0.0 <= adv.lam <= 1.0, "advantage.gamma and advantage.lam must be in [0, 1]")
-        if self.algorithm == "maporl":
-            need(self.eval.every == 0, "eval during MAPoRL training is not implemented yet (eval.every must be 0)")
         wf = self.rollout.workflow
         longest = max(wf.planner.max_context_tokens, wf.worker.max_context_tokens)
         if self.algorithm == "maporl":
