@@ -20,8 +20,10 @@ from megatron_matpo.model.layout import ParallelLayout
 
 
 def free_port() -> int:
+    # the wildcard address: a port taken on any interface (a gloo pair on the node IP, say) is skipped;
+    # one free on 127.0.0.1 alone could still be taken where the rendezvous store listens
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 

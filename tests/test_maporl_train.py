@@ -34,12 +34,11 @@ def _turns(run: Path, step: int) -> list[dict]:
     return [json.loads(x) for x in (run / "rollouts" / f"step_{step:06d}.jsonl").read_text().splitlines()]
 
 
-def test_shared_model_discussion_trains_with_a_critic(maporl_inputs, tmp_path):
-    """Shared model, with the PPO + GAE option: a Megatron critic (value head) beside the actor."""
+def test_shared_model_discussion_trains(maporl_inputs, tmp_path):
     run = tmp_path / "run"
     val = maporl_inputs[1].replace("data=", "").replace("maporl_train_", "maporl_val_")
     out = train("configs/maporl_tiny_cpu.yaml", run, maporl_inputs + [
-        "steps=2", "advantage.estimator=gae", "eval.every=2", f"eval.data={val}", "eval.max_prompts=2"])
+        "steps=2", "eval.every=2", f"eval.data={val}", "eval.max_prompts=2"])
     m = metrics(run)
     assert sorted(m) == [1, 2], out[-3000:]
     check_invariants(m)  # ratio 1 at step 1; the engine computes the actor's logprobs after every sync
@@ -52,11 +51,7 @@ def test_shared_model_discussion_trains_with_a_critic(maporl_inputs, tmp_path):
         for key in ("influence", "corrective", "regress", "persuasion", "misleading", "score"):
             assert f"maporl/{key}_mean" in step
         assert "maporl/accuracy_final" in step and "maporl/answer_changed_fraction" in step
-        assert step["actor/loss_tokens_planner"] > 0 and step["gae/advantage_abs_mean"] > 0  # every turn is trained
-        assert step["critic/value_loss"] > 0 and step["critic/grad_norm"] > 0
-    # the zero-initialized value head: V = 0 before the critic's first update, not after it
-    assert m[1]["gae/value_mean"] == 0.0 and m[2]["gae/value_mean"] != 0.0
-    assert (run / "critic" / "checkpoints" / "latest").exists()
+        assert step["actor/loss_tokens_planner"] > 0 and step["advantage/abs_mean"] >= 0  # every turn is trained
     # eval after step 2: discussions on the val questions, accuracy per agent and round
     ev = [k for k in m[2] if k.startswith("eval/") and k.endswith("/maporl/accuracy_final")]
     assert len(ev) == 1 and 0.0 <= m[2][ev[0]] <= 1.0, sorted(m[2])
@@ -102,3 +97,28 @@ def test_distinct_models_learn_the_toy(maporl_inputs, tmp_path):
             assert m[s][f"agent{i}/parity/max_abs"] <= 1e-4, (i, s)
         assert abs(m[1][f"agent{i}/actor/ratio_mean"] - 1.0) < 1e-6
         assert (run / f"agent{i}" / "checkpoints").exists()
+
+
+def test_shared_model_with_a_critic_learns_the_toy(maporl_inputs, tmp_path):
+    """The PPO + GAE option on the toy: one shared actor and its Megatron critic (value head, own ranks).
+    The zero-initialized head gives V = 0 until the critic's first update; the critic then fits the
+    returns, and the final-round accuracy must rise as with GRPO."""
+    run = tmp_path / "run"
+    train("configs/maporl_toy_learnable_cpu.yaml", run, maporl_inputs + [
+        "maporl.models=shared", "advantage.estimator=gae", "critic.optim.lr=1.0e-3", "checkpoint.every=5"])
+    m = metrics(run)
+    steps = sorted(m)
+    assert steps == list(range(1, 11))
+    acc = [m[s]["maporl/accuracy_final"] for s in steps]
+    ev = [m[s]["gae/explained_variance"] for s in steps]
+    print("final-round accuracy per step:", [round(a, 3) for a in acc])
+    print("critic explained variance per step:", [round(e, 3) for e in ev])
+    assert sum(acc[-3:]) / 3 >= acc[0] + 0.25, acc
+    assert m[1]["gae/value_mean"] == 0.0 and m[1]["gae/explained_variance"] == 0.0  # V = 0 before any update
+    assert all(m[s]["gae/value_mean"] != 0.0 for s in steps[1:])
+    assert all(m[s]["critic/value_loss"] > 0 and m[s]["critic/grad_norm"] > 0 for s in steps)
+    assert all(m[s]["gae/advantage_abs_mean"] > 0 for s in steps)
+    # (constrained sampling: no train/rollout parity tokens; the engine parity check runs every 5 steps)
+    assert abs(m[1]["actor/ratio_mean"] - 1.0) < 1e-6 and abs(m[1]["actor/approx_kl"]) < 1e-7
+    assert all(m[s]["parity/max_abs"] <= 1e-4 for s in (5, 10))
+    assert (run / "critic" / "checkpoints" / "latest").exists()
