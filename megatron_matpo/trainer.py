@@ -146,7 +146,11 @@ class Trainer:
                     raise RuntimeError(f"{st.name}'s latest checkpoint {ckpt} is not at step {self.step}")
                 self.step = int(state["step"])
                 if st.critic is not None:
-                    st.critic.call("load", str(latest_checkpoint(st.root / "critic")))
+                    cckpt = latest_checkpoint(st.root / "critic")
+                    if cckpt is None:
+                        raise ConfigError(f"{st.root / 'critic'} holds no critic checkpoint: this run was not "
+                                          "trained with advantage.estimator=gae, which cannot be switched on a resume")
+                    st.critic.call("load", str(cckpt))
                 st.actors.call("sync_weights")  # the engines start from the initial weights
             self.loader.load_state_dict(state["data"])
             self.log.truncate_after(self.step)

@@ -205,6 +205,15 @@ def test_config_errors_before_anything_starts(tmp_path):
         load("deterministic=true").validate()
     with pytest.raises(ConfigError, match="mini_batches"):
         load("actor.mini_batches=5").validate()
+    with pytest.raises(ConfigError, match="estimator=gae is implemented for algorithm=maporl"):
+        load("advantage.estimator=gae").validate()
+    with pytest.raises(ConfigError, match="advantage.estimator: grpo | gae"):
+        load("advantage.estimator=ppo").validate()
+    # a critic per policy, laid out like its actor: 2 agents x (actor + critic) x TP 2 x dp 0 on 2 x 8 GPUs
+    mp = config.load(TrainConfig, REPO / "configs/maporl_tiny_cpu.yaml", [
+        f"run_dir={tmp_path}/m", "maporl.models=distinct", "advantage.estimator=gae", "actor.tp=2", "actor.dp=0",
+        "orchestrate.nodes=2", "orchestrate.gpus_per_node=8", "orchestrate.colocate=true", "sync.mode=tensor"])
+    assert mp.validate().actor.dp == 2  # 16 GPUs / (2 policies x 2 models x TP 2)
     cfg = load(f"model={tmp_path}/missing", "bootstrap.tiny_model=null", f"data={tmp_path}/missing-data",
                "bootstrap.multihop=null")
     with pytest.raises(FileNotFoundError, match="missing-data"):
