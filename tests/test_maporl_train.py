@@ -6,12 +6,15 @@ on the learnable toy, where the final-round accuracy must rise."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from megatron_matpo.maporl.prompts import shareable
-from tests.test_train import REPO, check_invariants, metrics, train
+from tests.test_train import REPO, _cmd, _env, _wait_for, check_invariants, metrics, train
 
 pytestmark = pytest.mark.slow
 AGENTS, ROUNDS = 2, 3
@@ -102,10 +105,23 @@ def test_distinct_models_learn_the_toy(maporl_inputs, tmp_path):
 def test_shared_model_with_a_critic_learns_the_toy(maporl_inputs, tmp_path):
     """The PPO + GAE option on the toy: one shared actor and its Megatron critic (value head, own ranks).
     The zero-initialized head gives V = 0 until the critic's first update; the critic then fits the
-    returns, and the final-round accuracy must rise as with GRPO."""
+    returns, survives a kill + resume, and the final-round accuracy must rise as with GRPO."""
     run = tmp_path / "run"
-    train("configs/maporl_toy_learnable_cpu.yaml", run, maporl_inputs + [
-        "maporl.models=shared", "advantage.estimator=gae", "critic.optim.lr=1.0e-3", "checkpoint.every=5"])
+    ov = maporl_inputs + ["maporl.models=shared", "advantage.estimator=gae", "critic.optim.lr=1.0e-3",
+                          "checkpoint.every=5"]
+    # SIGKILLed once the step-5 checkpoint (actor, then critic) is complete, then resumed: steps 6-10 run
+    # on the restored critic (a fresh zero head would give V = 0 again at step 6)
+    run.mkdir()
+    with open(run / "stdout.txt", "w") as log:
+        proc = subprocess.Popen(_cmd("configs/maporl_toy_learnable_cpu.yaml", run, ov), cwd=REPO, env=_env(),
+                                stdout=log, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            _wait_for((run / "critic" / "checkpoints", "step_000005"), proc, timeout=1200)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out = train("configs/maporl_toy_learnable_cpu.yaml", run, ov, resume=True)
+    assert "resumed from" in out and "step_000005" in out, out[-2000:]
     m = metrics(run)
     steps = sorted(m)
     assert steps == list(range(1, 11))
