@@ -98,8 +98,11 @@ def test_tiny_job_two_nodes_preempted_requeued_resumed(slurm, inputs, tmp_path):
     # what `#SBATCH --signal=B:USR1@60` sends before the time limit: checkpoint after this step, requeue
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True, timeout=30)
 
-    while (info := _job(env, job)).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
-                                                              "NODE_FAIL", "OUT_OF_MEMORY"):
+    final = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+    # the script's `scontrol requeue` cancels the running batch step first ("CANCELLED ... DUE TO JOB
+    # REQUEUE"): a CANCELLED seen before the restart counter moves is that moment, not the end
+    while ((info := _job(env, job)).get("JobState") not in final
+           or (info.get("JobState") == "CANCELLED" and info.get("Restarts") == "0")):
         assert time.time() < deadline, f"job not done in time ({info.get('JobState')}):\n{out.read_text()[-4000:]}"
         if info.get("Reason") == "BeginTime":  # Slurm holds a requeued job ~2 min; not what is under test
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, timeout=30)
