@@ -76,7 +76,9 @@ base=$((20000 + $(printf '%s' "$dir" | cksum | cut -d' ' -f1) % 20000))
   echo "SlurmctldHost=localhost(127.0.0.1)"
   echo "SlurmctldPort=$base"
   echo "AuthType=auth/munge"
-  echo "AuthInfo=socket=$dir/munge/munge.sock"
+  # cred_expire also sets how long a requeued job waits before it may start again (Slurm's guard
+  # against its revoked launch credential; default 120 s): 20 s keeps the requeue test short
+  echo "AuthInfo=cred_expire=20,socket=$dir/munge/munge.sock"
   echo "CredType=cred/munge"
   echo "SlurmUser=root"
   echo "SlurmdUser=root"
