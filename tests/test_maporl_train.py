@@ -54,7 +54,9 @@ def test_shared_model_discussion_trains(maporl_inputs, tmp_path):
         for key in ("influence", "corrective", "regress", "persuasion", "misleading", "score"):
             assert f"maporl/{key}_mean" in step
         assert "maporl/accuracy_final" in step and "maporl/answer_changed_fraction" in step
-        assert step["actor/loss_tokens_planner"] > 0 and step["advantage/abs_mean"] >= 0  # every turn is trained
+        # every turn is trained: one shared policy, each agent's turns under its own role
+        assert all(step[f"actor/loss_tokens_agent{i}"] > 0 for i in range(AGENTS)), sorted(step)
+        assert "actor/loss_tokens_planner" not in step and step["advantage/abs_mean"] >= 0
     # eval after step 2: discussions on the val questions, accuracy per agent and round
     ev = [k for k in m[2] if k.startswith("eval/") and k.endswith("/maporl/accuracy_final")]
     assert len(ev) == 1 and 0.0 <= m[2][ev[0]] <= 1.0, sorted(m[2])
@@ -94,7 +96,8 @@ def test_distinct_models_learn_the_toy(maporl_inputs, tmp_path):
     assert sum(acc[5:]) > sum(acc[:5]), acc
     for i in range(AGENTS):
         # each policy trains on its own agent's turns and syncs into its own engine
-        assert all(m[s][f"agent{i}/actor/loss_tokens_planner"] > 0 for s in steps)
+        assert all(m[s][f"agent{i}/actor/loss_tokens_agent{i}"] > 0 for s in steps)
+        assert all(f"agent{i}/actor/loss_tokens_agent{1 - i}" not in m[s] for s in steps)
         assert all(m[s][f"agent{i}/sync/bytes"] > 0 for s in steps)
         for s in (5, 10):
             assert m[s][f"agent{i}/parity/max_abs"] <= 1e-4, (i, s)

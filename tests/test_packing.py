@@ -102,6 +102,14 @@ def test_row_ids_default_to_index_and_no_ref():
     assert {k: v["token_ids"] for k, v in got.items()} == {i: r.token_ids for i, r in enumerate(rows)}
 
 
+def test_roles_follow_their_rows():
+    rng = random.Random(2)
+    rows = [make_row(5, rng, role="agent0"), make_row(9, rng, role="agent1"), make_row(3, rng, role=None)]
+    packed = [p for mbs in pack_rows(rows, 20, 1) for p in mbs]
+    roles = {rid: role for p in packed for rid, role in (p.roles or {}).items()}
+    assert roles == {0: "agent0", 1: "agent1", 2: "policy"}
+
+
 def test_over_long_row_error():
     rng = random.Random(2)
     rows = [make_row(10, rng, 0), make_row(101, rng, 42)]

@@ -58,6 +58,19 @@ def test_train_stats_reduce_over_dp_and_mini_batches():
     assert out["actor/ratio_max"] == pytest.approx(1.3) and out["actor/grad_norm"] == 2.0
 
 
+def test_train_stats_per_role_terms_for_any_role():
+    # MAPoRL rows carry roles agent0/agent1: their terms are summed over ranks and weight the token means
+    r0 = [{"grad_norm": 1.0, "step_skipped": 0.0, "lr": 1e-4, "clip_frac": 1.0, "pg_term_agent0": -0.25,
+           "loss_tokens_agent0": 2.0, "loss_tokens_agent1": 1.0, "pg_term_agent1": 0.5}]
+    r1 = [{"grad_norm": 1.0, "step_skipped": 0.0, "lr": 1e-4, "clip_frac": 0.0, "pg_term_agent0": 0.75,
+           "loss_tokens_agent0": 5.0}]
+    out = S.train_stats([r0, r1], [True, True])
+    assert out["actor/pg_term_agent0"] == pytest.approx(0.5) and out["actor/pg_term_agent1"] == 0.5
+    assert out["actor/loss_tokens_agent0"] == 7.0 and out["actor/loss_tokens_agent1"] == 1.0
+    assert out["actor/clip_frac"] == pytest.approx(3 / 8)
+    assert not any("planner" in k or "worker" in k for k in out)
+
+
 def test_parity_stats_and_sample():
     out = S.parity_stats([{"abs_diff_sum": 1e-5, "abs_diff_max": 3e-6, "tokens": 10.0},
                           {"abs_diff_sum": 1e-5, "abs_diff_max": 5e-6, "tokens": 10.0}])

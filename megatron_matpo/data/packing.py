@@ -37,7 +37,7 @@ class Row:
     advantage: float | list[float]  # one per row, broadcast to its tokens, or one per token (GAE)
     ref_logprobs: list[float] | None = None
     row_id: int | None = None  # defaults to the row's index in the list given to `pack_rows`
-    role: str | None = None  # "planner" / "worker" / "single"; per-role metrics
+    role: str | None = None  # "planner" / "worker" / "single" / "agent<i>"; per-role metrics ("policy" if None)
     # tokens whose `old_logprobs` came from an unconstrained engine distribution (train/rollout
     # parity is measured there); defaults to `loss_mask`
     parity_mask: list[int] | None = None
@@ -65,7 +65,7 @@ class PackedMicroBatch:
     row_ids: torch.Tensor  # long; owning row, PAD_ROW_ID for dummy tokens
     num_loss_tokens: int
     parity_mask: torch.Tensor | None = None  # float32; positions counted in train/rollout parity
-    worker_mask: torch.Tensor | None = None  # float32; 1 on positions of worker rows
+    roles: dict[int, str] | None = None  # row id → its role, for per-role metrics
     returns: torch.Tensor | None = None  # float32; critic target of the predicted token (GAE rows)
     old_values: torch.Tensor | None = None  # float32; critic value at the position, before the update
 
@@ -216,7 +216,7 @@ def _shifted(values: list, fill) -> list:
 
 def _build(rows: list[Row], ids: list[int], pad_to_multiple: int, pad_token_id: int,
            with_ref: bool) -> PackedMicroBatch:
-    seqs, labels, mask, old, ref, adv, owner, parity, worker = [], [], [], [], [], [], [], [], []
+    seqs, labels, mask, old, ref, adv, owner, parity = [], [], [], [], [], [], [], []
     with_values = any(r.returns is not None for r in rows)
     ret, val = [], []
     for r, rid in zip(rows, ids):
@@ -225,7 +225,6 @@ def _build(rows: list[Row], ids: list[int], pad_to_multiple: int, pad_token_id: 
         labels += _shifted(r.token_ids, IGNORE_LABEL)
         mask += _shifted(r.loss_mask, 0)
         parity += _shifted(r.parity_mask if r.parity_mask is not None else r.loss_mask, 0)
-        worker += [float(r.role == "worker")] * n
         old += _shifted(r.old_logprobs, 0.0)
         ref += _shifted(r.ref_logprobs, 0.0) if r.ref_logprobs is not None else [0.0] * n
         adv += _shifted(r.advantage, 0.0) if isinstance(r.advantage, list) else [float(r.advantage)] * n
@@ -250,7 +249,6 @@ def _build(rows: list[Row], ids: list[int], pad_to_multiple: int, pad_token_id: 
         val += [0.0] * pad if with_values else []
         owner += [PAD_ROW_ID] * pad
         parity += [0] * pad
-        worker += [0.0] * pad
     mb = pack_sequences(seqs)
 
     def t(x, dtype):
@@ -262,7 +260,7 @@ def _build(rows: list[Row], ids: list[int], pad_to_multiple: int, pad_token_id: 
         old_logprobs=t(old, torch.float32), advantages=t(adv, torch.float32),
         ref_logprobs=t(ref, torch.float32) if with_ref else None, row_ids=t(owner, torch.long),
         num_loss_tokens=int(loss_mask.sum()), parity_mask=t(parity, torch.float32),
-        worker_mask=t(worker, torch.float32), returns=t(ret, torch.float32) if with_values else None,
+        roles={rid: r.role or "policy" for r, rid in zip(rows, ids)}, returns=t(ret, torch.float32) if with_values else None,
         old_values=t(val, torch.float32) if with_values else None)
     mb.extras = {"labels": pmb.labels, "loss_mask": pmb.loss_mask, "old_logprobs": pmb.old_logprobs,
                  "advantages": pmb.advantages, "ref_logprobs": pmb.ref_logprobs, "row_ids": pmb.row_ids,

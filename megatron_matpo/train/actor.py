@@ -57,26 +57,44 @@ def compute_logprobs(chunks: list, mbs: list[PackedMicroBatch], device: torch.de
     return [r["logprobs"] for r in reported]
 
 
-def train_step(chunks: list, optimizer, mbs: list[PackedMicroBatch], cfg: LossConfig, global_token_count: int,
-               device: torch.device) -> dict[str, float]:
-    """One optimizer step over this rank's micro-batches with the token-mean over all DP ranks.
+def optimizer_step(chunks: list, optimizer, mbs: list[PackedMicroBatch], loss_fn, device: torch.device
+                   ) -> tuple[list[dict], dict[str, float]]:
+    """One optimizer step over this rank's micro-batches with the token-mean over all DP ranks; the
+    actor's and the critic's updates differ only in `loss_fn(out, packed) -> (loss, metrics)`, whose
+    loss must already be divided by the global token count.
 
     megatron's schedule divides each micro-batch loss by the number of micro-batches and DDP averages
-    gradients over DP; the loss is pre-scaled by both so the update is the gradient of
-    (sum of per-token losses over the global batch) / global_token_count.
+    gradients over DP; the loss is pre-scaled by both here so the update is the gradient of
+    (sum of per-token losses over the global batch) / global_token_count. Returns the last stage's
+    reported metrics (one dict per micro-batch; [] elsewhere) and the grad norm / skip flag.
     """
     from megatron.core import parallel_state
 
+    scale = len(mbs) * parallel_state.get_data_parallel_world_size()
+    by_mb = {id(p.micro_batch): p for p in mbs}
+
+    def scaled(out, mb):
+        loss, metrics = loss_fn(out, by_mb[id(mb)])
+        return loss * scale, metrics
+
+    for c in chunks:
+        c.train()
+        c.zero_grad_buffer()
+    optimizer.zero_grad()
+    reported = run_schedule(chunks, [p.micro_batch for p in mbs], scaled, forward_only=False, device=device)
+    ok, grad_norm, _ = optimizer.step()
+    return reported, {"grad_norm": float(grad_norm or 0.0), "step_skipped": float(not ok)}
+
+
+def train_step(chunks: list, optimizer, mbs: list[PackedMicroBatch], cfg: LossConfig, global_token_count: int,
+               device: torch.device) -> dict[str, float]:
+    """One PPO policy update (`optimizer_step` with `algo.loss.policy_loss`)."""
     if cfg.entropy_coef:
         raise ValueError("loss.entropy_coef > 0 is not supported yet: entropy is a metric only (no gradient)")
     if cfg.kl_coef and cfg.kl_as == "loss" and any(p.ref_logprobs is None for p in mbs):
         raise ValueError("loss.kl_coef with kl_as='loss' needs reference logprobs in every micro-batch")
-    dp = parallel_state.get_data_parallel_world_size()
-    scale = len(mbs) * dp
-    by_mb = {id(p.micro_batch): p for p in mbs}
 
-    def loss_fn(out, mb):
-        p = by_mb[id(mb)]
+    def loss_fn(out, p: PackedMicroBatch):
         # before the logprobs: megatron's cross entropy overwrites fp32 logits with the softmax in place
         ent = vocab_parallel_entropy(out)
         lp = token_logprobs(out, p.labels)
@@ -87,15 +105,9 @@ def train_step(chunks: list, optimizer, mbs: list[PackedMicroBatch], cfg: LossCo
         metrics = {k: v.detach().float() for k, v in metrics.items()}
         metrics["entropy_sum"] = (ent * p.loss_mask.to(ent.device)).sum()
         metrics["tokens"] = p.loss_mask.sum().to(lp.device)
-        return loss * scale, metrics
+        return loss, metrics
 
-    for c in chunks:
-        c.train()
-        c.zero_grad_buffer()
-    optimizer.zero_grad()
-    reported = run_schedule(chunks, [p.micro_batch for p in mbs], loss_fn, forward_only=False, device=device)
-    ok, grad_norm, _ = optimizer.step()
-    stats = {"grad_norm": float(grad_norm or 0.0), "step_skipped": float(not ok)}
+    reported, stats = optimizer_step(chunks, optimizer, mbs, loss_fn, device)
     if reported:
         tokens = sum(float(r["tokens"]) for r in reported)
         stats["loss"] = sum(float(r["loss"]) for r in reported)  # already divided by the global count

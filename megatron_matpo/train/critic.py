@@ -53,18 +53,12 @@ class CriticWorker(ActorWorker):
 
     def train(self, global_token_counts: list[int]) -> list[dict[str, float]]:
         """One optimizer step of the clipped value loss per mini-batch (token mean over all DP ranks)."""
-        from megatron.core import parallel_state
-
         from megatron_matpo.algo.loss import value_loss
+        from megatron_matpo.train.actor import optimizer_step
 
-        dp = parallel_state.get_data_parallel_world_size()
         out = []
         for mbs, n in zip(self.batches, global_token_counts):
-            by_mb = {id(p.micro_batch): p for p in mbs}
-            scale = len(mbs) * dp  # see train.actor.train_step: undo megatron's per-micro-batch and DP averaging
-
-            def loss_fn(o, mb, by_mb=by_mb, n=n, scale=scale):
-                p: PackedMicroBatch = by_mb[id(mb)]
+            def loss_fn(o, p: PackedMicroBatch, n=n):
                 v = _values(o)
                 if p.returns is None:  # a padding micro-batch: nothing to fit
                     ret = old = torch.zeros_like(v)
@@ -73,20 +67,13 @@ class CriticWorker(ActorWorker):
                 loss, m = value_loss(v, old, ret, p.loss_mask.to(v.device), self.spec.loss.value_clip,
                                      global_token_count=n)
                 tokens = p.loss_mask.sum().to(v.device)
-                return loss * scale, {"value_loss": m["value_loss"].detach(), "tokens": tokens,
-                                      "value_clip_frac": m["value_clip_frac"] * tokens,
-                                      "value_mean": m["value_mean"] * tokens}
+                return loss, {"value_loss": m["value_loss"].detach(), "tokens": tokens,
+                              "value_clip_frac": m["value_clip_frac"] * tokens,
+                              "value_mean": m["value_mean"] * tokens}
 
-            for c in self.built.chunks:
-                c.train()
-                c.zero_grad_buffer()
-            self.optimizer.zero_grad()
-            reported = run_schedule(self.built.chunks, [p.micro_batch for p in mbs], loss_fn, forward_only=False,
-                                    device=self.device)
-            ok, grad_norm, _ = self.optimizer.step()
+            reported, stats = optimizer_step(self.built.chunks, self.optimizer, mbs, loss_fn, self.device)
             self.scheduler.step(increment=1)
-            stats = {"grad_norm": float(grad_norm or 0.0), "step_skipped": float(not ok),
-                     "lr": float(self.optimizer.param_groups[0]["lr"])}
+            stats["lr"] = float(self.optimizer.param_groups[0]["lr"])
             if reported:
                 tokens = max(sum(float(r["tokens"]) for r in reported), 1.0)
                 stats["value_loss"] = sum(float(r["value_loss"]) for r in reported)  # divided by the global count

@@ -33,7 +33,8 @@ def kl_stats(reports: list[dict]) -> dict[str, float]:
     return {"actor/ref_kl": sum(r["kl_sum"] for r in reports) / max(n, 1.0)}
 
 
-_SUMMED = ("loss", "kl", "pg_term_planner", "pg_term_worker", "loss_tokens_planner", "loss_tokens_worker")
+_SUMMED = ("loss", "kl")
+_PER_ROLE = ("pg_term_", "loss_tokens_")  # + role: summed like the loss
 _TOKEN_MEANS = ("clip_frac", "approx_kl", "ratio_mean", "dual_clip_frac", "entropy")
 
 
@@ -48,11 +49,12 @@ def train_stats(per_rank: list[list[dict]], reports: list[bool]) -> dict[str, fl
     out["actor/steps_skipped"] = sum(s["step_skipped"] for s in rank0)
     out["actor/lr"] = rank0[-1]["lr"]
     rep = [stats for stats, r in zip(per_rank, reports) if r]
-    for k in _SUMMED:
+    per_role = sorted({k for ranks in rep for s in ranks for k in s if k.startswith(_PER_ROLE)})
+    for k in (*_SUMMED, *per_role):
         vals = [s[k] for ranks in rep for s in ranks if k in s]
         if vals:
-            out[f"actor/{k}"] = sum(vals) / (minis if k in ("loss", "kl") else 1)
-    tok = [(s.get("loss_tokens_planner", 0.0) + s.get("loss_tokens_worker", 0.0), s) for ranks in rep for s in ranks]
+            out[f"actor/{k}"] = sum(vals) / (minis if k in _SUMMED else 1)
+    tok = [(sum(v for k, v in s.items() if k.startswith("loss_tokens_")), s) for ranks in rep for s in ranks]
     total = sum(n for n, _ in tok)
     for k in _TOKEN_MEANS:
         if any(k in s for _, s in tok):

@@ -155,18 +155,17 @@ class ActorWorker:
 
     def _role_terms(self, mbs: list[PackedMicroBatch], global_tokens: int) -> dict[str, float]:
         """Each role's share of the policy-gradient surrogate at the pre-update policy (ratio 1):
-        -Σ A over its loss tokens / global tokens. Non-zero for both roles means both receive gradient
-        (∂loss/∂logp = -A/N per token)."""
-        out = {"pg_term_planner": 0.0, "pg_term_worker": 0.0, "loss_tokens_planner": 0.0, "loss_tokens_worker": 0.0}
+        -Σ A over its loss tokens / global tokens, and its loss tokens. Non-zero for every role
+        (planner and worker; each MAPoRL agent) means each receives gradient (∂loss/∂logp = -A/N)."""
+        out: dict[str, float] = {}
         for p in mbs:
-            if p.worker_mask is None:
-                continue
-            for role, sel in (("worker", p.worker_mask), ("planner", 1.0 - p.worker_mask)):
-                m = p.loss_mask * sel
+            for role in sorted(set((p.roles or {}).values())):
+                ids = torch.tensor([rid for rid, r in p.roles.items() if r == role], dtype=p.row_ids.dtype)
+                m = p.loss_mask * torch.isin(p.row_ids, ids).float()
                 term, _ = ppo_policy_loss(p.old_logprobs, p.old_logprobs, p.advantages, m, dual_clip_c=None,
                                           global_token_count=global_tokens)
-                out[f"pg_term_{role}"] += float(term)
-                out[f"loss_tokens_{role}"] += float(m.sum())
+                out[f"pg_term_{role}"] = out.get(f"pg_term_{role}", 0.0) + float(term)
+                out[f"loss_tokens_{role}"] = out.get(f"loss_tokens_{role}", 0.0) + float(m.sum())
         return out
 
     # ---- engines ----------------------------------------------------------------------------------
