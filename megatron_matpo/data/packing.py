@@ -260,7 +260,8 @@ def _build(rows: list[Row], ids: list[int], pad_to_multiple: int, pad_token_id: 
         old_logprobs=t(old, torch.float32), advantages=t(adv, torch.float32),
         ref_logprobs=t(ref, torch.float32) if with_ref else None, row_ids=t(owner, torch.long),
         num_loss_tokens=int(loss_mask.sum()), parity_mask=t(parity, torch.float32),
-        roles={rid: r.role or "policy" for r, rid in zip(rows, ids)}, returns=t(ret, torch.float32) if with_values else None,
+        roles={rid: r.role or "policy" for r, rid in zip(rows, ids)},
+        returns=t(ret, torch.float32) if with_values else None,
         old_values=t(val, torch.float32) if with_values else None)
     mb.extras = {"labels": pmb.labels, "loss_mask": pmb.loss_mask, "old_logprobs": pmb.old_logprobs,
                  "advantages": pmb.advantages, "ref_logprobs": pmb.ref_logprobs, "row_ids": pmb.row_ids,
