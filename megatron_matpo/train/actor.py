@@ -1,5 +1,6 @@
 """The Megatron actor's two RL operations on packed micro-batches, for any TP × PP × DP:
-per-token logprobs (old/reference policy) and one PPO update.
+per-token logprobs (old/reference policy) and one PPO update, whose optimizer step
+(`optimizer_step`) the critic's value update shares.
 
 Logprobs come from the vocab-parallel logits without gathering the vocabulary: megatron's
 `vocab_parallel_cross_entropy` is exactly −log p(label) computed shard-wise.

@@ -95,8 +95,7 @@ def apply_gae(rows: list[Row], values: dict[int, "np.ndarray"], gamma: float, la
             raise ValueError(f"row {r.row_id}: {len(v)} values for {len(p)} generated tokens, reward {r.reward}")
         a, ret = gae(v, r.reward, gamma, lam)
         pos.append(p), vals.append(v), advs.append(a), rets.append(ret)
-    flat = lambda xs: np.concatenate([*xs, np.zeros(0)])  # noqa: E731  (an empty batch is fine)
-    raw = flat(advs)
+    raw = np.concatenate([*advs, np.zeros(0)])  # the zeros(0): an empty batch is fine
     if whiten_advantages:
         advs = whiten(advs)
     for r, p, v, a, ret in zip(rows, pos, vals, advs, rets):
@@ -104,8 +103,8 @@ def apply_gae(rows: list[Row], values: dict[int, "np.ndarray"], gamma: float, la
         for f, x in zip(full, (a, ret, v)):
             f[p] = x
         r.advantage, r.returns, r.old_values = (f.tolist() for f in full)
-    ret_all, v_all = flat(rets), flat(vals)
-    mean = lambda x: float(x.mean()) if x.size else 0.0  # noqa: E731
+    ret_all, v_all = np.concatenate([*rets, np.zeros(0)]), np.concatenate([*vals, np.zeros(0)])
     ev = 1.0 - float(np.var(ret_all - v_all)) / float(np.var(ret_all)) if ret_all.size > 1 and np.var(ret_all) > 0 else 0.0
-    return {"gae/advantage_mean": mean(raw), "gae/advantage_abs_mean": mean(np.abs(raw)),
-            "gae/return_mean": mean(ret_all), "gae/value_mean": mean(v_all), "gae/explained_variance": ev}
+    return {"gae/advantage_mean": _mean(raw.tolist()), "gae/advantage_abs_mean": _mean(np.abs(raw).tolist()),
+            "gae/return_mean": _mean(ret_all.tolist()), "gae/value_mean": _mean(v_all.tolist()),
+            "gae/explained_variance": ev}
