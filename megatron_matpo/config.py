@@ -48,6 +48,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return dict(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # PyYAML reads YAML 1.1, where `3e-3` or `1e-5` (no dot) is a string, not a float
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected float, got {value!r}") from None
     if tp in (int, float, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")

@@ -22,6 +22,10 @@ def test_config_types_and_unknown_keys(tmp_path):
         config.load(RolloutConfig, p, ["workflow.planner.max_turnz=2"])
     with pytest.raises(config.ConfigError, match=r"n_samples: expected int"):
         config.load(RolloutConfig, p, ["n_samples=many"])
+    # YAML 1.1 reads "1e-2" (no dot) as a string; float fields accept it, and nothing else
+    assert config.load(RolloutConfig, p, ["workflow.temperature=1e-2"]).workflow.temperature == 0.01
+    with pytest.raises(config.ConfigError, match=r"workflow.temperature: expected float"):
+        config.load(RolloutConfig, p, ["workflow.temperature=hot"])
 
 
 @pytest.mark.slow

@@ -120,6 +120,16 @@ def _questions(run: Path, step: int) -> list[str]:
     return sorted(d["question"] for d in map(json.loads, lines) if d["role"] == "planner")
 
 
+def _answer_counts(run: Path, step: int) -> str:
+    """The planner's final letters at a step, e.g. "c:13 d:4 h:6" (what a failed learning test shows)."""
+    from collections import Counter
+
+    lines = (run / "rollouts" / f"step_{step:06d}.jsonl").read_text().splitlines()
+    got = Counter((re.findall(r"boxed\{(.)\}", d["final_text"] or "") or ["-"])[-1]
+                  for d in map(json.loads, lines) if d["role"] == "planner")
+    return " ".join(f"{k}:{v}" for k, v in sorted(got.items()))
+
+
 def _port_open(host: str, port: int) -> bool:
     import socket
 
@@ -179,6 +189,8 @@ def test_reward_rises_on_the_learnable_toy(inputs, tmp_path):
     acc = [m[s]["reward/accuracy"] for s in steps]
     first, last = sum(acc[:5]) / 5, sum(acc[-5:]) / 5
     print(f"accuracy by step: {[round(a, 3) for a in acc]}; first-5 mean {first:.3f}, last-5 mean {last:.3f}")
+    for s in steps:
+        print(f"step {s} answers: {_answer_counts(run, s)}")
     assert last >= first + 0.25, (first, last, acc)
     reward = [m[s]["reward/mean"] for s in steps]
     assert sum(reward[-5:]) / 5 > sum(reward[:5]) / 5
