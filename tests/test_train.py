@@ -115,18 +115,22 @@ def _wait_for(path_glob: tuple[Path, str], proc: subprocess.Popen, timeout: floa
     raise AssertionError(f"{pattern} did not appear in {timeout}s")
 
 
-def _questions(run: Path, step: int) -> list[str]:
+def _planners(run: Path, step: int) -> list[dict]:
     lines = (run / "rollouts" / f"step_{step:06d}.jsonl").read_text().splitlines()
-    return sorted(d["question"] for d in map(json.loads, lines) if d["role"] == "planner")
+    return [d for d in map(json.loads, lines) if d["role"] == "planner"]
+
+
+def _questions(run: Path, step: int) -> list[str]:
+    return sorted(d["question"] for d in _planners(run, step))
 
 
 def _answer_counts(run: Path, step: int) -> str:
     """The planner's final letters at a step, e.g. "c:13 d:4 h:6" (what a failed learning test shows)."""
     from collections import Counter
 
-    lines = (run / "rollouts" / f"step_{step:06d}.jsonl").read_text().splitlines()
-    got = Counter((re.findall(r"boxed\{(.)\}", d["final_text"] or "") or ["-"])[-1]
-                  for d in map(json.loads, lines) if d["role"] == "planner")
+    from megatron_matpo.reward.answer import extract_boxed
+
+    got = Counter(extract_boxed(d["final_text"]) or "-" for d in _planners(run, step))
     return " ".join(f"{k}:{v}" for k, v in sorted(got.items()))
 
 
