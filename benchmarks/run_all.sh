@@ -32,6 +32,9 @@ if [ "${1:-}" != "report" ]; then
   stage "end-to-end step breakdown (matpo train, configs/tiny_cpu.yaml, 3 steps)"
   $PY benchmarks/step_breakdown.py --steps 3
 
+  stage "bring-up (matpo train on the embedded default: process start -> first rollout request)"
+  $PY benchmarks/bringup.py --reps 3
+
   stage "layout planner: predicted vs measured ranking"
   $PY benchmarks/layout_accuracy.py --count 6 --rounds 2 --steps 2 --batch-tokens 2048
 fi

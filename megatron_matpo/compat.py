@@ -5,9 +5,11 @@ Each entry names the library version it is for; delete it when the pin moves pas
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 import types
+from pathlib import Path
 
 
 def import_auto_bridge():
@@ -42,9 +44,42 @@ def import_auto_bridge():
     te.pytorch = te_pt
     sys.modules["transformer_engine"], sys.modules["transformer_engine.pytorch"] = te, te_pt
     try:
-        from megatron.bridge import AutoBridge
+        AutoBridge = _import_bridge_for(BRIDGED_MODULES)
     finally:
         del sys.modules["transformer_engine"], sys.modules["transformer_engine.pytorch"]
+    return AutoBridge
+
+
+# the model bridges we build from (model/builder.py: Qwen3, Qwen2, Llama); importing one registers it
+BRIDGED_MODULES = ("megatron.bridge.models.qwen.qwen3_bridge", "megatron.bridge.models.qwen.qwen2_bridge",
+                   "megatron.bridge.models.llama.llama_bridge")
+
+
+def _import_bridge_for(modules: tuple[str, ...]):
+    """megatron-bridge 0.6.2: `import megatron.bridge` runs `megatron/bridge/__init__.py`, which imports
+    every model family's bridge, the diffusion bridges and their HF model code (~70 families; ~8 s of
+    a ~24 s rank start-up on a 2-core machine, measured with -X importtime). Only the bridges of the
+    architectures we build are needed: the three package `__init__`s that import everything stand as
+    bare packages over their real directories (submodules import as usual), then AutoBridge and the
+    listed bridges are imported. `megatron.bridge.AutoBridge` is set as the real `__init__` sets it."""
+    import megatron
+
+    root = Path(megatron.__path__[0]) / "bridge"
+    stubs = {"megatron.bridge": root, "megatron.bridge.models": root / "models",
+             **{m.rsplit(".", 1)[0]: root / "models" / m.split(".")[3] for m in modules}}
+    for name, path in stubs.items():
+        mod = types.ModuleType(name)
+        mod.__path__, mod.__file__, mod.__package__ = [str(path)], str(path / "__init__.py"), name
+        sys.modules[name] = mod
+    for name in stubs:
+        parent, _, child = name.rpartition(".")
+        if parent in sys.modules:
+            setattr(sys.modules[parent], child, sys.modules[name])
+    from megatron.bridge.models.conversion.auto_bridge import AutoBridge
+
+    for m in modules:
+        importlib.import_module(m)
+    sys.modules["megatron.bridge"].AutoBridge = AutoBridge
     return AutoBridge
 
 

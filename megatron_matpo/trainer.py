@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,11 +27,28 @@ from megatron_matpo.train.rows import apply_gae, build_rows, rollout_metrics
 
 
 class Timer(dict):
+    """Seconds per named part (`time/<name>_s`), summed over repeats."""
+
+    _lock = threading.Lock()  # bring-up parts are timed from several threads
+
     @contextmanager
     def __call__(self, name: str):
         t0 = time.perf_counter()
-        yield
-        self[f"time/{name}_s"] = self.get(f"time/{name}_s", 0.0) + time.perf_counter() - t0
+        try:
+            yield
+        finally:
+            with self._lock:
+                self[f"time/{name}_s"] = self.get(f"time/{name}_s", 0.0) + time.perf_counter() - t0
+
+    def timed(self, name: str, fn, *args, **kwargs):
+        with self(name):
+            return fn(*args, **kwargs)
+
+
+def load_tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model)
 
 
 @dataclasses.dataclass
@@ -37,10 +56,11 @@ class Stack:
     """One policy: the engines that sample from it and its Megatron actor ranks (MATPO and shared-model
     MAPoRL have one; MAPoRL with distinct models one per agent)."""
     name: str
-    services: "Services"
+    services: "Services | None"
     root: Path  # its checkpoints/ and hf/ live here
     actors: "ActorGroup | None" = None
     critic: "ActorGroup | None" = None  # advantage.estimator=gae: its value model (checkpoints in root/critic)
+    tokenizer: object = None  # the driver's, loaded during bring-up (MATPO rollouts)
 
 
 class Trainer:
@@ -58,6 +78,7 @@ class Trainer:
         if self.resume_from is not None and not resume:
             raise ConfigError(f"{self.run_dir} already holds checkpoints ({self.resume_from.name}); pass --resume to "
                               "continue that run or choose another run_dir")
+        self.bringup = Timer()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
@@ -78,12 +99,12 @@ class Trainer:
         from megatron_matpo.rollout.engine import EngineConfig
         from megatron_matpo.rollout.runner import RolloutSession, toolbox_server_config
         from megatron_matpo.train.bootstrap import ensure_inputs
-        from megatron_matpo.train.checkpoint import latest_checkpoint
         from megatron_matpo.train.logger import RunLogger
         from megatron_matpo.train.worker import WorkerSpec
 
-        cfg = self.cfg
-        ensure_inputs(cfg)
+        cfg, bt = self.cfg, self.bringup
+        with bt("inputs"):
+            ensure_inputs(cfg)
         samples = list(read_dataset(cfg.data))
         if cfg.bootstrap.toy_answer is not None:
             samples = [dataclasses.replace(s, ground_truth=cfg.bootstrap.toy_answer) for s in samples]
@@ -96,7 +117,8 @@ class Trainer:
         ranks = world * (2 if gae else 1)  # actor ranks, then the critic's
         tools = None if maporl else toolbox_server_config(ro.toolbox, cfg.corpus)
         gpu = gpus_per_rank()
-        start_ray(cfg.orchestrate, needed_cpus=n * (ranks + n_eng) + 1)
+        with bt("ray"):
+            start_ray(cfg.orchestrate, needed_cpus=n * (ranks + n_eng) + 1)
         # per stack: a bundle per actor (and critic) rank, then one per engine (its TP GPUs); stack 0 adds one for
         # the tool server; colocated engines share the actor's GPUs instead of bringing their own
         eng_gpus = 0.0 if cfg.orchestrate.colocate else gpu * eng_tp
@@ -105,7 +127,8 @@ class Trainer:
         sizes = [ranks + n_eng + (k == 0 and tools is not None) for k in range(n)]
         bundles = [b for k in range(n)
                    for b in [rank_b] * ranks + [eng_b] * n_eng + [{"CPU": 1}] * (sizes[k] - ranks - n_eng)]
-        self.pg = placement_group(bundles, cfg.orchestrate.placement_timeout_s, "matpo")
+        with bt("placement"):
+            self.pg = placement_group(bundles, cfg.orchestrate.placement_timeout_s, "matpo")
         where = placement_nodes(self.pg)
         print(f"placement: {len(bundles)} bundles on {len(set(where))} Ray node(s): actor ranks on "
               f"{sorted(set(where[:ranks]))}, engines/tools on {sorted(set(where[ranks:sizes[0]]))}", flush=True)
@@ -114,47 +137,51 @@ class Trainer:
         if cfg.orchestrate.colocate and engine_memory_release_supported():
             extra.append("--enable-memory-saver")  # engines give the GPU back while the actor trains
         self.models = [cfg.maporl.model_of(k, cfg.model) if maporl else cfg.model for k in range(n)]
-        self.stacks = []
-        for k, off in enumerate([sum(sizes[:k]) for k in range(n)]):
-            ecfg = EngineConfig(model_path=self.models[k], tp_size=eng_tp, dtype=ro.engine.dtype,
-                                mem_fraction_static=ro.engine.mem_fraction_static, random_seed=cfg.seed,
-                                context_length=ro.engine.context_length, log_dir=str(self.run_dir / "logs"),
-                                extra_args=extra)
-            services = Services(ecfg, n_eng, tools if k == 0 else None, self.pg, off + ranks, eng_gpus)
-            print(f"{self.names[k]} engines: {services.engine_urls}; tool server: "
-                  f"{services.toolbox_url or ro.toolbox.url}", flush=True)
-            self.stacks.append(Stack(self.names[k], services, self.roots[k]))
-            spec = WorkerSpec(model=self.models[k], layout=layout, dtype=cfg.resolved_dtype(),
-                              seq_length=cfg.actor.max_tokens_per_micro_batch, recompute=cfg.actor.recompute,
-                              optim=cfg.optim, loss=cfg.loss,
-                              sync={"mode": cfg.sync.mode, "bucket_mb": cfg.sync.bucket_mb},
-                              use_reference=cfg.loss.kl_coef > 0, seed=cfg.actor.seed,
-                              total_steps=cfg.steps * cfg.actor.mini_batches)
-            self.stacks[k].actors = ActorGroup(spec, self.pg, off, gpu)
-            self.stacks[k].actors.call("connect_engines", services.engine_urls)
-            if gae:  # same layout and packing, its own optimizer; no engines, no reference
-                cspec = dataclasses.replace(spec, model=cfg.critic.model or self.models[k], optim=cfg.critic.optim,
-                                            sync={}, use_reference=False)
-                self.stacks[k].critic = ActorGroup(cspec, self.pg, off + world, gpu, kind="critic")
+        # engines, tool server, actor (and critic) ranks and the driver's tokenizer do not depend on each
+        # other: all start at once (on a small box their imports and model loads overlap), then are joined
+        self.stacks = [Stack(self.names[k], None, self.roots[k]) for k in range(n)]
+        parts: dict[tuple[int, str], object] = {}
+        with bt("services_and_ranks"), ThreadPoolExecutor(max_workers=3 * n + 1) as pool:
+            for k, off in enumerate([sum(sizes[:k]) for k in range(n)]):
+                ecfg = EngineConfig(model_path=self.models[k], tp_size=eng_tp, dtype=ro.engine.dtype,
+                                    mem_fraction_static=ro.engine.mem_fraction_static, random_seed=cfg.seed,
+                                    context_length=ro.engine.context_length, log_dir=str(self.run_dir / "logs"),
+                                    extra_args=extra)
+                parts[k, "services"] = pool.submit(bt.timed, "engines_tools", Services, ecfg, n_eng,
+                                                   tools if k == 0 else None, self.pg, off + ranks, eng_gpus)
+                spec = WorkerSpec(model=self.models[k], layout=layout, dtype=cfg.resolved_dtype(),
+                                  seq_length=cfg.actor.max_tokens_per_micro_batch, recompute=cfg.actor.recompute,
+                                  optim=cfg.optim, loss=cfg.loss,
+                                  sync={"mode": cfg.sync.mode, "bucket_mb": cfg.sync.bucket_mb},
+                                  use_reference=cfg.loss.kl_coef > 0, seed=cfg.actor.seed,
+                                  total_steps=cfg.steps * cfg.actor.mini_batches)
+                parts[k, "actors"] = pool.submit(bt.timed, "actor_ranks", ActorGroup, spec, self.pg, off, gpu)
+                if gae:  # same layout and packing, its own optimizer; no engines, no reference
+                    cspec = dataclasses.replace(spec, model=cfg.critic.model or self.models[k],
+                                                optim=cfg.critic.optim, sync={}, use_reference=False)
+                    parts[k, "critic"] = pool.submit(bt.timed, "critic_ranks", ActorGroup, cspec, self.pg,
+                                                     off + world, gpu, kind="critic")
+            if not maporl:
+                parts[0, "tokenizer"] = pool.submit(bt.timed, "tokenizer", load_tokenizer, cfg.model)
+            errors = []
+            for (k, attr), fut in parts.items():  # every part is kept, so a failed start tears all down
+                try:
+                    setattr(self.stacks[k], attr, fut.result())
+                except BaseException as e:
+                    errors.append(e)
+            if errors:
+                raise errors[0]
+        for st in self.stacks:
+            print(f"{st.name} engines: {st.services.engine_urls}; tool server: "
+                  f"{st.services.toolbox_url or ro.toolbox.url}", flush=True)
+            with bt("connect_engines"):
+                st.actors.call("connect_engines", st.services.engine_urls)
 
         self.step = 0
         if self.resume_from is not None:
-            for st in self.stacks:
-                ckpt = latest_checkpoint(st.root)
-                state = st.actors.call("load", str(ckpt))[0]
-                if int(state["step"]) != int(self.step or state["step"]):
-                    raise RuntimeError(f"{st.name}'s latest checkpoint {ckpt} is not at step {self.step}")
-                self.step = int(state["step"])
-                if st.critic is not None:
-                    cckpt = latest_checkpoint(st.root / "critic")
-                    if cckpt is None:
-                        raise ConfigError(f"{st.root / 'critic'} holds no critic checkpoint: this run was not "
-                                          "trained with advantage.estimator=gae, which cannot be switched on a resume")
-                    st.critic.call("load", str(cckpt))
-                st.actors.call("sync_weights")  # the engines start from the initial weights
-            self.loader.load_state_dict(state["data"])
-            self.log.truncate_after(self.step)
-            print(f"resumed from {self.resume_from} at step {self.step}")
+            with bt("resume"):  # checkpoint load and the first weight sync
+                self._resume()
+
         if maporl:
             from megatron_matpo.maporl.task import MaporlRollout
 
@@ -167,9 +194,30 @@ class Trainer:
                                        workflow=dataclasses.replace(ro.workflow, seeded=cfg.deterministic),
                                        engine=dataclasses.replace(ro.engine, urls=urls),
                                        toolbox=dataclasses.replace(ro.toolbox, url=tool_url))
-            self.session = RolloutSession(rcfg).__enter__()
+            with bt("rollout_session"):
+                self.session = RolloutSession(rcfg, tokenizer=self.stacks[0].tokenizer).__enter__()
         self.release_engine_memory = cfg.orchestrate.colocate and engine_memory_release_supported()
         return self
+
+    def _resume(self) -> None:
+        from megatron_matpo.train.checkpoint import latest_checkpoint
+
+        for st in self.stacks:
+            ckpt = latest_checkpoint(st.root)
+            state = st.actors.call("load", str(ckpt))[0]
+            if int(state["step"]) != int(self.step or state["step"]):
+                raise RuntimeError(f"{st.name}'s latest checkpoint {ckpt} is not at step {self.step}")
+            self.step = int(state["step"])
+            if st.critic is not None:
+                cckpt = latest_checkpoint(st.root / "critic")
+                if cckpt is None:
+                    raise ConfigError(f"{st.root / 'critic'} holds no critic checkpoint: this run was not "
+                                      "trained with advantage.estimator=gae, which cannot be switched on a resume")
+                st.critic.call("load", str(cckpt))
+            st.actors.call("sync_weights")  # the engines start from the initial weights
+        self.loader.load_state_dict(state["data"])
+        self.log.truncate_after(self.step)
+        print(f"resumed from {self.resume_from} at step {self.step}")
 
     def __exit__(self, *exc) -> None:
         from megatron_matpo.orchestrate.cluster import stop_ray
@@ -196,12 +244,16 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg, history, stop = self.cfg, [], preemption.STOP
+        bring = self.bringup_report()
+        print("bring-up: " + ", ".join(f"{k.split('/')[1][:-2]} {v:.1f}s" for k, v in bring.items()), flush=True)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step")
         while self.step < cfg.steps:
             if stop.is_set():  # the warning came during bring-up: nothing new to save
                 raise Preempted(f"SIGUSR1 before step {self.step + 1}; the last checkpoint stands")
             self.step += 1
             m = self.train_step(self.step)
+            m.update(bring)
+            bring = {}  # reported once, with this process's first step
             if cfg.eval.every and self.step % cfg.eval.every == 0:
                 m.update(self.evaluate())
             self.log.log(self.step, m)
@@ -221,6 +273,15 @@ class Trainer:
             for st in self.stacks:
                 st.actors.call("export_hf", str(st.root / "hf"))
         return history
+
+    def bringup_report(self) -> dict[str, float]:
+        """Each bring-up part's seconds and `bringup/total_s`: this process's start to now (the first
+        rollout request follows at once)."""
+        import psutil
+
+        out = {k.replace("time/", "bringup/"): v for k, v in self.bringup.items()}
+        out["bringup/total_s"] = time.time() - psutil.Process().create_time()
+        return out
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg, t = self.cfg, Timer()

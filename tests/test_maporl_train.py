@@ -1,20 +1,15 @@
 """MAPoRL co-training end to end through `matpo train` (algorithm=maporl): two agents discuss for three
 rounds on real SGLang engines, a numeric verifier scores every answer, influence-aware rewards with
-incentives, GRPO per (question, agent, round), PPO on Megatron actors, weights synced into the
-engines. One shared model (one actor + engine), and distinct models (an actor + engine per agent)
-on the learnable toy, where the final-round accuracy must rise."""
+incentives, PPO on Megatron actors, weights synced into the engines. Two worlds, both on the
+learnable toy, where the final-round accuracy must rise: distinct models (an actor + engine per
+agent) with GRPO per (question, agent, round); and one shared model with its Megatron critic (PPO +
+GAE), SIGKILLed after its step-5 checkpoint and resumed, on which the discussion's structure, eval
+and the HF export are checked too."""
 from __future__ import annotations
-
-import json
-import os
-import signal
-import subprocess
-from pathlib import Path
 
 import pytest
 
-from megatron_matpo.maporl.prompts import shareable
-from tests.test_train import REPO, _cmd, _env, _wait_for, check_invariants, metrics, train
+from tests.e2e import REPO, assert_engines_gone, kill_tree, metrics, rollouts, start, train, wait_for
 
 pytestmark = pytest.mark.slow
 AGENTS, ROUNDS = 2, 3
@@ -33,51 +28,6 @@ def maporl_inputs(tmp_path_factory) -> list[str]:
     return ov
 
 
-def _turns(run: Path, step: int) -> list[dict]:
-    return [json.loads(x) for x in (run / "rollouts" / f"step_{step:06d}.jsonl").read_text().splitlines()]
-
-
-def test_shared_model_discussion_trains(maporl_inputs, tmp_path):
-    run = tmp_path / "run"
-    val = maporl_inputs[1].replace("data=", "").replace("maporl_train_", "maporl_val_")
-    out = train("configs/maporl_tiny_cpu.yaml", run, maporl_inputs + [
-        "steps=2", "eval.every=2", f"eval.data={val}", "eval.max_prompts=2"])
-    m = metrics(run)
-    assert sorted(m) == [1, 2], out[-3000:]
-    check_invariants(m)  # ratio 1 at step 1; the engine computes the actor's logprobs after every sync
-    for step in m.values():
-        for i in range(AGENTS):
-            # 2 questions x 4 discussions, every round played (no consensus stop)
-            assert step[f"agent{i}/count"] == 2 * 4 * ROUNDS
-            for t in range(ROUNDS):
-                assert 0.0 <= step[f"maporl/accuracy_agent{i}_round{t}"] <= 1.0
-        for key in ("influence", "corrective", "regress", "persuasion", "misleading", "score"):
-            assert f"maporl/{key}_mean" in step
-        assert "maporl/accuracy_final" in step and "maporl/answer_changed_fraction" in step
-        # every turn is trained: one shared policy, each agent's turns under its own role
-        assert all(step[f"actor/loss_tokens_agent{i}"] > 0 for i in range(AGENTS)), sorted(step)
-        assert "actor/loss_tokens_planner" not in step and step["advantage/abs_mean"] >= 0
-    # eval after step 2: discussions on the val questions, accuracy per agent and round
-    ev = [k for k in m[2] if k.startswith("eval/") and k.endswith("/maporl/accuracy_final")]
-    assert len(ev) == 1 and 0.0 <= m[2][ev[0]] <= 1.0, sorted(m[2])
-    src = ev[0].split("/")[1]
-    assert f"eval/{src}/maporl/accuracy_agent1_round2" in m[2] and not any(k.startswith("eval/") for k in m[1])
-    assert (run / "rollouts" / f"eval_{2:06d}_{src}.jsonl").exists()
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
-    # agents read each other: a round-t turn was shown the other agent's round t-1 answer, in its prompt
-    turns = {d["traj_id"]: d for d in _turns(run, 1)}
-    later = [d for d in turns.values() if d["round"] > 0]
-    assert len(later) == 2 * 4 * AGENTS * (ROUNDS - 1)
-    for d in later:
-        (seen,) = d["seen"]
-        other = turns[seen]
-        assert other["agent"] != d["agent"] and other["round"] == d["round"] - 1
-        prompt = d["messages"][-2]["content"]  # the revision prompt, before this turn's answer
-        shown = shareable(other["final_text"], 300)[:40] or "(no answer)"
-        assert "Agent" in prompt and shown in prompt, (shown, prompt)
-    assert (run / "hf" / "model.safetensors").exists()
-
-
 def test_distinct_models_learn_the_toy(maporl_inputs, tmp_path):
     """configs/maporl_toy_learnable_cpu.yaml: an actor and an engine per agent; every gold answer is 3
     and every turn a constrained `\\boxed{<digit>}`. Both policies are trained on their own agent's
@@ -88,7 +38,8 @@ def test_distinct_models_learn_the_toy(maporl_inputs, tmp_path):
     steps = sorted(m)
     assert steps == list(range(1, 11)), out[-3000:]
     acc = [m[s]["maporl/accuracy_final"] for s in steps]
-    print("final-round accuracy per step:", [round(a, 3) for a in acc])
+    print("final-round accuracy per step:", [round(a, 3) for a in acc],
+          f"margin {sum(acc[-3:]) / 3 - acc[0] - 0.25:+.3f}")
     # a random digit is right ~1/10 of the time (64 final answers a step, so ±0.04): the last steps must
     # beat the untrained first one clearly. Runs differ (concurrent sampling is not seeded on CPU): two
     # reached 1.0 by step 8, one plateaued at 0.5-0.7 after step 4, so the bar is set for the slower one.
@@ -105,33 +56,45 @@ def test_distinct_models_learn_the_toy(maporl_inputs, tmp_path):
         assert (run / f"agent{i}" / "checkpoints").exists()
 
 
-def test_shared_model_with_a_critic_learns_the_toy(maporl_inputs, tmp_path):
-    """The PPO + GAE option on the toy: one shared actor and its Megatron critic (value head, own ranks).
-    The zero-initialized head gives V = 0 until the critic's first update; the critic then fits the
-    returns, survives a kill + resume, and the final-round accuracy must rise as with GRPO."""
-    run = tmp_path / "run"
+TOY = "configs/maporl_toy_learnable_cpu.yaml"
+PROMPTS, DISCUSSIONS = 4, 8  # the toy's prompts_per_step and n_samples
+
+
+@pytest.fixture(scope="module")
+def critic_world(maporl_inputs, tmp_path_factory) -> dict:
+    """The PPO + GAE option on the toy: one shared actor and its Megatron critic (value head, own
+    ranks), eval on 2 val questions at step 10 and the HF export on. SIGKILLed once the step-5
+    checkpoint (actor, then critic) is complete, then resumed: steps 6-10 run on the restored critic
+    (a fresh zero head would give V = 0 again at step 6)."""
+    run = tmp_path_factory.mktemp("maporl-critic") / "run"
+    val = maporl_inputs[1].replace("data=", "").replace("maporl_train_", "maporl_val_")
     ov = maporl_inputs + ["maporl.models=shared", "advantage.estimator=gae", "critic.optim.lr=1.0e-3",
-                          "checkpoint.every=5"]
-    # SIGKILLed once the step-5 checkpoint (actor, then critic) is complete, then resumed: steps 6-10 run
-    # on the restored critic (a fresh zero head would give V = 0 again at step 6)
-    run.mkdir()
-    with open(run / "stdout.txt", "w") as log:
-        proc = subprocess.Popen(_cmd("configs/maporl_toy_learnable_cpu.yaml", run, ov), cwd=REPO, env=_env(),
-                                stdout=log, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            _wait_for((run / "critic" / "checkpoints", "step_000005"), proc, timeout=1200)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    out = train("configs/maporl_toy_learnable_cpu.yaml", run, ov, resume=True)
+                          "checkpoint.every=5", "checkpoint.export_hf=true", "eval.every=10", f"eval.data={val}",
+                          "eval.max_prompts=2"]
+    proc = start(TOY, run, ov)
+    try:
+        wait_for(run / "critic" / "checkpoints", "step_000005", proc, timeout=1500)
+    finally:
+        kill_tree(proc)
+    killed_stdout = (run / "stdout.txt").read_text()
+    out = train(TOY, run, ov, resume=True)
+    return {"run": run, "out": out, "killed_stdout": killed_stdout, "m": metrics(run)}
+
+
+def test_shared_model_with_a_critic_learns_the_toy(critic_world):
+    """The zero-initialized head gives V = 0 until the critic's first update; the critic then fits
+    the returns, survives a kill + resume, and the final-round accuracy must rise as with GRPO."""
+    run, m, out = critic_world["run"], critic_world["m"], critic_world["out"]
     assert "resumed from" in out and "step_000005" in out, out[-2000:]
-    m = metrics(run)
+    assert_engines_gone(critic_world["killed_stdout"])
     steps = sorted(m)
     assert steps == list(range(1, 11))
     acc = [m[s]["maporl/accuracy_final"] for s in steps]
     ev = [m[s]["gae/explained_variance"] for s in steps]
-    print("final-round accuracy per step:", [round(a, 3) for a in acc])
+    print("final-round accuracy per step:", [round(a, 3) for a in acc],
+          f"margin {sum(acc[-3:]) / 3 - acc[0] - 0.25:+.3f}")
     print("critic explained variance per step:", [round(e, 3) for e in ev])
+    print("critic value loss per step:", [round(m[s]["critic/value_loss"], 4) for s in steps])
     assert sum(acc[-3:]) / 3 >= acc[0] + 0.25, acc
     assert m[1]["gae/value_mean"] == 0.0 and m[1]["gae/explained_variance"] == 0.0  # V = 0 before any update
     assert all(m[s]["gae/value_mean"] != 0.0 for s in steps[1:])
@@ -141,3 +104,40 @@ def test_shared_model_with_a_critic_learns_the_toy(maporl_inputs, tmp_path):
     assert abs(m[1]["actor/ratio_mean"] - 1.0) < 1e-6 and abs(m[1]["actor/approx_kl"]) < 1e-7
     assert all(m[s]["parity/max_abs"] <= 1e-4 for s in (5, 10))
     assert (run / "critic" / "checkpoints" / "latest").exists()
+
+
+def test_shared_model_discussion_trains(critic_world):
+    """The discussion itself, on the same run: every agent plays every round of every discussion, the
+    metrics of each agent and round and each reward term, one shared policy trained on each agent's
+    turns under its own role, eval per agent and round, and agents that read each other."""
+    run, m = critic_world["run"], critic_world["m"]
+    for step in m.values():
+        for i in range(AGENTS):
+            assert step[f"agent{i}/count"] == PROMPTS * DISCUSSIONS * ROUNDS  # no consensus stop
+            for t in range(ROUNDS):
+                assert 0.0 <= step[f"maporl/accuracy_agent{i}_round{t}"] <= 1.0
+        for key in ("influence", "corrective", "regress", "persuasion", "misleading", "score"):
+            assert f"maporl/{key}_mean" in step
+        assert "maporl/accuracy_final" in step and "maporl/answer_changed_fraction" in step
+        assert all(step[f"actor/loss_tokens_agent{i}"] > 0 for i in range(AGENTS)), sorted(step)
+        assert "actor/loss_tokens_planner" not in step and step["advantage/abs_mean"] >= 0
+    # eval at step 10: discussions on the val questions, accuracy per agent and round
+    ev = [k for k in m[10] if k.startswith("eval/") and k.endswith("/maporl/accuracy_final")]
+    assert len(ev) == 1 and 0.0 <= m[10][ev[0]] <= 1.0, sorted(m[10])
+    src = ev[0].split("/")[1]
+    assert f"eval/{src}/maporl/accuracy_agent1_round2" in m[10]
+    assert not any(k.startswith("eval/") for s in range(1, 10) for k in m[s])
+    assert (run / "rollouts" / f"eval_{10:06d}_{src}.jsonl").exists()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    # agents read each other: a round-t turn was shown the other agent's round t-1 answer (the toy
+    # shares answers only: maporl.discussion.share=answer), in its prompt
+    turns = {d["traj_id"]: d for d in rollouts(run, 1)}
+    later = [d for d in turns.values() if d["round"] > 0]
+    assert len(later) == PROMPTS * DISCUSSIONS * AGENTS * (ROUNDS - 1)
+    for d in later:
+        (seen,) = d["seen"]
+        other = turns[seen]
+        assert other["agent"] != d["agent"] and other["round"] == d["round"] - 1
+        prompt = d["messages"][-2]["content"]  # the revision prompt, before this turn's answer
+        assert "Agent" in prompt and (other["answer"] or "") in prompt, (other["answer"], prompt)
+    assert (run / "hf" / "model.safetensors").exists()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train import check_invariants
+from tests.e2e import check_invariants
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +94,7 @@ def test_tiny_job_two_nodes_preempted_requeued_resumed(slurm, inputs, tmp_path):
     env = {**slurm, "MATPO_RUN_DIR": str(run), "MATPO_HOME": str(REPO),
            "PATH": f"{REPO}/.venv/bin:{os.environ['PATH']}"}
     p = subprocess.run(["sbatch", "--parsable", f"--output={out}", "slurm/tiny_cpu.sbatch", "steps=3",
-                        "checkpoint.every=1", *inputs], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+                        "checkpoint.every=1", "loss.kl_coef=0.001", "eval.every=3", "eval.max_prompts=2", *inputs], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     job = p.stdout.strip().split(";")[0]
 
@@ -127,5 +127,12 @@ def test_tiny_job_two_nodes_preempted_requeued_resumed(slurm, inputs, tmp_path):
     m = {d["step"]: d for d in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
     assert sorted(m) == [1, 2, 3]  # step 3 once, by the resumed run; nothing redone
     check_invariants(m)  # every sync over the broadcast group reached the engine on the other node
+    # the frozen reference (loss.kl_coef > 0) starts equal to the actor: KL 0 at step 1; the resumed run
+    # rebuilt it from the initial model, not from the checkpoint (KL > 0 once the actor moved)
+    assert m[1]["actor/ref_kl"] == pytest.approx(0.0, abs=1e-7) and "actor/kl" in m[1]
+    # eval after step 3 (by the resumed run) on the val questions, its transcripts beside the steps'
+    assert any(k.startswith("eval/") and k.endswith("accuracy") for k in m[3]), sorted(m[3])
+    assert not any(k.startswith("eval/") for s in (1, 2) for k in m[s])
+    assert (run / "rollouts" / "eval_000003.jsonl").exists()
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_000002", "step_000003"]
     assert (run / "hf" / "model.safetensors").exists()

@@ -1,127 +1,32 @@
 """The RL loop end to end through `matpo train`: real SGLang engine, real MCP tool server, Megatron
-actor ranks as Ray actors (gloo), weight sync into the engine, checkpoints, HF export.
+actor ranks as Ray actors (gloo), weight sync into the engine, checkpoints, eval, HF export.
 
-Each run is a separate `matpo train` process (what users run); inputs are bootstrapped once per
-session into a shared directory and passed as overrides.
+One world for all of it (bring-up is most of a short run's cost on 2 cores): the learnable toy
+(configs/toy_learnable_cpu.yaml), with a checkpoint every step, eval, the colocated engine synced
+by tensors and the HF export switched on, is SIGKILLed while it writes its step-3 checkpoint and
+resumed with --resume; the learning test, the end-to-end checks and the crash/resume checks all read
+that one run. (The broadcast path and the frozen reference (KL) run end to end in
+tests/test_slurm.py; all three sync paths at TP=2 / PP=2 in tests/test_bridge.py.)
 """
 from __future__ import annotations
 
-import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.e2e import (REPO, assert_engines_gone, check_invariants, kill_tree, metrics, rollouts, start, train,
+                       wait_for)
+
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _cmd(config_path: str, run_dir: Path, overrides: list[str], resume: bool = False) -> list[str]:
-    return ([sys.executable, "-m", "megatron_matpo.cli", "train", "--config", str(REPO / config_path)]
-            + (["--resume"] if resume else []) + [f"run_dir={run_dir}", *overrides])
-
-
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def train(config_path: str, run_dir: Path, overrides: list[str], resume: bool = False, timeout: float = 900) -> str:
-    p = subprocess.run(_cmd(config_path, run_dir, overrides, resume), cwd=REPO, env=_env(), capture_output=True,
-                       text=True, timeout=timeout)
-    assert p.returncode == 0, f"matpo train failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
-    return p.stdout + p.stderr
-
-
-def metrics(run_dir: Path) -> dict[int, dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {d["step"]: d for d in map(json.loads, lines)}
-
-
-def check_invariants(m: dict[int, dict], parity_steps: list[int] | None = None) -> None:
-    """First step: actor == engine weights, so the PPO ratio is exactly 1 and approx-KL 0; after
-    every sync the engine's logprobs equal the actor's (fp32)."""
-    first = m[min(m)]
-    assert abs(first["actor/ratio_mean"] - 1.0) < 1e-6 and first["actor/ratio_max"] < 1.0 + 1e-5, first
-    assert abs(first["actor/approx_kl"]) < 1e-7, first
-    for step, d in m.items():
-        assert d["train_rollout_logprob_tokens"] > 0, step
-        assert d["train_rollout_logprob_abs_diff"] <= 1e-4, (step, d["train_rollout_logprob_abs_diff"])
-        if parity_steps is None or step in parity_steps:
-            assert d["parity/max_abs"] <= 1e-4, (step, d)
-        assert d["sync/bytes"] > 0, step
-
-
-# a checkpoint every step, so the same run is also the reference the resume test compares against;
-# colocated engines synced by tensors (the broadcast path runs end to end in tests/test_slurm.py;
-# releasing engine memory during training is CUDA-only, compat.engine_memory_release_supported)
-TP2 = ["checkpoint.every=1", "loss.kl_coef=0.001", "eval.every=3", "eval.max_prompts=2", "orchestrate.colocate=true",
-       "sync.mode=tensor"]
-
-
-@pytest.fixture(scope="module")
-def tp2_run(inputs, tmp_path_factory) -> tuple[Path, str]:
-    run = tmp_path_factory.mktemp("tp2") / "run"
-    return run, train("configs/tiny_cpu.yaml", run, inputs + TP2)
-
-
-def test_tiny_cpu_end_to_end_tp2(tp2_run, inputs):
-    run, out = tp2_run
-    m = metrics(run)
-    assert sorted(m) == [1, 2, 3], out[-2000:]
-    check_invariants(m)
-    for step in m.values():
-        assert step["planner/count"] == 8 and step["worker/count"] >= 8  # forced delegation: one worker each
-        assert step["planner/workers_per_planner"] >= 1.0
-        assert step["actor/loss_tokens_planner"] > 0 and step["actor/loss_tokens_worker"] > 0
-        assert step["actor/steps_skipped"] == 0 and step["actor/grad_norm"] >= 0.0
-        assert step["sync/tensors"] > 0 and "time/rollout_s" in step
-    # the frozen reference (loss.kl_coef > 0) starts equal to the actor: KL 0 at step 1
-    assert m[1]["actor/ref_kl"] == pytest.approx(0.0, abs=1e-7) and "actor/kl" in m[1]
-    assert any(k.startswith("eval/") and k.endswith("accuracy") for k in m[3]), sorted(m[3])
-    assert (run / "rollouts" / "eval_000003.jsonl").exists()
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
-    lines = (run / "rollouts" / "step_000001.jsonl").read_text().splitlines()
-    roles = {json.loads(x)["role"] for x in lines}
-    assert roles == {"planner", "worker"}
-    from megatron_matpo.train.checkpoint import latest_checkpoint
-
-    assert latest_checkpoint(run).name == "step_000003"
-    assert (run / "config.yaml").exists()
-    # the HF export of the final policy has the initial model's tensors and loads in transformers
-    from safetensors.torch import load_file
-
-    model_dir = Path(inputs[0].split("=", 1)[1])
-    a, b = load_file(model_dir / "model.safetensors"), load_file(run / "hf" / "model.safetensors")
-    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
-    from transformers import AutoModelForCausalLM
-
-    AutoModelForCausalLM.from_pretrained(run / "hf")
-
-
-def _wait_for(path_glob: tuple[Path, str], proc: subprocess.Popen, timeout: float) -> None:
-    root, pattern = path_glob
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"run exited ({proc.returncode}) before {pattern} appeared")
-        if list(root.glob(pattern)):
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{pattern} did not appear in {timeout}s")
+TOY = "configs/toy_learnable_cpu.yaml"
+KILL_AT = 3  # the run dies inside this step's checkpoint write, so step 2's is the one to resume from
+WORLD = ["bootstrap.toy_answer=c", "checkpoint.every=1", "checkpoint.keep_last=2", "checkpoint.export_hf=true",
+         "eval.every=10", "eval.max_prompts=2", "orchestrate.colocate=true", "sync.mode=tensor"]
 
 
 def _planners(run: Path, step: int) -> list[dict]:
-    lines = (run / "rollouts" / f"step_{step:06d}.jsonl").read_text().splitlines()
-    return [d for d in map(json.loads, lines) if d["role"] == "planner"]
-
-
-def _questions(run: Path, step: int) -> list[str]:
-    return sorted(d["question"] for d in _planners(run, step))
+    return [d for d in rollouts(run, step) if d["role"] == "planner"]
 
 
 def _answer_counts(run: Path, step: int) -> str:
@@ -134,67 +39,42 @@ def _answer_counts(run: Path, step: int) -> str:
     return " ".join(f"{k}:{v}" for k, v in sorted(got.items()))
 
 
-def _port_open(host: str, port: int) -> bool:
-    import socket
+@pytest.fixture(scope="module")
+def matpo_world(inputs, tmp_path_factory) -> dict:
+    """The toy run, SIGKILLed (with every process under it) as soon as its step-3 checkpoint directory
+    exists in its temporary form, then resumed to the end. What the kill left is recorded before
+    the resume touches anything."""
+    from megatron_matpo.train.checkpoint import CHECKPOINTS_DIR, LATEST_FILE, latest_checkpoint
 
-    with socket.socket() as s:
-        return s.connect_ex((host, port)) == 0
-
-
-def test_resume_after_sigkill(tp2_run, inputs, tmp_path):
-    """A run SIGKILLed after its step-2 checkpoint and resumed with --resume: it restarts from that
-    checkpoint (not from scratch, not from a partial one), takes step 3's prompts from the restored
-    data cursor (the same as the uninterrupted run's), continues the LR schedule, and syncs the
-    restored weights into the fresh engine before rolling out (engine == actor logprobs at step 3).
-    The SIGKILL leaves no engine behind. (Bit-exact equality of the resumed *training* state is
-    tests/test_checkpoint.py; equal rollouts would need SGLang's seeded sampling, GPU-only.)"""
-    full, _ = tp2_run
-    ov = inputs + TP2
-    ref = metrics(full)
-
-    killed = tmp_path / "killed"
-    killed.mkdir()
-    with open(killed / "stdout.txt", "w") as log:
-        proc = subprocess.Popen(_cmd("configs/tiny_cpu.yaml", killed, ov), cwd=REPO, env=_env(),
-                                stdout=log, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            _wait_for((killed / "checkpoints", "step_000002"), proc, timeout=900)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    # the trainer prints "actor engines: ['http://HOST:PORT', ...]"; engines listen on their Ray node's address
-    (line,) = [x for x in (killed / "stdout.txt").read_text().splitlines() if x.startswith("actor engines: ")]
-    urls = re.findall(r"http://([^:/']+):(\d+)", line.split(";")[0])
-    deadline = time.time() + 60
-    while any(_port_open(h, int(p)) for h, p in urls) and time.time() < deadline:
-        time.sleep(1)
-    assert urls and not any(_port_open(h, int(p)) for h, p in urls), "the killed run's engine survived"
-    from megatron_matpo.train.checkpoint import latest_checkpoint
-
-    assert latest_checkpoint(killed).name == "step_000002", "the kill came too late to leave a step to redo"
-    out = train("configs/tiny_cpu.yaml", killed, ov, resume=True)
-    assert "resumed from" in out and "step_000002" in out
-    got = metrics(killed)
-    assert sorted(got) == [1, 2, 3]  # step 3 logged once, by the resumed run
-    assert _questions(killed, 3) == _questions(full, 3)  # data cursor restored
-    assert got[3]["actor/lr"] == ref[3]["actor/lr"]
-    check_invariants({3: got[3]})  # restored weights reached the new engine before step 3's rollouts
-    assert latest_checkpoint(killed).name == "step_000003"
+    run = tmp_path_factory.mktemp("matpo") / "run"
+    ov = inputs + WORLD
+    proc = start(TOY, run, ov)
+    try:
+        partial = wait_for(run / CHECKPOINTS_DIR, f"step_{KILL_AT:06d}.tmp-*", proc, timeout=1500, poll_s=0.01)
+    finally:
+        kill_tree(proc)
+    ckpts = run / CHECKPOINTS_DIR
+    killed = {"partial": partial, "partial_left": partial.exists(),
+              "committed_at_kill": (ckpts / f"step_{KILL_AT:06d}").exists(),
+              "latest_file": (ckpts / LATEST_FILE).read_text().strip(),
+              "latest": latest_checkpoint(run).name, "stdout": (run / "stdout.txt").read_text()}
+    out = train(TOY, run, ov, resume=True)
+    return {"run": run, "out": out, "killed": killed, "m": metrics(run), "inputs": inputs}
 
 
-def test_reward_rises_on_the_learnable_toy(inputs, tmp_path):
-    """configs/toy_learnable_cpu.yaml: the same planner + worker pipeline where the planner's answer
-    is one constrained letter and the gold answer is always "c" (a random policy is right 1/8 of the
-    time). GRPO must raise the reward; planner and worker tokens both carry policy-gradient terms."""
-    run = tmp_path / "toy"
-    train("configs/toy_learnable_cpu.yaml", run, inputs + ["bootstrap.toy_answer=c"], timeout=1500)
-    m = metrics(run)
+def test_reward_rises_on_the_learnable_toy(matpo_world):
+    """The planner's answer is one constrained letter and the gold answer is always "c" (a random
+    policy is right 1/8 of the time). GRPO must raise the reward over 10 steps (a kill and resume
+    included); planner and worker tokens both carry policy-gradient terms."""
+    run, m = matpo_world["run"], matpo_world["m"]
     steps = sorted(m)
     acc = [m[s]["reward/accuracy"] for s in steps]
     first, last = sum(acc[:5]) / 5, sum(acc[-5:]) / 5
-    print(f"accuracy by step: {[round(a, 3) for a in acc]}; first-5 mean {first:.3f}, last-5 mean {last:.3f}")
+    print(f"accuracy by step: {[round(a, 3) for a in acc]}; first-5 mean {first:.3f}, last-5 mean {last:.3f}, "
+          f"margin {last - first - 0.25:+.3f}")
     for s in steps:
-        print(f"step {s} answers: {_answer_counts(run, s)}")
+        print(f"step {s} answers: {_answer_counts(run, s)}; grad norm {m[s]['actor/grad_norm']:.3g}, "
+              f"clip {m[s].get('actor/clip_frac', float('nan')):.3g}, approx-KL {m[s]['actor/approx_kl']:.3g}")
     assert last >= first + 0.25, (first, last, acc)
     reward = [m[s]["reward/mean"] for s in steps]
     assert sum(reward[-5:]) / 5 > sum(reward[:5]) / 5
@@ -202,7 +82,68 @@ def test_reward_rises_on_the_learnable_toy(inputs, tmp_path):
     assert any(abs(m[s]["actor/pg_term_planner"]) > 0 for s in steps)
     assert any(abs(m[s]["actor/pg_term_worker"]) > 0 for s in steps)
     assert all(m[s]["actor/loss_tokens_worker"] > 0 and m[s]["actor/loss_tokens_planner"] > 0 for s in steps)
-    check_invariants(m, parity_steps=[s for s in steps if "parity/max_abs" in m[s]])
+
+
+def test_matpo_end_to_end(matpo_world):
+    run, m, inputs = matpo_world["run"], matpo_world["m"], matpo_world["inputs"]
+    assert sorted(m) == list(range(1, 11)), matpo_world["out"][-2000:]
+    check_invariants(m, parity_steps=[s for s in m if "parity/max_abs" in m[s]])
+    assert all(m[s]["parity/max_abs"] <= 1e-4 for s in (5, 10))  # sync.parity_every: 5
+    for step in m.values():
+        assert step["planner/count"] == 64 and step["worker/count"] >= 64  # forced delegation: one worker each
+        assert step["planner/workers_per_planner"] >= 1.0
+        assert step["actor/steps_skipped"] == 0 and step["actor/grad_norm"] >= 0.0
+        assert step["sync/tensors"] > 0 and "time/rollout_s" in step
+    assert any(k.startswith("eval/") and k.endswith("accuracy") for k in m[10]), sorted(m[10])
+    assert not any(k.startswith("eval/") for s in range(1, 10) for k in m[s])
+    assert (run / "rollouts" / "eval_000010.jsonl").exists()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert {d["role"] for d in rollouts(run, 1)} == {"planner", "worker"}
+    from megatron_matpo.train.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(run).name == "step_000010"
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_000009", "step_000010"]
+    assert (run / "config.yaml").exists()
+    # the HF export of the final policy has the initial model's tensors and loads in transformers
+    from safetensors.torch import load_file
+
+    model_dir = Path(inputs[0].split("=", 1)[1])
+    a, b = load_file(model_dir / "model.safetensors"), load_file(run / "hf" / "model.safetensors")
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(run / "hf")
+
+
+def test_sigkill_in_a_checkpoint_write_then_resume(matpo_world):
+    """SIGKILL (trainer, Ray, ranks, engine) while the step-3 checkpoint is being written: the partial
+    directory is never loaded and `latest` never names it; --resume restarts from step 2's checkpoint
+    (not from scratch), redoes step 3 with the prompts the data cursor gives (the loader's own
+    order), continues the LR schedule, and syncs the restored weights into the fresh engine before
+    rolling out (engine == actor logprobs at step 3). The killed engine does not survive. (Bit-exact
+    equality of the resumed *training* state is tests/test_checkpoint.py; equal rollouts would need
+    SGLang's seeded sampling, GPU-only.)"""
+    from megatron_matpo.data.loader import PromptLoader
+    from megatron_matpo.data.parquet import read_dataset
+
+    run, m, k, out = matpo_world["run"], matpo_world["m"], matpo_world["killed"], matpo_world["out"]
+    before = f"step_{KILL_AT - 1:06d}"
+    assert k["partial_left"] and not k["committed_at_kill"], ("the kill missed the checkpoint write", k)
+    assert k["latest"] == before and k["latest_file"] == before, k
+    assert_engines_gone(k["stdout"])
+    assert re.search(rf"resumed from \S+{before} at step {KILL_AT - 1}", out), out[-2000:]
+    assert not k["partial"].exists()  # the next successful save cleared the leftover
+    assert sorted(m) == list(range(1, 11))  # step 3 logged once, by the resumed run
+    # every step's prompts are the loader's: steps 1-2 before the kill, 3-10 from the restored cursor
+    data = next(x.split("=", 1)[1] for x in matpo_world["inputs"] if x.startswith("data="))
+    loader = PromptLoader(list(read_dataset(data)), 8, seed=0)
+    for step in range(1, 11):
+        want = sorted(s.question for s in loader.next_batch() for _ in range(8))
+        assert sorted(d["question"] for d in _planners(run, step)) == want, step
+    assert m[KILL_AT]["actor/lr"] == m[1]["actor/lr"] == 5e-3  # constant schedule, restored
+    # restored weights reached the new engine before step 3's rollouts: its sampling logprobs equal the
+    # actor's (the prompt-logprob parity check runs at steps 5 and 10 only: sync.parity_every)
+    check_invariants({KILL_AT: m[KILL_AT]}, parity_steps=[])
 
 
 def test_config_errors_before_anything_starts(tmp_path):

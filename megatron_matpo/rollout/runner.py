@@ -104,8 +104,9 @@ def toolbox_server_config(tb: ToolboxSection, corpus: str | None = None) -> dict
 class RolloutSession:
     """Engines, tool server and workflow, started once and reused for many batches."""
 
-    def __init__(self, cfg: RolloutConfig):
+    def __init__(self, cfg: RolloutConfig, tokenizer=None):
         self.cfg = cfg
+        self.tokenizer = tokenizer  # None: loaded from cfg.model on enter
         self._stack = contextlib.ExitStack()
         self.servers = []
 
@@ -115,7 +116,8 @@ class RolloutSession:
         from megatron_matpo.rollout.engine import EngineConfig, launch_engines
 
         cfg = self.cfg
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        if self.tokenizer is None:
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         urls = list(cfg.engine.urls)
         if not urls:
             ecfg = EngineConfig(model_path=cfg.model, tp_size=cfg.engine.tp_size, dtype=cfg.engine.dtype,

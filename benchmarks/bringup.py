@@ -1,0 +1,73 @@
+"""Bring-up of `matpo train` on the embedded default (configs/tiny_cpu.yaml): process start → first
+rollout request, and each part the trainer times (`bringup/<part>_s` in step 1 of metrics.jsonl):
+inputs (bootstrap), Ray, placement group, engines + tool server, actor ranks (Ray actors, megatron
+world, model, optimizer, reference), the driver's tokenizer, engine connection (broadcast group),
+rollout session, and on a resume the checkpoint load + first weight sync. Engines, tool server, actor
+ranks and tokenizer start concurrently; `services_and_ranks` is the wall time of that phase.
+
+Runs `matpo train steps=1` `--reps` times in fresh run directories (inputs are generated once, before
+the first rep, and not timed) and reports each part's median.
+
+    .venv/bin/python benchmarks/bringup.py [--reps 3] [key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CACHE, ROOT, bench_env, meta, write_result  # noqa: E402
+
+TARGET_S = 30.0
+
+
+def one(run_dir: Path, inputs: list[str], overrides: list[str]) -> dict[str, float]:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "megatron_matpo.cli", "train", f"run_dir={run_dir}", "steps=1",
+           "checkpoint.export_hf=false", *inputs, *overrides]
+    with open(run_dir / "stdout.txt", "w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    if proc.returncode != 0:
+        raise SystemExit(f"matpo train failed ({proc.returncode}):\n{(run_dir / 'stdout.txt').read_text()[-3000:]}")
+    first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    return {k[len("bringup/"):-len("_s")]: v for k, v in first.items() if k.startswith("bringup/")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--json", help="default: benchmarks/results/bringup.json")
+    ap.add_argument("overrides", nargs="*", help="TrainConfig overrides, key.sub=value")
+    args = ap.parse_args()
+    bench_env()
+    from megatron_matpo import config
+    from megatron_matpo.train.bootstrap import ensure_inputs
+    from megatron_matpo.train.config import TrainConfig
+
+    root = CACHE / "bringup"
+    inputs = [f"model={root}/inputs/tiny-qwen3", f"data={root}/inputs/multihop/matpo_train_multihop",
+              f"corpus={root}/inputs/multihop/corpus.jsonl"]
+    ensure_inputs(config.load(TrainConfig, ROOT / "configs/tiny_cpu.yaml", inputs + [f"run_dir={root}/run"]))
+    reps = []
+    for i in range(args.reps):
+        parts = one(root / "run", inputs, args.overrides)
+        print(f"rep {i + 1}: " + ", ".join(f"{k} {v:.1f}s" for k, v in parts.items()), flush=True)
+        reps.append(parts)
+    median = {k: statistics.median(r[k] for r in reps) for k in reps[0]}
+    print("median: " + ", ".join(f"{k} {v:.1f}s" for k, v in median.items()))
+    print(f"process start -> first rollout request: {median['total']:.1f}s (target <= {TARGET_S:.0f}s: "
+          f"{'met' if median['total'] <= TARGET_S else 'missed'})")
+    write_result("bringup", {"meta": meta(source=" ".join(["matpo train steps=1", *args.overrides])),
+                             "targets": {"total_s": TARGET_S}, "reps": reps, "median": median,
+                             "target_met": median["total"] <= TARGET_S}, args.json)
+
+
+if __name__ == "__main__":
+    main()
