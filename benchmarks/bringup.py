@@ -2,8 +2,8 @@
 rollout request, and each part the trainer times (`bringup/<part>_s` in step 1 of metrics.jsonl):
 inputs (bootstrap), Ray, placement group, engines + tool server, actor ranks (Ray actors, megatron
 world, model, optimizer, reference), the driver's tokenizer, engine connection (broadcast group),
-rollout session, and on a resume the checkpoint load + first weight sync. Engines, tool server, actor
-ranks and tokenizer start concurrently; `services_and_ranks` is the wall time of that phase.
+rollout session, and on a resume the checkpoint load + first weight sync. Engines + tool server come
+up first, then every stack's ranks together (`ranks`); the tokenizer loads in the background.
 
 Runs `matpo train steps=1` `--reps` times in fresh run directories (inputs are generated once, before
 the first rep, and not timed) and reports each part's median.

@@ -164,8 +164,8 @@ def bringup(d: dict) -> str:
     return "\n\n".join([
         _table(["rep"] + [f"{k} s" for k in parts] + ["process start → first rollout s"], rows),
         f"Process start → first rollout request: **{d['median']['total']:.1f} s** (median) — {_ok(d['target_met'])} "
-        f"(target ≤ {d['targets']['total_s']:.0f} s). Parts overlap: engines + tool server, actor ranks and the "
-        "tokenizer start together (`services_and_ranks` is that phase's wall time).",
+        f"(target ≤ {d['targets']['total_s']:.0f} s). The tokenizer loads while the engines and then the ranks "
+        "start, so the parts do not add up.",
         f"Source: {d['meta'].get('source', '?')}. " + _provenance(d["meta"])])
 
 

@@ -137,40 +137,46 @@ class Trainer:
         if cfg.orchestrate.colocate and engine_memory_release_supported():
             extra.append("--enable-memory-saver")  # engines give the GPU back while the actor trains
         self.models = [cfg.maporl.model_of(k, cfg.model) if maporl else cfg.model for k in range(n)]
-        # engines, tool server, actor (and critic) ranks and the driver's tokenizer do not depend on each
-        # other: all start at once (on a small box their imports and model loads overlap), then are joined
+        # Engines first, one stack after another: on CPU an SGLang engine sizes its KV cache from the host
+        # memory free while it profiles, and processes starting beside it (other engines, actor ranks)
+        # made that fail ("Loaded weights leave no GPU memory for the KV cache", 2 stacks on 2 cores).
+        # Then every stack's actor (and critic) ranks together. The driver's tokenizer loads meanwhile.
         self.stacks = [Stack(self.names[k], None, self.roots[k]) for k in range(n)]
-        parts: dict[tuple[int, str], object] = {}
-        with bt("services_and_ranks"), ThreadPoolExecutor(max_workers=3 * n + 1) as pool:
-            for k, off in enumerate([sum(sizes[:k]) for k in range(n)]):
+        offsets = [sum(sizes[:k]) for k in range(n)]
+        with ThreadPoolExecutor(max_workers=2 * n + 1) as pool:
+            tok = None if maporl else pool.submit(bt.timed, "tokenizer", load_tokenizer, cfg.model)
+            for k, off in enumerate(offsets):
                 ecfg = EngineConfig(model_path=self.models[k], tp_size=eng_tp, dtype=ro.engine.dtype,
                                     mem_fraction_static=ro.engine.mem_fraction_static, random_seed=cfg.seed,
                                     context_length=ro.engine.context_length, log_dir=str(self.run_dir / "logs"),
                                     extra_args=extra)
-                parts[k, "services"] = pool.submit(bt.timed, "engines_tools", Services, ecfg, n_eng,
-                                                   tools if k == 0 else None, self.pg, off + ranks, eng_gpus)
-                spec = WorkerSpec(model=self.models[k], layout=layout, dtype=cfg.resolved_dtype(),
-                                  seq_length=cfg.actor.max_tokens_per_micro_batch, recompute=cfg.actor.recompute,
-                                  optim=cfg.optim, loss=cfg.loss,
-                                  sync={"mode": cfg.sync.mode, "bucket_mb": cfg.sync.bucket_mb},
-                                  use_reference=cfg.loss.kl_coef > 0, seed=cfg.actor.seed,
-                                  total_steps=cfg.steps * cfg.actor.mini_batches)
-                parts[k, "actors"] = pool.submit(bt.timed, "actor_ranks", ActorGroup, spec, self.pg, off, gpu)
-                if gae:  # same layout and packing, its own optimizer; no engines, no reference
-                    cspec = dataclasses.replace(spec, model=cfg.critic.model or self.models[k],
-                                                optim=cfg.critic.optim, sync={}, use_reference=False)
-                    parts[k, "critic"] = pool.submit(bt.timed, "critic_ranks", ActorGroup, cspec, self.pg,
-                                                     off + world, gpu, kind="critic")
-            if not maporl:
-                parts[0, "tokenizer"] = pool.submit(bt.timed, "tokenizer", load_tokenizer, cfg.model)
-            errors = []
-            for (k, attr), fut in parts.items():  # every part is kept, so a failed start tears all down
-                try:
-                    setattr(self.stacks[k], attr, fut.result())
-                except BaseException as e:
-                    errors.append(e)
-            if errors:
-                raise errors[0]
+                with bt("engines_tools"):
+                    self.stacks[k].services = Services(ecfg, n_eng, tools if k == 0 else None, self.pg, off + ranks,
+                                                       eng_gpus)
+            parts: dict[tuple[int, str], object] = {}
+            with bt("ranks"):
+                for k, off in enumerate(offsets):
+                    spec = WorkerSpec(model=self.models[k], layout=layout, dtype=cfg.resolved_dtype(),
+                                      seq_length=cfg.actor.max_tokens_per_micro_batch, recompute=cfg.actor.recompute,
+                                      optim=cfg.optim, loss=cfg.loss,
+                                      sync={"mode": cfg.sync.mode, "bucket_mb": cfg.sync.bucket_mb},
+                                      use_reference=cfg.loss.kl_coef > 0, seed=cfg.actor.seed,
+                                      total_steps=cfg.steps * cfg.actor.mini_batches)
+                    parts[k, "actors"] = pool.submit(ActorGroup, spec, self.pg, off, gpu)
+                    if gae:  # same layout and packing, its own optimizer; no engines, no reference
+                        cspec = dataclasses.replace(spec, model=cfg.critic.model or self.models[k],
+                                                    optim=cfg.critic.optim, sync={}, use_reference=False)
+                        parts[k, "critic"] = pool.submit(ActorGroup, cspec, self.pg, off + world, gpu, kind="critic")
+                errors = []
+                for (k, attr), fut in parts.items():  # every group is kept, so a failed start tears all down
+                    try:
+                        setattr(self.stacks[k], attr, fut.result())
+                    except BaseException as e:
+                        errors.append(e)
+                if errors:
+                    raise errors[0]
+            if tok is not None:
+                self.stacks[0].tokenizer = tok.result()
         for st in self.stacks:
             print(f"{st.name} engines: {st.services.engine_urls}; tool server: "
                   f"{st.services.toolbox_url or ro.toolbox.url}", flush=True)
