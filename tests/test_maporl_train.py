@@ -120,7 +120,7 @@ def test_shared_model_discussion_trains(critic_world):
             assert f"maporl/{key}_mean" in step
         assert "maporl/accuracy_final" in step and "maporl/answer_changed_fraction" in step
         assert all(step[f"actor/loss_tokens_agent{i}"] > 0 for i in range(AGENTS)), sorted(step)
-        assert "actor/loss_tokens_planner" not in step and step["advantage/abs_mean"] >= 0
+        assert "actor/loss_tokens_planner" not in step and step["gae/advantage_abs_mean"] >= 0  # PPO + GAE
     # eval at step 10: discussions on the val questions, accuracy per agent and round
     ev = [k for k in m[10] if k.startswith("eval/") and k.endswith("/maporl/accuracy_final")]
     assert len(ev) == 1 and 0.0 <= m[10][ev[0]] <= 1.0, sorted(m[10])
