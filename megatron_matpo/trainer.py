@@ -60,7 +60,6 @@ class Stack:
     root: Path  # its checkpoints/ and hf/ live here
     actors: "ActorGroup | None" = None
     critic: "ActorGroup | None" = None  # advantage.estimator=gae: its value model (checkpoints in root/critic)
-    tokenizer: object = None  # the driver's, loaded during bring-up (MATPO rollouts)
 
 
 class Trainer:
@@ -175,8 +174,7 @@ class Trainer:
                         errors.append(e)
                 if errors:
                     raise errors[0]
-            if tok is not None:
-                self.stacks[0].tokenizer = tok.result()
+            tokenizer = tok.result() if tok is not None else None  # the driver's, for MATPO rollouts
         for st in self.stacks:
             print(f"{st.name} engines: {st.services.engine_urls}; tool server: "
                   f"{st.services.toolbox_url or ro.toolbox.url}", flush=True)
@@ -201,7 +199,7 @@ class Trainer:
                                        engine=dataclasses.replace(ro.engine, urls=urls),
                                        toolbox=dataclasses.replace(ro.toolbox, url=tool_url))
             with bt("rollout_session"):
-                self.session = RolloutSession(rcfg, tokenizer=self.stacks[0].tokenizer).__enter__()
+                self.session = RolloutSession(rcfg, tokenizer=tokenizer).__enter__()
         self.release_engine_memory = cfg.orchestrate.colocate and engine_memory_release_supported()
         return self
 

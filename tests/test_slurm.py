@@ -127,8 +127,7 @@ def test_tiny_job_two_nodes_preempted_requeued_resumed(slurm, inputs, tmp_path):
     m = {d["step"]: d for d in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
     assert sorted(m) == [1, 2, 3]  # step 3 once, by the resumed run; nothing redone
     check_invariants(m)  # every sync over the broadcast group reached the engine on the other node
-    # the frozen reference (loss.kl_coef > 0) starts equal to the actor: KL 0 at step 1; the resumed run
-    # rebuilt it from the initial model, not from the checkpoint (KL > 0 once the actor moved)
+    # the frozen reference (loss.kl_coef > 0) starts equal to the actor: KL 0 at step 1
     assert m[1]["actor/ref_kl"] == pytest.approx(0.0, abs=1e-7) and "actor/kl" in m[1]
     # eval after step 3 (by the resumed run) on the val questions, its transcripts beside the steps'
     assert any(k.startswith("eval/") and k.endswith("accuracy") for k in m[3]), sorted(m[3])
