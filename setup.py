@@ -9,5 +9,7 @@ setup(
     package_data={"megatron_matpo": ["assets/*"]},
     install_requires=[],  # the pinned set lives in requirements/cpu.txt (installed by tools/setup_venv.sh)
     extras_require={"gpu": ["transformer-engine[pytorch]==2.10.0", "flash-attn==2.8.3"]},
-    entry_points={"console_scripts": ["matpo=megatron_matpo.cli:main"]},
+    entry_points={"console_scripts": ["matpo=megatron_matpo.cli:main"],
+                  # SGLang loads it in each of its processes (megatron_matpo/rollout/sglang_plugin.py)
+                  "sglang.srt.plugins": ["matpo_batched_decode=megatron_matpo.rollout.sglang_plugin:register"]},
 )

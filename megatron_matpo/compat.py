@@ -89,6 +89,11 @@ def sglang_cpu_pythonpath() -> str:
     SGLang 0.5.23's generic CPU path (no Intel `sgl_kernel` CPU build on PyPI) imports
     `vllm._custom_ops.rotary_embedding` for RoPE; without it the scheduler process dies and takes
     the parent down with exit 137. `compat_shims/vllm` provides just that function in pure torch.
+
+    SGLang 0.5.23's model runner imports its debug dumper, whose Megatron plugin imports
+    `megatron.core` at class definition when megatron is installed (it is here): ~4 s of CPU per
+    engine start on 2 cores, for a dumper that is never enabled. `compat_shims/megatron` makes that
+    import fail, so the dumper takes its "megatron absent" branch.
     """
     from pathlib import Path
 

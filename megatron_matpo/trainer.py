@@ -148,7 +148,7 @@ class Trainer:
                 ecfg = EngineConfig(model_path=self.models[k], tp_size=eng_tp, dtype=ro.engine.dtype,
                                     mem_fraction_static=ro.engine.mem_fraction_static, random_seed=cfg.seed,
                                     context_length=ro.engine.context_length, log_dir=str(self.run_dir / "logs"),
-                                    extra_args=extra)
+                                    cpu_threads=ro.engine.threads_per_engine(n * n_eng), extra_args=extra)
                 with bt("engines_tools"):
                     self.stacks[k].services = Services(ecfg, n_eng, tools if k == 0 else None, self.pg, off + ranks,
                                                        eng_gpus)

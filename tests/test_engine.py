@@ -52,3 +52,35 @@ def test_router_balances_in_flight(engine):
     assigned = asyncio.run(run())
     assert sum(assigned) == 16 and abs(assigned[0] - assigned[1]) <= 1
 
+
+
+def test_batched_decode_plugin_equals_sglangs_loop():
+    """Our SGLang plugin (megatron_matpo/rollout/sglang_plugin.py), loaded the way SGLang's processes load
+    it (entry point + load_plugins), replaces the torch-native backend's per-request decode loop; on a
+    ragged batch with GQA it returns what SGLang's own loop returns."""
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+    from sglang.srt.plugins import load_plugins
+
+    from megatron_matpo.rollout import sglang_plugin
+
+    load_plugins()
+    patched = TorchNativeAttnBackend._run_sdpa_forward_decode
+    assert getattr(patched, "__wrapped__", None) is not None, "the plugin's hook was not applied"
+    sglang_loop = patched.__wrapped__
+    g = torch.Generator().manual_seed(0)
+    lens = torch.tensor([5, 130, 1, 64, 77], dtype=torch.int32)
+    heads, kv_heads, dim, pool = 4, 2, 16, 600
+    k_cache, v_cache = (torch.randn(pool, kv_heads, dim, generator=g) for _ in range(2))
+    req_to_token = torch.randint(1, pool, (8, 256), generator=g, dtype=torch.int32)
+    req_pool_indices = torch.tensor([3, 0, 7, 5, 1])
+    query = torch.randn(len(lens), heads, dim, generator=g)
+    args = (k_cache, v_cache, req_to_token, req_pool_indices, lens, None)
+    kw = dict(scaling=0.25, enable_gqa=True, causal=False, is_cross_attn=False, sliding_window_size=None)
+    ours, ref = torch.full_like(query, float("nan")), torch.full_like(query, float("nan"))
+    sglang_plugin.batched_decode(sglang_loop, None, query, ours, *args, **kw)
+    sglang_loop(None, query, ref, *args, **kw)
+    assert torch.allclose(ours, ref, atol=1e-6), (ours - ref).abs().max()
+    # what SGLang's processes call goes through the plugin
+    called = torch.full_like(query, float("nan"))
+    patched(None, query, called, *args, **kw)
+    assert torch.equal(called, ours)

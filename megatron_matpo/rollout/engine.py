@@ -37,6 +37,9 @@ class EngineConfig:
     startup_timeout_s: float = 300.0
     request_timeout_s: float = 600.0
     log_dir: str | None = None  # engine stdout/stderr go here (one file per engine)
+    # CPU engines: torch threads of the server (its OMP_NUM_THREADS); 0 = the machine's cores. Launchers
+    # divide the cores among the engines they start: an engine decodes while the actor ranks wait
+    cpu_threads: int = 0
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -92,6 +95,7 @@ class EngineServer:
         env = dict(os.environ)
         if not platform.capabilities().cuda:
             env["PYTHONPATH"] = os.pathsep.join([sglang_cpu_pythonpath(), env.get("PYTHONPATH", "")])
+            env["OMP_NUM_THREADS"] = str(self.cfg.cpu_threads or os.cpu_count() or 1)
         if self.gpu_ids is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.gpu_ids))
         log_dir = Path(self.cfg.log_dir) if self.cfg.log_dir else None

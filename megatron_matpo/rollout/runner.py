@@ -25,6 +25,17 @@ class EngineSection:
     mem_fraction_static: float = 0.05
     dtype: str = "auto"
     context_length: int | None = None
+    # CPU engines: torch threads per engine; 0 = this machine's cores divided among the engines started
+    cpu_threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.cpu_threads < 0:
+            raise ValueError(f"rollout.engine.cpu_threads={self.cpu_threads} must be >= 0 (0 = share the cores)")
+
+    def threads_per_engine(self, engines: int) -> int:
+        import os
+
+        return self.cpu_threads or max(1, (os.cpu_count() or 1) // max(1, engines))
 
 
 @dataclass
@@ -122,7 +133,8 @@ class RolloutSession:
         if not urls:
             ecfg = EngineConfig(model_path=cfg.model, tp_size=cfg.engine.tp_size, dtype=cfg.engine.dtype,
                                 mem_fraction_static=cfg.engine.mem_fraction_static,
-                                context_length=cfg.engine.context_length, log_dir=cfg.log_dir)
+                                context_length=cfg.engine.context_length, log_dir=cfg.log_dir,
+                                cpu_threads=cfg.engine.threads_per_engine(cfg.engine.num_engines))
             self.servers = launch_engines(ecfg, cfg.engine.num_engines)
             self._stack.callback(lambda: [s.stop() for s in self.servers])
             urls = [s.url for s in self.servers]
