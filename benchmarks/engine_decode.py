@@ -83,7 +83,7 @@ def main() -> None:
            "sglang_loop_tokens_per_s": steps / median(loop), "batched_tokens_per_s": steps / median(ours)}
     print(f"{args.requests} requests x ({args.prompt} prompt + {args.tokens} new tokens): SGLang's per-request "
           f"decode loop {median(loop):.2f} s, batched decode {median(ours):.2f} s -> {res['speedup']:.2f}x")
-    write_result("engine_decode", {**meta(), **res}, args.json)
+    write_result("engine_decode", {"meta": meta(), **res}, args.json)
 
 
 if __name__ == "__main__":

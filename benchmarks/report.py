@@ -169,6 +169,18 @@ def bringup(d: dict) -> str:
         f"Source: {d['meta'].get('source', '?')}. " + _provenance(d["meta"])])
 
 
+def engine_decode(d: dict) -> str:
+    rows = [["SGLang's per-request loop", f"{d['sglang_loop_median_s']:.2f}", f"{d['sglang_loop_tokens_per_s']:.0f}",
+             ", ".join(f"{x:.2f}" for x in d["sglang_loop_s"])],
+            ["batched (our plugin)", f"{d['batched_median_s']:.2f}", f"{d['batched_tokens_per_s']:.0f}",
+             ", ".join(f"{x:.2f}" for x in d["batched_s"])]]
+    return "\n\n".join([
+        f"{d['requests']} concurrent requests × ({d['prompt_tokens']}-token prompt + {d['new_tokens']} sampled tokens), "
+        "tiny Qwen3, one CPU engine per side.",
+        _table(["torch-native decode", "median s", "new tokens / s", "reps s"], rows),
+        f"Batched / loop: **{d['speedup']:.2f}×** on whole requests (prefill included).", _provenance(d["meta"])])
+
+
 def layout_accuracy(d: dict) -> str:
     st = d["setup"]
     hidden = f" (hidden {st['hidden']})" if st.get("hidden") else ""
@@ -230,7 +242,7 @@ def summary(res: dict[str, dict]) -> str:
 
 SECTIONS = {"summary": None, "packing": packing, "actor_mfu_cpu": actor_mfu_cpu, "weight_sync": weight_sync,
             "weight_sync_large": weight_sync_large, "rollout_overlap": rollout_overlap,
-            "step_breakdown": step_breakdown, "bringup": bringup, "layout_accuracy": layout_accuracy,
+            "step_breakdown": step_breakdown, "bringup": bringup, "engine_decode": engine_decode, "layout_accuracy": layout_accuracy,
             "layout_accuracy_h512": layout_accuracy}
 
 

@@ -34,6 +34,7 @@ if [ "${1:-}" != "report" ]; then
 
   stage "bring-up (matpo train on the embedded default: process start -> first rollout request)"
   $PY benchmarks/bringup.py --reps 3
+  $PY benchmarks/engine_decode.py --reps 3
 
   stage "layout planner: predicted vs measured ranking"
   $PY benchmarks/layout_accuracy.py --count 6 --rounds 2 --steps 2 --batch-tokens 2048
