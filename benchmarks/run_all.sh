@@ -34,6 +34,8 @@ if [ "${1:-}" != "report" ]; then
 
   stage "bring-up (matpo train on the embedded default: process start -> first rollout request)"
   $PY benchmarks/bringup.py --reps 3
+
+  stage "CPU engine decode: SGLang's per-request loop vs our batched decode (one engine each)"
   $PY benchmarks/engine_decode.py --reps 3
 
   stage "layout planner: predicted vs measured ranking"
