@@ -13,7 +13,11 @@ one SDPA call under a length mask; the result equals the loop's up to float roun
 gathers stay the cost (the KV pool is not contiguous per request). Cases it does not cover
 (cross-attention, encoder lengths, sliding windows, one request) go to SGLang's loop unchanged.
 
-This module must stay importable without megatron (engine processes do not import it).
+Batch invariance: a request's result may differ in the last bits with the batch it decodes in (the
+padded length). That is fine because `deterministic=true` (batch-invariant rollouts) is refused on
+the CPU torch-native backend before anything starts (train/config.py).
+
+Engine processes import this module and cannot import megatron (compat_shims/megatron): keep it so.
 """
 from __future__ import annotations
 
