@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,8 +34,6 @@ class EngineSection:
             raise ValueError(f"rollout.engine.cpu_threads={self.cpu_threads} must be >= 0 (0 = share the cores)")
 
     def threads_per_engine(self, engines: int) -> int:
-        import os
-
         return self.cpu_threads or max(1, (os.cpu_count() or 1) // max(1, engines))
 
 

@@ -21,6 +21,9 @@ Engine processes import this module and cannot import megatron (compat_shims/meg
 """
 from __future__ import annotations
 
+import torch  # every SGLang process has it loaded already; imported here, not per call (hot path)
+from torch.nn.functional import scaled_dot_product_attention
+
 TARGET = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_decode"
 
 
@@ -40,9 +43,6 @@ def batched_decode(original, backend, query, output, k_cache, v_cache, req_to_to
         return original(backend, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
                         encoder_lens, scaling=scaling, enable_gqa=enable_gqa, causal=causal,
                         is_cross_attn=is_cross_attn, sliding_window_size=sliding_window_size)
-    import torch
-    from torch.nn.functional import scaled_dot_product_attention
-
     lens = seq_lens.to(torch.long)
     longest = int(lens.max())
     valid = torch.arange(longest, device=lens.device)[None, :] < lens[:, None]  # [batch, longest]
