@@ -155,6 +155,45 @@ def train_losses(hf_dir: str, layout: ParallelLayout, steps: int = 3,
     return _max_over_world(losses)
 
 
+def output_layer_lr_step(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
+    """`optim.output_layer_lr` through megatron's param-group overrides (and its LR scheduler): with
+    lr=0 one Adam step moves the output layer by ~output_layer_lr per weight and nothing else."""
+    from megatron.core import tensor_parallel
+
+    from megatron_matpo import platform
+    from megatron_matpo.model.builder import build_model
+    from megatron_matpo.model.forward import MicroBatch, run_schedule
+    from megatron_matpo.train.optim import OptimConfig, build_optimizer, build_scheduler, ddp_config
+
+    optim = OptimConfig(lr=0.0, output_layer_lr=1e-2, weight_decay=0.0, clip_grad=0.0)
+    built = build_model(hf_dir, layout, load_weights=True, ddp_config=ddp_config(optim))
+    opt = build_optimizer(built.chunks, optim)
+    build_scheduler(opt, optim, total_steps=4)
+    ids = torch.randint(0, built.provider.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    mb = MicroBatch(ids, torch.arange(16).unsqueeze(0).expand(2, -1).contiguous())
+
+    def ce(out, mb):
+        loss = tensor_parallel.vocab_parallel_cross_entropy(out[:, :-1].float().contiguous(),
+                                                             mb.input_ids[:, 1:].to(out.device)).mean()
+        return loss, {}
+
+    before = {n: p.detach().clone() for c in built.chunks for n, p in c.named_parameters()}
+    for c in built.chunks:
+        c.train()
+        c.zero_grad_buffer()
+    opt.zero_grad()
+    run_schedule(built.chunks, [mb], ce, forward_only=False, device=platform.device())
+    opt.step()
+    out = {"output_moved_max": 0.0, "others_moved_max": 0.0, "output_params": 0.0}
+    for c in built.chunks:
+        for n, p in c.named_parameters():
+            d = (p.detach() - before[n]).abs().max().item()
+            key = "output_moved_max" if n.endswith("output_layer.weight") else "others_moved_max"
+            out[key] = max(out[key], d)
+            out["output_params"] += float(n.endswith("output_layer.weight"))
+    return _max_over_world(out)
+
+
 def actor_step(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
     """Actor logprobs on packed rows equal transformers'; the first PPO step has ratio 1 (no clipping,
     zero approx KL); positive-advantage rows gain logprob, negative ones lose it."""
@@ -303,6 +342,8 @@ def world_checks(hf_dirs: dict[str, str], phases: list[tuple[str, ParallelLayout
             res = train_losses(hf_dirs["qwen3"], layout)
         elif name == "train_recompute":  # full activation recompute: same losses, less memory
             res = train_losses(hf_dirs["qwen3"], layout, recompute="full")
+        elif name == "output_lr":
+            res = output_layer_lr_step(hf_dirs["qwen3"], layout)
         elif name == "actor":
             res = actor_step(hf_dirs["qwen3"], layout)
         elif name == "critic":

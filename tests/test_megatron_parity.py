@@ -23,7 +23,7 @@ def world1(tiny_models):
 @pytest.fixture(scope="module")
 def world2(tiny_models):
     phases = [("logits", L(tp=2)), ("logits", L(pp=2)), ("packed_backward", L(tp=2)),
-              ("train", L(tp=2)), ("train", L(dp=2)), ("train_recompute", L(tp=2)), ("actor", L(tp=2)),
+              ("train", L(tp=2)), ("train", L(dp=2)), ("train_recompute", L(tp=2)), ("output_lr", L(tp=2)), ("actor", L(tp=2)),
               ("critic", L(tp=2)), ("critic", L(pp=2))]
     return launch_local(world_checks, 2, tiny_models, phases)
 
@@ -61,6 +61,15 @@ def test_train_steps_match_single_process(world1, world2, key):
         assert got[f"ok{step}"] == 1.0
         assert abs(got[f"loss{step}"] - ref[f"loss{step}"]) <= 1e-6, (step, got, ref)
     assert ref["loss2"] < ref["loss0"]  # the optimizer really stepped
+
+
+def test_output_layer_lr_moves_only_the_output_layer(world2):
+    """lr=0, output_layer_lr=1e-2: Adam's first step is ±lr per weight, so the (TP-split) output
+    layer moves by 1e-2 at most and every other parameter stays bit-identical."""
+    got = world2["output_lr@tp2pp1dp1"]
+    assert got["output_params"] >= 1
+    assert 0.9e-2 <= got["output_moved_max"] <= 1.0001e-2, got
+    assert got["others_moved_max"] == 0.0, got
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -21,6 +21,10 @@ class OptimConfig:
     use_distributed_optimizer: bool = True
     lr_warmup_steps: int = 0  # linear warmup from 0 to `lr` over this many optimizer steps
     lr_decay_style: str = "constant"  # after warmup: constant | linear | cosine (down to min_lr)
+    # peak lr of the output layer alone (None: `lr`); it follows the same warmup/decay shape, down to
+    # min_lr * output_layer_lr / lr. Small randomly initialised models learn a few answer tokens
+    # through this layer, while an Adam step of lr on every other weight re-randomises them.
+    output_layer_lr: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -33,6 +37,8 @@ class OptimConfig:
             raise ValueError(f"optim.lr={self.lr} must be >= 0")
         if not 0.0 <= self.min_lr <= self.lr:
             raise ValueError(f"optim.min_lr={self.min_lr} must be in [0, lr={self.lr}]")
+        if self.output_layer_lr is not None and self.output_layer_lr < 0:
+            raise ValueError(f"optim.output_layer_lr={self.output_layer_lr} must be >= 0 (or null: optim.lr)")
         if self.lr_warmup_steps < 0:
             raise ValueError(f"optim.lr_warmup_steps={self.lr_warmup_steps} must be >= 0")
         if total_steps is not None:
@@ -52,14 +58,19 @@ def ddp_config(optim: OptimConfig):
 
 
 def build_optimizer(chunks: list, optim: OptimConfig, dtype: torch.dtype = torch.float32):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
+    from megatron.core.optimizer.optimizer_config import ParamKey
 
     cfg = OptimizerConfig(
         optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
         adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
         clip_grad=optim.clip_grad, use_distributed_optimizer=optim.use_distributed_optimizer,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype)
-    return get_megatron_optimizer(cfg, chunks)
+    overrides = get_standard_config_overrides(cfg)  # megatron's own: no weight decay on biases/norms
+    if optim.output_layer_lr is not None:
+        min_lr = optim.min_lr * optim.output_layer_lr / optim.lr if optim.lr else 0.0
+        overrides[ParamKey(name="*output_layer.weight")] = {"max_lr": optim.output_layer_lr, "min_lr": min_lr}
+    return get_megatron_optimizer(cfg, chunks, config_overrides=overrides)
 
 
 def build_scheduler(optimizer, optim: OptimConfig, total_steps: int):
