@@ -191,7 +191,7 @@ class Trainer:
 
             self.maporl = MaporlRollout(cfg.maporl, self.models, [st.services.engine_urls for st in self.stacks],
                                         ro.n_samples, cfg.advantage.eps, cfg.advantage.norm_by_std, cfg.deterministic,
-                                        grpo=not gae)
+                                        grpo=not gae, merge_turns=cfg.loss.agg == "token-mean")
         else:
             urls, tool_url = self.stacks[0].services.engine_urls, ro.toolbox.url or self.stacks[0].services.toolbox_url
             rcfg = dataclasses.replace(ro, model=cfg.model, data=cfg.data, log_dir=str(self.run_dir / "logs"),

@@ -559,35 +559,120 @@ def test_discussion_shows_judge_scores(engine, tok, tiny_models):
 
 # ---------------------------------------------------------------- trainer rows (GRPO per question, agent, round)
 
-def _turn(q: int, k: int, i: int, t: int, reward: float):
+def _turn(q: int, k: int, i: int, t: int, reward: float, ids: list[int] | None = None):
+    """Agent i's round-t turn: its conversation grows by a 1-token prompt and a 2-token answer a round
+    (`ids` gives the whole conversation's tokens), the loss mask and logprobs on this round's answer."""
     from megatron_matpo.maporl.discussion import DiscussionTurn
 
+    n = 3 * (t + 1)
+    ids = ids[:n] if ids is not None else [1, 2, 3] * (t + 1)
     return DiscussionTurn(traj_id=f"q{q}#{k}/a{i}/r{t}", role=f"agent{i}", group_id=f"q{q}", sample_uid=f"q{q}#{k}",
-                          parent_id=None, token_ids=[1, 2, 3], loss_mask=[0, 1, 1], logprobs=[0.0, -1.0, -2.0],
-                          prompt_len=1, messages=[], final_text="", agent=i, round=t, reward=reward)
+                          parent_id=None, token_ids=list(ids), loss_mask=[0] * (n - 3) + [0, 1, 1],
+                          logprobs=[0.0] * (n - 3) + [0.0, -1.0 - t, -2.0 - t], prompt_len=n - 3, messages=[],
+                          final_text="", agent=i, round=t, reward=reward)
+
+
+def _discussions(rewards: dict, ids: dict | None = None) -> list:
+    from megatron_matpo.maporl.discussion import Discussion
+
+    return [Discussion(f"q{q}#{k}", f"q{q}", "?", 2, 2,
+                       [_turn(q, k, i, t, rewards[q, k, i, t], ids and ids[q, k, i]) for t in (0, 1) for i in (0, 1)])
+            for q in (0, 1) for k in (0, 1)]
+
+
+# 2 questions x 2 discussions x 2 agents x 2 rounds; reward = a distinct value per cell and sample
+REWARDS = {(q, k, i, t): 10 * q + 4 * i + 2 * t + k * (1 + i + t) for q in (0, 1) for k in (0, 1)
+           for i in (0, 1) for t in (0, 1)}
 
 
 def test_turn_rows_grpo_per_question_agent_round_and_routing():
-    from megatron_matpo.maporl.discussion import Discussion
     from megatron_matpo.maporl.task import turn_rows
 
-    # 2 questions x 2 discussions x 2 agents x 2 rounds; reward = a distinct value per cell and sample
-    rewards = {(q, k, i, t): 10 * q + 4 * i + 2 * t + k * (1 + i + t) for q in (0, 1) for k in (0, 1)
-               for i in (0, 1) for t in (0, 1)}
-    ds = [Discussion(f"q{q}#{k}", f"q{q}", "?", 2, 2, [_turn(q, k, i, t, rewards[q, k, i, t])
-                                                        for t in (0, 1) for i in (0, 1)])
-          for q in (0, 1) for k in (0, 1)]
-    shared = turn_rows(ds, n_samples=2, stacks=1, norm_by_std=False)
-    assert len(shared) == 1 and [len(p) for p in shared[0]] == [8, 8]
+    ds = _discussions(REWARDS)
+    adv = {(q, k, i, t): REWARDS[q, k, i, t] - (REWARDS[q, 0, i, t] + REWARDS[q, 1, i, t]) / 2  # - the cell's mean
+           for (q, k, i, t) in REWARDS}
+    per_turn = turn_rows(ds, n_samples=2, stacks=1, norm_by_std=False, merge_turns=False)
+    assert len(per_turn) == 1 and [len(p) for p in per_turn[0]] == [8, 8]
     for q in (0, 1):
-        rows = shared[0][q]
-        for r, (k, t, i) in zip(rows, [(k, t, i) for k in (0, 1) for t in (0, 1) for i in (0, 1)]):
-            # advantage = reward - mean over the question's 2 samples of the same (agent, round)
-            mean = (rewards[q, 0, i, t] + rewards[q, 1, i, t]) / 2
-            assert r.advantage == pytest.approx(rewards[q, k, i, t] - mean)
-            assert r.role == f"agent{i}" and r.old_logprobs == [0.0, -1.0, -2.0]
-    assert [r.row_id for p in shared[0] for r in p] == list(range(16))
+        for r, (k, t, i) in zip(per_turn[0][q], [(k, t, i) for k in (0, 1) for t in (0, 1) for i in (0, 1)]):
+            assert r.advantage == pytest.approx(adv[q, k, i, t])
+            assert r.role == f"agent{i}" and r.reward == REWARDS[q, k, i, t]
+            assert r.old_logprobs == [0.0] * (3 * t) + [0.0, -1.0 - t, -2.0 - t]
+    assert [r.row_id for p in per_turn[0] for r in p] == list(range(16))
+    # merged: one row per (discussion, agent) = its round-1 conversation, each round's tokens carrying
+    # that round's advantage and logprobs, one reward per round
+    shared = turn_rows(ds, n_samples=2, stacks=1, norm_by_std=False)
+    assert [len(p) for p in shared[0]] == [4, 4]
+    for q in (0, 1):
+        for r, (k, i) in zip(shared[0][q], [(k, i) for k in (0, 1) for i in (0, 1)]):
+            assert r.token_ids == [1, 2, 3] * 2 and r.loss_mask == [0, 1, 1] * 2 and r.role == f"agent{i}"
+            assert r.advantage == pytest.approx([0.0, adv[q, k, i, 0], adv[q, k, i, 0], 0.0, adv[q, k, i, 1],
+                                                 adv[q, k, i, 1]])
+            assert r.old_logprobs == [0.0, -1.0, -2.0, 0.0, -2.0, -3.0]
+            assert r.reward == [REWARDS[q, k, i, 0], REWARDS[q, k, i, 1]]
     distinct = turn_rows(ds, n_samples=2, stacks=2, norm_by_std=False)
     for i in (0, 1):  # agent i's turns, and only those, train policy i
         assert {r.role for p in distinct[i] for r in p} == {f"agent{i}"}
-        assert [r.row_id for p in distinct[i] for r in p] == list(range(8))
+        assert [r.row_id for p in distinct[i] for r in p] == list(range(4))
+    bad = _discussions(REWARDS)
+    bad[0].turns[2].token_ids[0] = 9  # round 1 of agent 0 no longer extends its round 0
+    with pytest.raises(ValueError, match="not a prefix"):
+        turn_rows(bad, n_samples=2, stacks=1)
+
+
+def test_merged_turn_rows_give_the_per_turn_update(tiny_models):
+    """Against transformers: the token-mean policy-gradient loss and its gradient on merged rows equal
+    those on one row per turn, and so do GAE's advantages and returns from a causal critic's values
+    (here: the model's logit of token 0 at each position)."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_matpo.maporl.task import turn_rows
+    from megatron_matpo.train.rows import apply_gae
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["qwen3"], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    ids = {(q, k, i): torch.randint(5, 200, (6,), generator=g).tolist() for q in (0, 1) for k in (0, 1) for i in (0, 1)}
+    ds = _discussions(REWARDS, ids)
+
+    def forward(rows):
+        """Per row: logprob of each token given its prefix, and the 'value' at each generated token."""
+        out = []
+        for r in rows:
+            x = torch.tensor([r.token_ids])
+            logits = model(input_ids=x).logits[0]
+            lp = torch.cat([torch.zeros(1, dtype=logits.dtype), torch.log_softmax(logits[:-1], -1)
+                            .gather(-1, x[0, 1:, None])[:, 0]])
+            out.append((lp, logits[:, 0].detach()))
+        return out
+
+    def loss_and_grad(rows):
+        model.zero_grad()
+        fw = forward(rows)
+        n = sum(sum(r.loss_mask) for r in rows)
+        loss = sum(-(torch.tensor(r.advantage if isinstance(r.advantage, list) else [r.advantage] * len(r),
+                                  dtype=torch.float64) * lp * torch.tensor(r.loss_mask)).sum()
+                   for r, (lp, _) in zip(rows, fw)) / n
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    per_turn = [r for p in turn_rows(ds, 2, 1, merge_turns=False)[0] for r in p]
+    merged = [r for p in turn_rows(ds, 2, 1)[0] for r in p]
+    assert sum(len(r) for r in merged) < sum(len(r) for r in per_turn)
+    (l1, g1), (l2, g2) = loss_and_grad(per_turn), loss_and_grad(merged)
+    assert l1 == pytest.approx(l2, rel=1e-12, abs=1e-15)
+    # fp64 model, but transformers' Qwen3RMSNorm computes in fp32: its backward of a summed gradient
+    # (merged) and of two separate ones (per turn) round differently at ~1e-7 of the largest entry
+    assert g1.abs().max() > 0 and (g1 - g2).abs().max() <= 1e-5 * g1.abs().max(), ((g1 - g2).abs().max(), g1.abs().max())
+    with torch.no_grad():
+        values = {rows_id: {r.row_id: v[[j for j, m in enumerate(r.loss_mask) if m]].numpy()
+                            for r, (_, v) in zip(rows, forward(rows))} for rows_id, rows in
+                  (("turn", per_turn), ("merged", merged))}
+    apply_gae(per_turn, values["turn"], gamma=0.9, lam=0.8)
+    apply_gae(merged, values["merged"], gamma=0.9, lam=0.8)
+
+    def by_token(rows):  # (conversation, position) -> (advantage, return) at each generated token
+        return {(tuple(r.token_ids[:j + 1]), j): (r.advantage[j], r.returns[j])
+                for r in rows for j, m in enumerate(r.loss_mask) if m}
+
+    a, b = by_token(per_turn), by_token(merged)
+    assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-9, abs=1e-12) for k in a)

@@ -41,7 +41,9 @@ class Row:
     # tokens whose `old_logprobs` came from an unconstrained engine distribution (train/rollout
     # parity is measured there); defaults to `loss_mask`
     parity_mask: list[int] | None = None
-    reward: float | None = None  # the row's scalar reward (GAE puts it on the last generated token)
+    # the row's scalar reward (GAE puts it on the last generated token), or one per turn (a maximal run of
+    # loss tokens) for a row holding several turns (MAPoRL), each its own GAE episode
+    reward: float | list[float] | None = None
     returns: list[float] | None = None  # per token: the critic's regression target (GAE)
     old_values: list[float] | None = None  # per token: the critic's value before this step's update
 

@@ -1,5 +1,5 @@
-"""The MAPoRL discussion on the rollout engines: N agents x T rounds, one training row per
-(agent, round).
+"""The MAPoRL discussion on the rollout engines: N agents x T rounds, each (agent, round) turn
+rewarded on its own.
 
 Round 0: every agent answers the question on its own. Round t > 0: every agent is shown the other
 agents' round t-1 answers (optionally with their verifier scores) and may revise. With
@@ -8,12 +8,11 @@ Agents run concurrently within a round. They share one model (one generator, per
 them apart) or are distinct models (one generator, e.g. an `EngineRouter`, and tokenizer per agent).
 
 Row granularity: each agent keeps ONE conversation across rounds (it sees its own earlier answers,
-as in the reference code), but every (agent, round) is its own training row: the row is that
-conversation up to the end of the round's answer, with the loss mask on that round's generated
-tokens only (earlier rounds are prompt there, trained by their own rows). MAPoRL rewards each
-(agent, round) separately (`rewards.maporl_rewards`), and a row carries one scalar advantage in
-this project's packing (`data.packing.Row`), so per-turn credit needs per-turn rows; the price is
-the re-encoded prefix (T rows of growing length per agent), small for T = 3.
+as in the reference code), and every (agent, round) turn is rewarded separately
+(`rewards.maporl_rewards`). Each turn records the conversation up to the end of its answer with the
+loss mask on its own tokens; `maporl.task.turn_rows` trains an agent's turns of one discussion as
+one row (the last turn's conversation, per-token advantages), or one row per turn when the loss
+aggregation is per sequence.
 
 Token level as in `agents.workflow`: generated ids and logprobs come straight from the engine,
 everything else is chat-template ids (`agents.conversation`), nothing generated is re-tokenized.

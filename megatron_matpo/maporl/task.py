@@ -1,6 +1,7 @@
 """MAPoRL rollouts for the trainer (algorithm=maporl): a batch of questions → `n_samples` discussions
 each on the engines → verifier scores → influence-aware rewards + incentives → GRPO advantages →
-one training row per (agent, round) turn, routed to that agent's actor.
+training rows (one per (discussion, agent), every turn of it trained with its own advantage), routed
+to that agent's actor.
 
 Advantage: GRPO over the n_samples discussions of one question, separately for every (agent, round)
 cell (the default of ../shared/MATPO.md's MAPoRL section; a turn is compared with the same agent's
@@ -20,20 +21,24 @@ from megatron_matpo.algo import grpo_advantages
 from megatron_matpo.data.packing import Row
 from megatron_matpo.data.schema import Sample
 from megatron_matpo.maporl.answers import answers_match
-from megatron_matpo.maporl.discussion import Discussion, DiscussionWorkflow, assign_rewards, verify_discussions
+from megatron_matpo.maporl.discussion import (Discussion, DiscussionTurn, DiscussionWorkflow, assign_rewards,
+                                             verify_discussions)
 from megatron_matpo.maporl.verifier import make_verifier
 from megatron_matpo.train.config import MaporlSection
-from megatron_matpo.train.rows import advantage_stats, parity_mask, rollout_metrics
+from megatron_matpo.train.rows import advantage_value_stats, parity_mask, rollout_metrics
 
 
 class MaporlRollout:
     def __init__(self, cfg: MaporlSection, models: list[str], engine_urls: list[list[str]], n_samples: int,
-                 eps: float = 1e-6, norm_by_std: bool = True, seeded: bool = False, grpo: bool = True):
+                 eps: float = 1e-6, norm_by_std: bool = True, seeded: bool = False, grpo: bool = True,
+                 merge_turns: bool = True):
         """`models` / `engine_urls`: per actor stack (one shared, or one per agent). `grpo=False`: the
-        trainer replaces the rows' GRPO advantages by GAE from a critic (advantage.estimator=gae)."""
+        trainer replaces the rows' GRPO advantages by GAE from a critic (advantage.estimator=gae).
+        `merge_turns`: one row per (discussion, agent) instead of per turn (`turn_rows`)."""
         from transformers import AutoTokenizer
 
         self.cfg, self.n_samples, self.eps, self.norm_by_std, self.grpo = cfg, n_samples, eps, norm_by_std, grpo
+        self.merge_turns = merge_turns
         self.engine_urls = engine_urls
         self.tokenizers = [AutoTokenizer.from_pretrained(m) for m in models]
         self.verifier = make_verifier(cfg.verifier)
@@ -48,10 +53,11 @@ class MaporlRollout:
         for d in discussions:
             assign_rewards(d, self.cfg.reward)
         self._write(discussions, samples, out_path)
-        rows = turn_rows(discussions, n, len(self.engine_urls), self.eps, self.norm_by_std)
+        rows = turn_rows(discussions, n, len(self.engine_urls), self.eps, self.norm_by_std, self.merge_turns)
         m = self.metrics(discussions)
-        if self.grpo:
-            m.update(advantage_stats([r for st in rows for q in st for r in q]))
+        if self.grpo:  # per turn, whatever the rows
+            m.update(advantage_value_stats([a for _, _, a in turn_advantages(discussions, n, self.eps,
+                                                                             self.norm_by_std)]))
         return rows, m
 
     async def _discuss(self, samples: list[Sample], uid_prefix: str, seed: int | None, n: int) -> list[Discussion]:
@@ -116,20 +122,55 @@ class MaporlRollout:
                     f.write(json.dumps(line) + "\n")
 
 
-def turn_rows(discussions: list[Discussion], n_samples: int, stacks: int, eps: float = 1e-6,
-              norm_by_std: bool = True) -> list[list[list[Row]]]:
-    """Rewarded discussions (consecutive runs of `n_samples` per question) → rows[stack][question]:
-    one row per turn, GRPO-normalized within (question, agent, round); agent i's rows go to stack i
-    when there is one stack per agent, else all to stack 0."""
+def turn_advantages(discussions: list[Discussion], n_samples: int, eps: float = 1e-6,
+                    norm_by_std: bool = True) -> list[tuple[int, DiscussionTurn, float]]:
+    """(question index, turn, GRPO advantage) for every turn, GRPO-normalized within (question, agent,
+    round); discussions come in consecutive runs of `n_samples` per question."""
     turns = [(j // n_samples, x) for j, d in enumerate(discussions) for x in d.turns]
     adv = grpo_advantages([x.reward for _, x in turns], [(q, x.agent, x.round) for q, x in turns],
                           eps=eps, norm_by_std=norm_by_std).tolist()
+    return [(q, x, a) for (q, x), a in zip(turns, adv)]
+
+
+def turn_rows(discussions: list[Discussion], n_samples: int, stacks: int, eps: float = 1e-6,
+              norm_by_std: bool = True, merge_turns: bool = True) -> list[list[list[Row]]]:
+    """Rewarded discussions → rows[stack][question]; agent i's rows go to stack i when there is one
+    stack per agent, else all to stack 0.
+
+    `merge_turns` (valid with the token-mean loss): one row per (discussion, agent), the agent's last
+    conversation, which holds its earlier turns as a prefix; each turn's tokens carry that turn's
+    advantage (and the row one reward per turn, for GAE). A causal model's logprob (and value) at a
+    token depends only on its prefix, so the loss, its gradient and the critic's targets equal those
+    of one row per turn (tests/test_maporl.py checks it against transformers) without re-encoding
+    each round's prefix: ~T times fewer tokens through the actor. Otherwise one row per turn."""
     out: list[list[list[Row]]] = [[[] for _ in range(len(discussions) // n_samples)] for _ in range(stacks)]
     counts = [0] * stacks
-    for (q, x), a in zip(turns, adv):
-        k = x.agent if stacks > 1 else 0
-        out[k][q].append(Row(token_ids=list(x.token_ids), loss_mask=list(x.loss_mask), old_logprobs=list(x.logprobs),
-                             advantage=float(a), row_id=counts[k], role=x.role, parity_mask=parity_mask(x),
-                             reward=float(x.reward)))
+    units: dict[tuple[int, int, int], list[tuple[DiscussionTurn, float]]] = {}  # (question, discussion, agent)
+    for k, (q, x, a) in enumerate(turn_advantages(discussions, n_samples, eps, norm_by_std)):
+        key = (q, x.sample_uid, x.agent) if merge_turns else (q, k, x.agent)
+        units.setdefault(key, []).append((x, a))
+    for (q, _, agent), unit in units.items():
+        k = agent if stacks > 1 else 0
+        out[k][q].append(_unit_row(unit, counts[k]))
         counts[k] += 1
     return out
+
+
+def _unit_row(unit: list[tuple[DiscussionTurn, float]], row_id: int) -> Row:
+    """One agent's consecutive turns (one or more, in round order) as one row."""
+    last = unit[-1][0]
+    if len(unit) == 1:
+        return Row(token_ids=list(last.token_ids), loss_mask=list(last.loss_mask), old_logprobs=list(last.logprobs),
+                   advantage=float(unit[0][1]), row_id=row_id, role=last.role, parity_mask=parity_mask(last),
+                   reward=float(last.reward))
+    n = len(last.token_ids)
+    mask, lp, adv, par = [0] * n, [0.0] * n, [0.0] * n, [0] * n
+    for x, a in unit:
+        if last.token_ids[:len(x.token_ids)] != list(x.token_ids):
+            raise ValueError(f"turn {x.traj_id} is not a prefix of {last.traj_id}: the conversation was re-encoded")
+        for t, (m, l, pm) in enumerate(zip(x.loss_mask, x.logprobs, parity_mask(x))):
+            if m:
+                mask[t], lp[t], adv[t] = 1, l, a
+            par[t] |= pm
+    return Row(token_ids=list(last.token_ids), loss_mask=mask, old_logprobs=lp, advantage=adv, row_id=row_id,
+               role=last.role, parity_mask=par, reward=[float(x.reward) for x, _ in unit])

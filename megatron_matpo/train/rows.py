@@ -72,7 +72,11 @@ def rollout_metrics(rollouts: list[list[Trajectory]], rows: list[Row]) -> dict[s
 
 
 def advantage_stats(rows: list[Row]) -> dict[str, float]:
-    adv = [r.advantage for r in rows]
+    return advantage_value_stats([r.advantage for r in rows])
+
+
+def advantage_value_stats(adv: list[float]) -> dict[str, float]:
+    """Statistics of scalar advantages (one per row or per turn)."""
     return {"advantage/mean": _mean(adv), "advantage/abs_mean": _mean([abs(a) for a in adv]),
             "advantage/max": max(adv, default=0.0), "advantage/min": min(adv, default=0.0),
             "advantage/nonzero_fraction": _mean([float(a != 0.0) for a in adv])}
@@ -82,7 +86,9 @@ def apply_gae(rows: list[Row], values: dict[int, "np.ndarray"], gamma: float, la
               whiten_advantages: bool = True) -> dict[str, float]:
     """PPO+GAE advantages in place: each row's critic values at its generated tokens (in order, from
     `CriticWorker.values`) and its scalar reward → per-token advantages (whitened over the batch),
-    returns (the critic's targets) and old values. Returns the batch's GAE metrics."""
+    returns (the critic's targets) and old values. A row with one reward per turn (MAPoRL's merged
+    turns; a turn = a maximal run of generated tokens) is one episode per turn, as if each turn were
+    its own row. Returns the batch's GAE metrics."""
     import numpy as np
 
     from megatron_matpo.algo.gae import gae, whiten
@@ -93,7 +99,12 @@ def apply_gae(rows: list[Row], values: dict[int, "np.ndarray"], gamma: float, la
         v = np.asarray(values[r.row_id], dtype=np.float64)
         if r.reward is None or len(v) != len(p):
             raise ValueError(f"row {r.row_id}: {len(v)} values for {len(p)} generated tokens, reward {r.reward}")
-        a, ret = gae(v, r.reward, gamma, lam)
+        rewards = r.reward if isinstance(r.reward, list) else [r.reward]
+        cuts = [0] + [k for k in range(1, len(p)) if p[k] != p[k - 1] + 1] + [len(p)]  # turn boundaries
+        if len(cuts) - 1 != len(rewards):
+            raise ValueError(f"row {r.row_id}: {len(rewards)} rewards for {len(cuts) - 1} runs of generated tokens")
+        parts = [gae(v[s:e], rw, gamma, lam) for s, e, rw in zip(cuts, cuts[1:], rewards)]
+        a, ret = (np.concatenate([x[i] for x in parts] + [np.zeros(0)]) for i in (0, 1))
         pos.append(p), vals.append(v), advs.append(a), rets.append(ret)
     raw = np.concatenate([*advs, np.zeros(0)])  # the zeros(0): an empty batch is fine
     if whiten_advantages:
