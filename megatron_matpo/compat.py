@@ -94,6 +94,11 @@ def sglang_cpu_pythonpath() -> str:
     `megatron.core` at class definition when megatron is installed (it is here): ~4 s of CPU per
     engine start on 2 cores, for a dumper that is never enabled. `compat_shims/megatron` makes that
     import fail, so the dumper takes its "megatron absent" branch.
+
+    SGLang 0.5.23 imports flashinfer at module level through its quantization registry (fp4_utils,
+    inside `try/except ImportError`) even where `is_flashinfer_available()` is False, as on every CPU
+    host: ~5 s of CPU per scheduler process on 2 cores (flashinfer, cute_dsl, cutlass). CPU engines
+    never call it; `compat_shims/flashinfer` raises ImportError, so SGLang takes its fallback.
     """
     from pathlib import Path
 

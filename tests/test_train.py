@@ -140,7 +140,9 @@ def test_sigkill_in_a_checkpoint_write_then_resume(matpo_world):
     for step in range(1, 11):
         want = sorted(s.question for s in loader.next_batch() for _ in range(8))
         assert sorted(d["question"] for d in _planners(run, step)) == want, step
-    assert m[KILL_AT]["actor/lr"] == m[1]["actor/lr"] == 5e-3  # constant schedule, restored
+    # constant schedule, restored, with the output layer's own param group (optim.output_layer_lr)
+    assert m[KILL_AT]["actor/lr"] == m[1]["actor/lr"] == 1e-3
+    assert m[KILL_AT]["actor/lr_output_layer"] == m[1]["actor/lr_output_layer"] == 1e-2
     # restored weights reached the new engine before step 3's rollouts: its sampling logprobs equal the
     # actor's (the prompt-logprob parity check runs at steps 5 and 10 only: sync.parity_every)
     check_invariants({KILL_AT: m[KILL_AT]}, parity_steps=[])

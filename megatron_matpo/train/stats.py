@@ -48,6 +48,8 @@ def train_stats(per_rank: list[list[dict]], reports: list[bool]) -> dict[str, fl
     out["actor/grad_norm"] = sum(s["grad_norm"] for s in rank0) / minis
     out["actor/steps_skipped"] = sum(s["step_skipped"] for s in rank0)
     out["actor/lr"] = rank0[-1]["lr"]
+    if "lr_output_layer" in rank0[-1]:
+        out["actor/lr_output_layer"] = rank0[-1]["lr_output_layer"]
     rep = [stats for stats, r in zip(per_rank, reports) if r]
     per_role = sorted({k for ranks in rep for s in ranks for k in s if k.startswith(_PER_ROLE)})
     for k in (*_SUMMED, *per_role):

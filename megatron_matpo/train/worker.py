@@ -148,10 +148,20 @@ class ActorWorker:
             if self.reports:
                 stats.update(self._role_terms(mbs, n))
             self.scheduler.step(increment=1)
-            stats["lr"] = float(self.optimizer.param_groups[0]["lr"])
+            stats.update(self._lrs())
             out.append(stats if self.reports or self.rank == 0 else {})
         self.batches = []
         return out
+
+    def _lrs(self) -> dict[str, float]:
+        """The current lr, and the output layer's when `optim.output_layer_lr` gives it its own
+        param group (megatron's override puts that peak in the group's `max_lr`)."""
+        groups, own = self.optimizer.param_groups, self.spec.optim.output_layer_lr
+        if own is None:
+            return {"lr": float(groups[0]["lr"])}
+        out = [g for g in groups if g.get("max_lr") == own]
+        rest = [g for g in groups if g.get("max_lr") != own] or groups
+        return {"lr": float(rest[0]["lr"]), "lr_output_layer": float((out or rest)[0]["lr"])}
 
     def _role_terms(self, mbs: list[PackedMicroBatch], global_tokens: int) -> dict[str, float]:
         """Each role's share of the policy-gradient surrogate at the pre-update policy (ratio 1):
