@@ -335,14 +335,21 @@ class Trainer:
                                 cfg.actor.dp, pad_to_multiple=cfg.actor.tp) for c in chunks]
             actors.load_batch(packed)
         m.update(S.prefixed("pack", packing_stats(packed[0])))
-        with t("old_logprobs"):
-            m.update(S.parity_stats(actors.reported("old_logprobs", cfg.actor.recompute_old_logprobs)))
+        # one on-policy update: its own forward gives the old logprobs (and the parity with the engine)
+        fused = len(packed) == 1 and cfg.actor.recompute_old_logprobs and cfg.loss.kl_coef == 0
+        if not fused:
+            with t("old_logprobs"):
+                m.update(S.parity_stats(actors.reported("old_logprobs", cfg.actor.recompute_old_logprobs)))
         if cfg.loss.kl_coef > 0:
             with t("ref_logprobs"):
                 m.update(S.kl_stats(actors.reported("ref_logprobs")))
         with t("train"):
             counts = [sum(mb.num_loss_tokens for rank in p for mb in rank) for p in packed]
-            m.update(S.train_stats(actors.call("train", counts), [i["reports"] for i in actors.info]))
+            per_rank, reports = actors.call("train", counts, fused), [i["reports"] for i in actors.info]
+            m.update(S.train_stats(per_rank, reports))
+            if fused:
+                m.update(S.parity_stats([{**s, "tokens": s["parity_tokens"]} for rank, r in zip(per_rank, reports)
+                                         if r for s in rank if "parity_tokens" in s]))
         if st.critic is not None:
             with t("critic_train"):
                 st.critic.load_batch(packed)

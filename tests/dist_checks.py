@@ -235,6 +235,18 @@ def actor_step(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
                 gains[rid] = (a[sel] - b[sel]).mean().item()
         out["gain_pos"] = -min(gains[0], gains[2])  # reported negated: max over world keeps the worst
         out["gain_neg"] = gains[1]
+    # the same first step with the old logprobs taken from the update's own forward (one mini-batch):
+    # the same loss and gradient, and the parity against the batch's (here transformers') logprobs
+    built2 = build_model(hf_dir, layout, load_weights=True, ddp_config=ddp_config(optim))
+    (mbs2,) = pack_rows(rows, max_tokens_per_micro_batch=64, dp_size=1)
+    fused = train_step(built2.chunks, build_optimizer(built2.chunks, optim), mbs2, LossConfig(),
+                       global_token_count=sum(sum(r.loss_mask) for r in rows), device=dev, old_from_forward=True)
+    out["fused_grad_norm_diff"] = abs(fused["grad_norm"] - stats["grad_norm"])
+    out["fused_loss_diff"] = abs(fused.get("loss", 0.0) - stats.get("loss", 0.0))
+    out["fused_ratio_off"] = abs(fused.get("ratio_mean", 1.0) - 1.0)
+    out["fused_parity_max"] = fused.get("abs_diff_max", 0.0)
+    out["fused_parity_tokens"] = fused.get("parity_tokens", 0.0)  # on the last stage
+    out["grad_norm"] = stats["grad_norm"]
     return _max_over_world(out)
 
 

@@ -88,8 +88,13 @@ def optimizer_step(chunks: list, optimizer, mbs: list[PackedMicroBatch], loss_fn
 
 
 def train_step(chunks: list, optimizer, mbs: list[PackedMicroBatch], cfg: LossConfig, global_token_count: int,
-               device: torch.device) -> dict[str, float]:
-    """One PPO policy update (`optimizer_step` with `algo.loss.policy_loss`)."""
+               device: torch.device, old_from_forward: bool = False) -> dict[str, float]:
+    """One PPO policy update (`optimizer_step` with `algo.loss.policy_loss`).
+
+    `old_from_forward`: the batch's one update of this rollout (a single mini-batch), so the PPO old
+    logprobs are this forward's own, detached (ratio 1; the same loss and gradient as a separate
+    no-grad pass before the update, at one forward less). The batch's `old_logprobs` are then the
+    engine's: the train/rollout parity sums (`parity_*`) are measured against them here."""
     if cfg.entropy_coef:
         raise ValueError("loss.entropy_coef > 0 is not supported yet: entropy is a metric only (no gradient)")
     if cfg.kl_coef and cfg.kl_as == "loss" and any(p.ref_logprobs is None for p in mbs):
@@ -100,10 +105,16 @@ def train_step(chunks: list, optimizer, mbs: list[PackedMicroBatch], cfg: LossCo
         ent = vocab_parallel_entropy(out)
         lp = token_logprobs(out, p.labels)
         ref = p.ref_logprobs.to(lp.device) if p.ref_logprobs is not None else None
-        loss, metrics = policy_loss(lp, p.old_logprobs.to(lp.device), p.advantages.to(lp.device),
-                                    p.loss_mask.to(lp.device), cfg, ref_logprobs=ref,
-                                    global_token_count=global_token_count)
-        metrics = {k: v.detach().float() for k, v in metrics.items()}
+        old, parity = p.old_logprobs.to(lp.device), {}
+        if old_from_forward:
+            m = (p.parity_mask if p.parity_mask is not None else p.loss_mask).to(lp.device)
+            d = (lp.detach() - old).abs() * m
+            parity = {"parity_abs_diff_sum": d.sum(), "parity_abs_diff_max": d.max() if d.numel() else d.sum(),
+                      "parity_tokens": m.sum()}
+            old = lp.detach()
+        loss, metrics = policy_loss(lp, old, p.advantages.to(lp.device), p.loss_mask.to(lp.device), cfg,
+                                    ref_logprobs=ref, global_token_count=global_token_count)
+        metrics = {k: v.detach().float() for k, v in {**metrics, **parity}.items()}
         metrics["entropy_sum"] = (ent * p.loss_mask.to(ent.device)).sum()
         metrics["tokens"] = p.loss_mask.sum().to(lp.device)
         return loss, metrics
@@ -115,6 +126,10 @@ def train_step(chunks: list, optimizer, mbs: list[PackedMicroBatch], cfg: LossCo
         if "kl" in reported[0]:
             stats["kl"] = sum(float(r["kl"]) for r in reported)
         stats["entropy"] = sum(float(r["entropy_sum"]) for r in reported) / max(tokens, 1.0)
+        if old_from_forward:
+            stats["abs_diff_sum"] = sum(float(r["parity_abs_diff_sum"]) for r in reported)
+            stats["abs_diff_max"] = max(float(r["parity_abs_diff_max"]) for r in reported)
+            stats["parity_tokens"] = sum(float(r["parity_tokens"]) for r in reported)
         for k in ("clip_frac", "approx_kl", "ratio_max", "ratio_mean", "dual_clip_frac"):
             if k in reported[0]:
                 stats[k] = max(float(r[k]) for r in reported) if k == "ratio_max" else \

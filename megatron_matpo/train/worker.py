@@ -137,14 +137,18 @@ class ActorWorker:
         return stats if self.reports else {}
 
     # ---- update -----------------------------------------------------------------------------------
-    def train(self, global_token_counts: list[int]) -> list[dict[str, float]]:
+    def train(self, global_token_counts: list[int], old_from_forward: bool = False) -> list[dict[str, float]]:
         """One optimizer step per mini-batch; returns this rank's stats per mini-batch (reporting
-        ranks only carry loss terms; grad norm and lr are the same everywhere)."""
+        ranks only carry loss terms; grad norm and lr are the same everywhere). `old_from_forward`
+        (one mini-batch, no `old_logprobs` call before): see `actor.train_step`."""
         from megatron_matpo.train.actor import train_step
 
+        if old_from_forward and len(self.batches) != 1:
+            raise ValueError(f"old logprobs from the update's forward need one mini-batch, got {len(self.batches)}")
         out = []
         for mbs, n in zip(self.batches, global_token_counts):
-            stats = train_step(self.built.chunks, self.optimizer, mbs, self.spec.loss, n, self.device)
+            stats = train_step(self.built.chunks, self.optimizer, mbs, self.spec.loss, n, self.device,
+                               old_from_forward)
             if self.reports:
                 stats.update(self._role_terms(mbs, n))
             self.scheduler.step(increment=1)
