@@ -42,8 +42,11 @@ def rollouts(run_dir: Path, step: int, prefix: str = "step") -> list[dict]:
 
 
 def check_invariants(m: dict[int, dict], parity_steps: list[int] | None = None) -> None:
-    """First step: actor == engine weights, so the PPO ratio is exactly 1 and approx-KL 0; after
-    every sync the engine's logprobs equal the actor's (fp32)."""
+    """Every step: the engine sampled with the actor's weights (its sampling logprobs equal the
+    actor's, fp32: the initial weights at step 1, each sync's after). First step: the PPO ratio is 1
+    and approx-KL 0 (by construction where the update's own forward gives the old logprobs; from a
+    separate pass with a reference model, as in the Slurm run). With `parity_steps`, the prompt-
+    logprob parity after those steps' syncs."""
     first = m[min(m)]
     assert abs(first["actor/ratio_mean"] - 1.0) < 1e-6 and first["actor/ratio_max"] < 1.0 + 1e-5, first
     assert abs(first["actor/approx_kl"]) < 1e-7, first
