@@ -147,3 +147,16 @@ def test_apply_gae_places_values_advantages_and_returns_for_packing():
     whitened = apply_gae(rows, values, 1.0, 0.95, whiten_advantages=True)
     flat = np.concatenate([np.array(r.advantage)[np.array(r.loss_mask) > 0] for r in rows])
     assert abs(flat.mean()) < 1e-9 and whitened["gae/advantage_mean"] != 0.0
+    # two runs of generated tokens (a tool result between): one episode with a scalar reward (a
+    # multi-turn planner), one per run with one reward per turn (MAPoRL's merged turns)
+    v = {0: np.array([0.1, 0.2, 0.3, 0.4])}
+    one = [Row([1, 2, 3, 4, 5, 6], [0, 1, 1, 0, 1, 1], [0.0] * 6, 0.0, row_id=0, reward=1.0)]
+    apply_gae(one, v, 0.9, 0.8, whiten_advantages=False)
+    assert np.allclose(np.array(one[0].advantage)[[1, 2, 4, 5]], gae([0.1, 0.2, 0.3, 0.4], 1.0, 0.9, 0.8)[0])
+    two = [Row([1, 2, 3, 4, 5, 6], [0, 1, 1, 0, 1, 1], [0.0] * 6, 0.0, row_id=0, reward=[1.0, -1.0])]
+    apply_gae(two, v, 0.9, 0.8, whiten_advantages=False)
+    want = [*gae([0.1, 0.2], 1.0, 0.9, 0.8)[0], *gae([0.3, 0.4], -1.0, 0.9, 0.8)[0]]
+    assert np.allclose(np.array(two[0].advantage)[[1, 2, 4, 5]], want)
+    with pytest.raises(ValueError, match="3 rewards for 2 runs"):
+        apply_gae([Row([1, 2, 3, 4, 5, 6], [0, 1, 1, 0, 1, 1], [0.0] * 6, 0.0, row_id=0, reward=[1.0, 0.0, 2.0])],
+                  v, 0.9, 0.8)

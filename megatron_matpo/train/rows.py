@@ -99,10 +99,13 @@ def apply_gae(rows: list[Row], values: dict[int, "np.ndarray"], gamma: float, la
         v = np.asarray(values[r.row_id], dtype=np.float64)
         if r.reward is None or len(v) != len(p):
             raise ValueError(f"row {r.row_id}: {len(v)} values for {len(p)} generated tokens, reward {r.reward}")
-        rewards = r.reward if isinstance(r.reward, list) else [r.reward]
-        cuts = [0] + [k for k in range(1, len(p)) if p[k] != p[k - 1] + 1] + [len(p)]  # turn boundaries
-        if len(cuts) - 1 != len(rewards):
-            raise ValueError(f"row {r.row_id}: {len(rewards)} rewards for {len(cuts) - 1} runs of generated tokens")
+        if isinstance(r.reward, list):  # one episode per turn
+            rewards = r.reward
+            cuts = [0] + [k for k in range(1, len(p)) if p[k] != p[k - 1] + 1] + [len(p)]  # turn boundaries
+            if len(cuts) - 1 != len(rewards):
+                raise ValueError(f"row {r.row_id}: {len(rewards)} rewards for {len(cuts) - 1} runs of generated tokens")
+        else:  # one episode over all its generated tokens (a multi-turn planner row too)
+            rewards, cuts = [r.reward], [0, len(p)]
         parts = [gae(v[s:e], rw, gamma, lam) for s, e, rw in zip(cuts, cuts[1:], rewards)]
         a, ret = (np.concatenate([x[i] for x in parts] + [np.zeros(0)]) for i in (0, 1))
         pos.append(p), vals.append(v), advs.append(a), rets.append(ret)
