@@ -53,11 +53,11 @@ class MaporlRollout:
         for d in discussions:
             assign_rewards(d, self.cfg.reward)
         self._write(discussions, samples, out_path)
-        rows = turn_rows(discussions, n, len(self.engine_urls), self.eps, self.norm_by_std, self.merge_turns)
+        adv = turn_advantages(discussions, n, self.eps, self.norm_by_std)
+        rows = rows_of_turns(adv, len(discussions) // n, len(self.engine_urls), self.merge_turns)
         m = self.metrics(discussions)
         if self.grpo:  # per turn, whatever the rows
-            m.update(advantage_value_stats([a for _, _, a in turn_advantages(discussions, n, self.eps,
-                                                                             self.norm_by_std)]))
+            m.update(advantage_value_stats([a for _, _, a in adv]))
         return rows, m
 
     async def _discuss(self, samples: list[Sample], uid_prefix: str, seed: int | None, n: int) -> list[Discussion]:
@@ -143,10 +143,17 @@ def turn_rows(discussions: list[Discussion], n_samples: int, stacks: int, eps: f
     token depends only on its prefix, so the loss, its gradient and the critic's targets equal those
     of one row per turn (tests/test_maporl.py checks it against transformers) without re-encoding
     each round's prefix: ~T times fewer tokens through the actor. Otherwise one row per turn."""
-    out: list[list[list[Row]]] = [[[] for _ in range(len(discussions) // n_samples)] for _ in range(stacks)]
+    return rows_of_turns(turn_advantages(discussions, n_samples, eps, norm_by_std), len(discussions) // n_samples,
+                         stacks, merge_turns)
+
+
+def rows_of_turns(advantages: list[tuple[int, DiscussionTurn, float]], questions: int, stacks: int,
+                  merge_turns: bool = True) -> list[list[list[Row]]]:
+    """`turn_rows` from `turn_advantages`' output (computed once when the caller needs it too)."""
+    out: list[list[list[Row]]] = [[[] for _ in range(questions)] for _ in range(stacks)]
     counts = [0] * stacks
-    units: dict[tuple[int, int, int], list[tuple[DiscussionTurn, float]]] = {}  # (question, discussion, agent)
-    for k, (q, x, a) in enumerate(turn_advantages(discussions, n_samples, eps, norm_by_std)):
+    units: dict[tuple, list[tuple[DiscussionTurn, float]]] = {}  # (question, discussion or turn index, agent)
+    for k, (q, x, a) in enumerate(advantages):
         key = (q, x.sample_uid, x.agent) if merge_turns else (q, k, x.agent)
         units.setdefault(key, []).append((x, a))
     for (q, _, agent), unit in units.items():
