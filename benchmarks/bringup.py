@@ -2,13 +2,17 @@
 rollout request, and each part the trainer times (`bringup/<part>_s` in step 1 of metrics.jsonl):
 inputs (bootstrap), Ray, placement group, engines + tool server, actor ranks (Ray actors, megatron
 world, model, optimizer, reference), the driver's tokenizer, engine connection (broadcast group),
-rollout session, and on a resume the checkpoint load + first weight sync. Engines + tool server come
+rollout session, the first weight sync (`first_sync`), and on a resume the checkpoint load. Engines + tool server come
 up first, then every stack's ranks together (`ranks`); the tokenizer loads in the background.
 
 Runs `matpo train steps=1` `--reps` times in fresh run directories (inputs are generated once, before
 the first rep, and not timed) and reports each part's median.
 
-    .venv/bin/python benchmarks/bringup.py [--reps 3] [key=value ...]
+    .venv/bin/python benchmarks/bringup.py [--reps 3] [--against key=value ...] [key=value ...]
+
+`--against` also runs the same reps with those overrides added, interleaved with the main ones (so
+both see the same machine load), and prints each part's ratio, e.g. `--against
+rollout.engine.fork_children=false` for SGLang's own spawned children.
 """
 from __future__ import annotations
 
@@ -44,6 +48,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", help="default: benchmarks/results/bringup.json")
+    ap.add_argument("--against", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="also run with these overrides, interleaved, and report the ratio")
     ap.add_argument("overrides", nargs="*", help="TrainConfig overrides, key.sub=value")
     args = ap.parse_args()
     bench_env()
@@ -55,18 +61,27 @@ def main() -> None:
     inputs = [f"model={root}/inputs/tiny-qwen3", f"data={root}/inputs/multihop/matpo_train_multihop",
               f"corpus={root}/inputs/multihop/corpus.jsonl"]
     ensure_inputs(config.load(TrainConfig, ROOT / "configs/tiny_cpu.yaml", inputs + [f"run_dir={root}/run"]))
-    reps = []
+    sides = {"main": args.overrides, **({"against": args.overrides + args.against} if args.against else {})}
+    reps: dict[str, list[dict]] = {side: [] for side in sides}
     for i in range(args.reps):
-        parts = one(root / "run", inputs, args.overrides)
-        print(f"rep {i + 1}: " + ", ".join(f"{k} {v:.1f}s" for k, v in parts.items()), flush=True)
-        reps.append(parts)
-    median = {k: statistics.median(r[k] for r in reps) for k in reps[0]}
-    print("median: " + ", ".join(f"{k} {v:.1f}s" for k, v in median.items()))
-    print(f"process start -> first rollout request: {median['total']:.1f}s (target <= {TARGET_S:.0f}s: "
-          f"{'met' if median['total'] <= TARGET_S else 'missed'})")
-    write_result("bringup", {"meta": meta(source=" ".join(["matpo train steps=1", *args.overrides])),
-                             "targets": {"total_s": TARGET_S}, "reps": reps, "median": median,
-                             "target_met": median["total"] <= TARGET_S}, args.json)
+        for side, overrides in sides.items():
+            parts = one(root / "run", inputs, overrides)
+            print(f"rep {i + 1} ({side}): " + ", ".join(f"{k} {v:.1f}s" for k, v in parts.items()), flush=True)
+            reps[side].append(parts)
+    median = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for side, rs in reps.items()}
+    for side, m in median.items():
+        print(f"median ({side}): " + ", ".join(f"{k} {v:.1f}s" for k, v in m.items()))
+    total = median["main"]["total"]
+    print(f"process start -> first rollout request: {total:.1f}s (target <= {TARGET_S:.0f}s: "
+          f"{'met' if total <= TARGET_S else 'missed'})")
+    result = {"meta": meta(source=" ".join(["matpo train steps=1", *args.overrides])), "targets": {"total_s": TARGET_S},
+              "reps": reps["main"], "median": median["main"], "target_met": total <= TARGET_S}
+    if args.against:
+        ratio = {k: median["against"][k] / v for k, v in median["main"].items() if v > 0}
+        print(f"against {' '.join(args.against)} / main: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
+        result["against"] = {"overrides": args.against, "reps": reps["against"], "median": median["against"],
+                             "ratio": ratio}
+    write_result("bringup", result, args.json)
 
 
 if __name__ == "__main__":

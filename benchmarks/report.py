@@ -159,14 +159,23 @@ def step_breakdown(d: dict) -> str:
 
 def bringup(d: dict) -> str:
     parts = [k for k in d["median"] if k != "total"]
-    rows = [[i + 1] + [f"{r.get(k, 0.0):.1f}" for k in parts] + [f"{r['total']:.1f}"] for i, r in enumerate(d["reps"])]
-    rows.append(["median"] + [f"{d['median'][k]:.1f}" for k in parts] + [f"**{d['median']['total']:.1f}**"])
-    return "\n\n".join([
-        _table(["rep"] + [f"{k} s" for k in parts] + ["process start → first rollout s"], rows),
-        f"Process start → first rollout request: **{d['median']['total']:.1f} s** (median) — {_ok(d['target_met'])} "
-        f"(target ≤ {d['targets']['total_s']:.0f} s). The tokenizer loads while the engines and then the ranks "
-        "start, so the parts do not add up.",
-        f"Source: {d['meta'].get('source', '?')}. " + _provenance(d["meta"])])
+    sides = [("", d)] + ([(f" with {' '.join(d['against']['overrides'])}", d["against"])] if d.get("against") else [])
+    rows = []
+    for label, side in sides:
+        rows += [[f"{i + 1}{label}"] + [f"{r.get(k, 0.0):.1f}" for k in parts] + [f"{r['total']:.1f}"]
+                 for i, r in enumerate(side["reps"])]
+        rows.append([f"median{label}"] + [f"{side['median'].get(k, 0.0):.1f}" for k in parts]
+                    + [f"**{side['median']['total']:.1f}**"])
+    text = [_table(["rep"] + [f"{k} s" for k in parts] + ["process start → first rollout s"], rows),
+            f"Process start → first rollout request: **{d['median']['total']:.1f} s** (median) — "
+            f"{_ok(d['target_met'])} (target ≤ {d['targets']['total_s']:.0f} s). The tokenizer loads while the "
+            "engines and then the ranks start, so the parts do not add up."]
+    if d.get("against"):
+        r = d["against"]["ratio"]
+        text.append(f"With {' '.join(d['against']['overrides'])} (interleaved reps) / without: total "
+                    f"**{r['total']:.2f}×**, engines + tool server {r.get('engines_tools', float('nan')):.2f}×.")
+    text.append(f"Source: {d['meta'].get('source', '?')}. " + _provenance(d["meta"]))
+    return "\n\n".join(text)
 
 
 def engine_decode(d: dict) -> str:

@@ -83,13 +83,18 @@ def cmd_train(args) -> int:
     from megatron_matpo.train.config import TrainConfig
     from megatron_matpo.trainer import Trainer
 
-    cfg = config.load(TrainConfig, args.config, list(args.overrides)).validate()
-    print(yaml_dump(config.to_dict(cfg)), flush=True)  # the resolved config heads every run
+    from megatron_matpo.train.summary import startup_summary
+
+    overrides = list(args.overrides)
+    cfg = config.load(TrainConfig, args.config, overrides)
+    cfg.bootstrap = cfg.bootstrap.for_command_line({o.split("=", 1)[0] for o in overrides})
     t0 = time.time()
     from megatron_matpo.train.preemption import Preempted
 
+    trainer = Trainer(cfg, resume=args.resume)  # every check (config, inputs, layout vs model) before any process
+    print(startup_summary(cfg), flush=True)
     try:
-        with Trainer(cfg, resume=args.resume) as trainer:
+        with trainer:
             history = trainer.fit()
     except Preempted as e:
         print(f"matpo train: preempted: {e}", file=sys.stderr, flush=True)
@@ -99,12 +104,6 @@ def cmd_train(args) -> int:
           f"{last.get('reward/mean', float('nan')):.3f}, accuracy {last.get('reward/accuracy', float('nan')):.3f}, "
           f"train/rollout logprob diff {last.get('train_rollout_logprob_abs_diff', float('nan')):.2e}")
     return 0
-
-
-def yaml_dump(d: dict) -> str:
-    import yaml
-
-    return yaml.safe_dump(d, sort_keys=False).rstrip()
 
 
 def cmd_bench_layouts(args) -> int:

@@ -105,6 +105,27 @@ def sglang_cpu_pythonpath() -> str:
     return str(Path(__file__).parent / "compat_shims")
 
 
+def sglang_fork_children() -> None:
+    """Make the SGLang server in this process fork its scheduler and detokenizer (CPU engines only).
+
+    SGLang 0.5.23 forces the spawn start method (`mp.set_start_method("spawn", force=True)` in
+    `entrypoints/engine.py` `_set_envs_and_config`), which CUDA needs. On CPU it only makes each
+    child import again what the launching process has already imported (engine.py imports the
+    scheduler and detokenizer modules at the top): ~20 s of CPU per child on 2 cores, the largest
+    part of an engine start. A forked child inherits those modules. The launching process has
+    started no threads and run no torch op when SGLang forks, so the usual fork hazards (held locks,
+    an initialised OpenMP pool) do not apply. Called by `megatron_matpo.rollout.sglang_main`.
+    """
+    import multiprocessing as mp
+
+    set_start_method = mp.set_start_method
+
+    def fork_instead_of_spawn(method, force=False):
+        set_start_method("fork" if method == "spawn" else method, force=force)
+
+    mp.set_start_method = fork_instead_of_spawn
+
+
 def init_fresh_distributed_optimizer_state(optimizer) -> None:
     """Give a never-stepped distributed optimizer its (dummy) Adam state before a checkpoint load.
 

@@ -3,6 +3,7 @@ before anything starts (unknown keys and wrong types are errors that name the ke
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -67,10 +68,16 @@ def build(cls: type[T], data: dict, prefix: str = "") -> T:
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown config key(s) {', '.join(where + u for u in unknown)}; "
-                          f"{cls.__name__} has: {', '.join(sorted(names))}")
+        raise ConfigError(f"{', '.join(where + u for u in unknown)}: unknown config key"
+                          f"{'s' if len(unknown) > 1 else ''}; {cls.__name__} has: {', '.join(sorted(names))}")
     kwargs = {k: _coerce(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:  # a section's own __post_init__ check: one line, no traceback
+        msg = str(e)
+        raise ConfigError(msg if not prefix or msg.startswith(prefix) else f"{prefix}: {msg}") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -100,3 +107,18 @@ def load(cls: type[T], path: str | Path | None, overrides: list[str] | None = No
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# a key, token or password: never printed or written (the config on stdout, run_dir/config.yaml)
+_SECRET_KEY = re.compile(r"(?:^|_)(?:api_?key|token|password|passwd|secret)$", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def redacted(d: Any) -> Any:
+    """A copy of a config dict (nested dicts and lists too) with every secret field's value replaced."""
+    if isinstance(d, dict):
+        return {k: REDACTED if isinstance(k, str) and _SECRET_KEY.search(k) and v else redacted(v)
+                for k, v in d.items()}
+    if isinstance(d, list):
+        return [redacted(v) for v in d]
+    return d

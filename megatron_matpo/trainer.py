@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from megatron_matpo.agents.workflow import derive_seed
-from megatron_matpo.config import ConfigError, to_dict
+from megatron_matpo.config import ConfigError, redacted, to_dict
 from megatron_matpo.data.loader import PromptLoader
 from megatron_matpo.data.packing import Row, pack_rows, packing_stats
 from megatron_matpo.train import preemption
@@ -64,9 +64,15 @@ class Stack:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False):
+        from megatron_matpo.train.bootstrap import ensure_inputs
         from megatron_matpo.train.checkpoint import latest_checkpoint
+        from megatron_matpo.train.preflight import preflight
 
         self.cfg = cfg.validate()
+        self.bringup = Timer()
+        with self.bringup("inputs"):
+            ensure_inputs(cfg)  # bootstrap: the embedded default's own inputs, on first use
+        preflight(cfg)  # what needs the inputs (model configs vs the layout, paths): before any process starts
         self.run_dir = Path(cfg.run_dir)
         preemption.install()  # SIGUSR1: checkpoint and stop at the next step boundary
         # one policy per stack (MAPoRL with distinct models: one per agent), each checkpointed on its own
@@ -77,9 +83,8 @@ class Trainer:
         if self.resume_from is not None and not resume:
             raise ConfigError(f"{self.run_dir} already holds checkpoints ({self.resume_from.name}); pass --resume to "
                               "continue that run or choose another run_dir")
-        self.bringup = Timer()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(redacted(to_dict(cfg)), sort_keys=False))
 
     # ---- bring-up ---------------------------------------------------------------------------------
     def __enter__(self) -> "Trainer":
@@ -95,15 +100,11 @@ class Trainer:
         from megatron_matpo.orchestrate.actor_group import ActorGroup, gpus_per_rank
         from megatron_matpo.orchestrate.cluster import placement_group, placement_nodes, start_ray
         from megatron_matpo.orchestrate.services import Services
-        from megatron_matpo.rollout.engine import EngineConfig
         from megatron_matpo.rollout.runner import RolloutSession, toolbox_server_config
-        from megatron_matpo.train.bootstrap import ensure_inputs
         from megatron_matpo.train.logger import RunLogger
         from megatron_matpo.train.worker import WorkerSpec
 
         cfg, bt = self.cfg, self.bringup
-        with bt("inputs"):
-            ensure_inputs(cfg)
         samples = list(read_dataset(cfg.data))
         if cfg.bootstrap.toy_answer is not None:
             samples = [dataclasses.replace(s, ground_truth=cfg.bootstrap.toy_answer) for s in samples]
@@ -145,10 +146,7 @@ class Trainer:
         with ThreadPoolExecutor(max_workers=2 * n + 1) as pool:
             tok = None if maporl else pool.submit(bt.timed, "tokenizer", load_tokenizer, cfg.model)
             for k, off in enumerate(offsets):
-                ecfg = EngineConfig(model_path=self.models[k], tp_size=eng_tp, dtype=ro.engine.dtype,
-                                    mem_fraction_static=ro.engine.mem_fraction_static, random_seed=cfg.seed,
-                                    context_length=ro.engine.context_length, log_dir=str(self.run_dir / "logs"),
-                                    cpu_threads=ro.engine.threads_per_engine(n * n_eng), extra_args=extra)
+                ecfg = ro.engine.engine_config(self.models[k], n * n_eng, str(self.run_dir / "logs"), cfg.seed, extra)
                 with bt("engines_tools"):
                     self.stacks[k].services = Services(ecfg, n_eng, tools if k == 0 else None, self.pg, off + ranks,
                                                        eng_gpus)
@@ -158,13 +156,13 @@ class Trainer:
                     spec = WorkerSpec(model=self.models[k], layout=layout, dtype=cfg.resolved_dtype(),
                                       seq_length=cfg.actor.max_tokens_per_micro_batch, recompute=cfg.actor.recompute,
                                       optim=cfg.optim, loss=cfg.loss,
-                                      sync={"mode": cfg.sync.mode, "bucket_mb": cfg.sync.bucket_mb},
+                                      sync=cfg.sync,
                                       use_reference=cfg.loss.kl_coef > 0, seed=cfg.actor.seed,
                                       total_steps=cfg.steps * cfg.actor.mini_batches)
                     parts[k, "actors"] = pool.submit(ActorGroup, spec, self.pg, off, gpu)
                     if gae:  # same layout and packing, its own optimizer; no engines, no reference
                         cspec = dataclasses.replace(spec, model=cfg.critic.model or self.models[k],
-                                                    optim=cfg.critic.optim, sync={}, use_reference=False)
+                                                    optim=cfg.critic.optim, sync=None, use_reference=False)
                         parts[k, "critic"] = pool.submit(ActorGroup, cspec, self.pg, off + world, gpu, kind="critic")
                 errors = []
                 for (k, attr), fut in parts.items():  # every group is kept, so a failed start tears all down
@@ -179,12 +177,15 @@ class Trainer:
             print(f"{st.name} engines: {st.services.engine_urls}; tool server: "
                   f"{st.services.toolbox_url or ro.toolbox.url}", flush=True)
             with bt("connect_engines"):
-                st.actors.call("connect_engines", st.services.engine_urls)
+                st.actors.connect_engines(st.services.engine_urls)
 
         self.step = 0
         if self.resume_from is not None:
-            with bt("resume"):  # checkpoint load and the first weight sync
+            with bt("resume"):  # checkpoint load
                 self._resume()
+        with bt("first_sync"):  # engines sample from the actor's weights from step 1 on (restored ones on a resume)
+            for st in self.stacks:
+                st.actors.sync_weights()
 
         if maporl:
             from megatron_matpo.maporl.task import MaporlRollout
@@ -208,7 +209,7 @@ class Trainer:
 
         for st in self.stacks:
             ckpt = latest_checkpoint(st.root)
-            state = st.actors.call("load", str(ckpt))[0]
+            state = st.actors.load(str(ckpt))
             if int(state["step"]) != int(self.step or state["step"]):
                 raise RuntimeError(f"{st.name}'s latest checkpoint {ckpt} is not at step {self.step}")
             self.step = int(state["step"])
@@ -217,8 +218,7 @@ class Trainer:
                 if cckpt is None:
                     raise ConfigError(f"{st.root / 'critic'} holds no critic checkpoint: this run was not "
                                       "trained with advantage.estimator=gae, which cannot be switched on a resume")
-                st.critic.call("load", str(cckpt))
-            st.actors.call("sync_weights")  # the engines start from the initial weights
+                st.critic.load(str(cckpt))
         self.loader.load_state_dict(state["data"])
         self.log.truncate_after(self.step)
         print(f"resumed from {self.resume_from} at step {self.step}")
@@ -275,7 +275,7 @@ class Trainer:
         bar.close()
         if cfg.checkpoint.export_hf:
             for st in self.stacks:
-                st.actors.call("export_hf", str(st.root / "hf"))
+                st.actors.export_hf(str(st.root / "hf"))
         return history
 
     def bringup_report(self) -> dict[str, float]:
@@ -325,7 +325,7 @@ class Trainer:
             with t("values"):
                 rows, a = [r for p in per_prompt for r in p], cfg.actor
                 st.critic.load_batch([pack_rows(rows, a.max_tokens_per_micro_batch, a.dp, pad_to_multiple=a.tp)])
-                values = {rid: v for rep in st.critic.reported("values") for rid, v in rep.items()}
+                values = st.critic.values()
                 ad = cfg.advantage
                 m.update(apply_gae(rows, values, ad.gamma, ad.lam, ad.whiten))
         with t("advantage_pack"):
@@ -339,13 +339,13 @@ class Trainer:
         fused = len(packed) == 1 and cfg.actor.recompute_old_logprobs and cfg.loss.kl_coef == 0
         if not fused:
             with t("old_logprobs"):
-                m.update(S.parity_stats(actors.reported("old_logprobs", cfg.actor.recompute_old_logprobs)))
+                m.update(S.parity_stats(actors.old_logprobs(cfg.actor.recompute_old_logprobs)))
         if cfg.loss.kl_coef > 0:
             with t("ref_logprobs"):
-                m.update(S.kl_stats(actors.reported("ref_logprobs")))
+                m.update(S.kl_stats(actors.ref_logprobs()))
         with t("train"):
             counts = [sum(mb.num_loss_tokens for rank in p for mb in rank) for p in packed]
-            per_rank, reports = actors.call("train", counts, fused), [i["reports"] for i in actors.info]
+            per_rank, reports = actors.train(counts, fused), actors.reports
             m.update(S.train_stats(per_rank, reports))
             if fused:
                 m.update(S.parity_stats([{**s, "tokens": s["parity_tokens"]} for rank, r in zip(per_rank, reports)
@@ -353,16 +353,15 @@ class Trainer:
         if st.critic is not None:
             with t("critic_train"):
                 st.critic.load_batch(packed)
-                m.update(S.critic_stats(st.critic.call("train", counts), [i["reports"] for i in st.critic.info]))
+                m.update(S.critic_stats(st.critic.train(counts), st.critic.reports))
         with t("sync"):
             self.engine_memory("resume", ["weights"], st)
-            m.update(S.prefixed("sync", actors.call("sync_weights")[0]))
+            m.update(S.prefixed("sync", actors.sync_weights()))
             self.engine_memory("resume", ["kv_cache"], st)
         if cfg.sync.parity_every and step % cfg.sync.parity_every == 0:
             with t("parity"):
                 seqs = S.parity_sample([r for p in per_prompt for r in p], cfg.sync.parity_rows)
-                res = [r for r in actors.call("parity", seqs, st.services.engine_urls[0]) if r]
-                m.update(S.prefixed("parity", res[0]))
+                m.update(S.prefixed("parity", actors.parity(seqs, st.services.engine_urls[0])))
         return m
 
     def engine_memory(self, action: str, tags: list[str] | None = None, stack: "Stack | None" = None) -> None:
@@ -408,9 +407,9 @@ class Trainer:
     def save(self) -> None:
         state = {"step": self.step, "data": self.loader.state_dict()}
         for st in self.stacks:
-            st.actors.call("save", str(st.root), self.step, state, self.cfg.checkpoint.keep_last)
+            st.actors.save(str(st.root), self.step, state, self.cfg.checkpoint.keep_last)
             if st.critic is not None:
-                st.critic.call("save", str(st.root / "critic"), self.step, state, self.cfg.checkpoint.keep_last)
+                st.critic.save(str(st.root / "critic"), self.step, state, self.cfg.checkpoint.keep_last)
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> list[dict[str, float]]:

@@ -174,8 +174,8 @@ def test_scheduler_styles_and_state():
 
 @pytest.mark.parametrize("kw,total,msg", [
     ({"lr_decay_style": "exp"}, 4, "lr_decay_style"),
-    ({"lr_warmup_steps": 4}, 4, "lr_warmup_steps=4 must be < total_steps=4"),
-    ({"lr_warmup_steps": -1}, 4, "lr_warmup_steps=-1"),
+    ({"lr_warmup_steps": 4}, 4, "lr_warmup_steps: 4 must be < total_steps=4"),
+    ({"lr_warmup_steps": -1}, 4, "lr_warmup_steps: -1"),
     ({"min_lr": 1.0}, 4, "min_lr"),
     ({}, 0, "total_steps=0"),
 ])

@@ -16,7 +16,7 @@ def _matpo(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 def test_bad_layout_fails_fast_with_numbers(tiny_models, tmp_path):
     r = _matpo("convert", "hf-to-megatron", tiny_models["qwen3"], str(tmp_path / "x"), "--tp", "3", timeout=120)
     assert r.returncode == 2
-    assert "parallel.tp=3 does not divide num_attention_heads=4" in r.stderr
+    assert "parallel.tp: 3 does not divide num_attention_heads=4" in r.stderr
     assert not (tmp_path / "x").exists()  # nothing was launched or written
 
 
@@ -31,3 +31,64 @@ def test_convert_reshards_tp2_to_pp2(tiny_models, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = load_file(f"{src}/model.safetensors"), load_file(out / "model.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# Bad training configs as a new user writes them (`matpo train <override>` on the embedded default):
+# each is refused by the launching process before Ray, an engine or a rank starts, as one line
+# `matpo train: error: <field>: <why>` and exit 2. {tmp} is the test's directory.
+BAD_TRAIN_CONFIGS = [
+    (["actor.tp=3"], "actor.tp", "3 does not divide num_attention_heads=4"),
+    (["actor.pp=3"], "actor.pp", "3 does not divide num_hidden_layers="),
+    (["actor.tp=two"], "actor.tp", "expected int"),
+    (["sync.bucket_mb=0"], "sync.bucket_mb", "must be > 0"),
+    (["sync.timeout_s=-1"], "sync.timeout_s", "must be > 0"),
+    (["rollout.workflow.planner.max_turns=-1"], "rollout.workflow.planner.max_turns", "must be > 0"),
+    (["rollout.workflow.worker.max_tokens_per_turn=0"], "rollout.workflow.worker.max_tokens_per_turn", "must be > 0"),
+    (["rollout.workflow.planner.max_context_tokens=0"], "rollout.workflow.planner.max_context_tokens", "must be > 0"),
+    (["actor.max_tokens_per_micro_batch=-5"], "actor.max_tokens_per_micro_batch", "must be > 0"),
+    (["rollout.workflow.top_p=0"], "rollout.workflow.top_p", "must be in (0, 1]"),
+    (["rollout.workflow.temperature=-1"], "rollout.workflow.temperature", "must be >= 0"),
+    (["loss.clip_low=-0.1"], "loss.clip_low", "must be >= 0"),
+    (["optim.lr=-1"], "optim.lr", "must be >= 0"),
+    (["rollout.engine.urls=[http://127.0.0.1:1]"], "rollout.engine.urls", "training starts its own engines"),
+    (["actor.dp=0"], "actor.dp", "0 (fill the cluster) needs orchestrate.nodes"),
+    (["orchestrate.nodes=1", "orchestrate.gpus_per_node=8", "actor.tp=2", "actor.dp=4"], "actor.dp",
+     "= 8 GPUs but the allocation has 7 for actors"),
+    (["no_such_key=1"], "no_such_key", "unknown config key"),
+    (["model={tmp}/a/path/that/does/not/exist"], "model", "does not exist (bootstrap builds a tiny"),
+    (["model={tmp}/empty"], "model", "is not an HF model directory (no config.json)"),
+    (["model={tmp}/corrupt"], "model", "config.json cannot be read"),
+    (["data={tmp}/no-data"], "data", "does not exist"),
+]
+
+
+@pytest.mark.parametrize("overrides,field,why", BAD_TRAIN_CONFIGS, ids=[f"{k}-{c[1]}" for k, c in enumerate(BAD_TRAIN_CONFIGS)])
+def test_bad_train_config_is_one_line_before_anything_starts(overrides, field, why, tiny_models, tmp_path, capsys):
+    import ray
+
+    from megatron_matpo.cli import main
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "config.json").write_text("{not json")
+    (tmp_path / "data.parquet").write_bytes(b"")  # paths only: nothing is read before the checks pass
+    (tmp_path / "corpus.jsonl").write_text("")
+    inputs = [f"model={tiny_models['qwen3']}", f"data={tmp_path}/data.parquet", f"corpus={tmp_path}/corpus.jsonl"]
+    run_dir = tmp_path / "run"
+    rc = main(["train", *inputs, f"run_dir={run_dir}", *(o.format(tmp=tmp_path) for o in overrides)])
+    out, err = capsys.readouterr()
+    assert rc == 2, (out, err)
+    assert err.splitlines() == [err.strip()] and err.startswith(f"matpo train: error: {field}: "), err
+    assert why in err, err
+    assert not run_dir.exists() and not ray.is_initialized()  # nothing was written or started
+
+
+def test_bad_train_config_from_a_fresh_process(tiny_models, tmp_path):
+    """As a user types it: a separate `matpo train` process, exit 2, the one line, no traceback."""
+    (tmp_path / "corpus.jsonl").write_text("")
+    r = _matpo("train", f"run_dir={tmp_path}/run", f"model={tiny_models['qwen3']}", f"data={tmp_path}",
+               f"corpus={tmp_path}/corpus.jsonl", "actor.tp=3", timeout=300)
+    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
+    assert r.stderr.strip().splitlines() == [f"matpo train: error: actor.tp: 3 does not divide num_attention_heads=4 "
+                                            f"of Qwen3ForCausalLM (model: {tiny_models['qwen3']})"], r.stderr
+    assert not (tmp_path / "run").exists()

@@ -84,3 +84,47 @@ def test_batched_decode_plugin_equals_sglangs_loop():
     called = torch.full_like(query, float("nan"))
     patched(None, query, called, *args, **kw)
     assert torch.equal(called, ours)
+
+
+def test_a_request_on_a_connection_the_server_just_closed_is_sent_again():
+    """A local HTTP/1.1 server that answers the first request on a connection (keep-alive) and closes
+    the connection on reading the second, without answering, as uvicorn does at its keep-alive
+    timeout: the client's second request fails on the stale connection and goes out once more on a
+    fresh one. Three connections would mean a second retry; one request reaching no server is an error."""
+    import json
+
+    body = json.dumps({"output_ids": [7], "meta_info": {"output_token_logprobs": [[-0.5, 7, None]],
+                                                        "finish_reason": {"type": "stop"}, "prompt_tokens": 2}})
+    connections = []
+
+    async def handle(reader, writer):
+        connections.append(writer)
+        served = 0
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            await reader.readexactly(length)
+            if served == 1 and len(connections) == 1:  # the stale connection: closed, nothing answered
+                writer.close()
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\n\r\n" + body.encode())
+            await writer.drain()
+            served += 1
+
+    async def run():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        c = EngineClient(f"http://127.0.0.1:{port}")
+        try:
+            first = await c.generate([1, 2], {})
+            second = await c.generate([1, 2], {})  # on the pooled connection, which the server closes
+            return first, second
+        finally:
+            await c.aclose()
+            server.close()
+
+    first, second = asyncio.run(run())
+    assert first.output_ids == second.output_ids == [7] and second.logprobs == [-0.5]
+    assert len(connections) == 2  # the first connection (answered, then closed) and the retry's

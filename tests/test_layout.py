@@ -5,12 +5,12 @@ from megatron_matpo.model.layout import LayoutError, ParallelLayout
 
 
 def test_bad_tp_names_field_and_numbers(tiny_models):
-    with pytest.raises(LayoutError, match=r"parallel.tp=3 does not divide num_attention_heads=4"):
+    with pytest.raises(LayoutError, match=r"parallel.tp: 3 does not divide num_attention_heads=4"):
         check_layout(tiny_models["qwen3"], ParallelLayout(tp=3))
 
 
 def test_bad_pp_names_field_and_numbers(tiny_models):
-    with pytest.raises(LayoutError, match=r"parallel.pp=3 does not divide num_hidden_layers=4"):
+    with pytest.raises(LayoutError, match=r"parallel.pp: 3 does not divide num_hidden_layers=4"):
         check_layout(tiny_models["llama"], ParallelLayout(pp=3))
 
 

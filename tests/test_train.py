@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import (REPO, assert_engines_gone, check_invariants, kill_tree, metrics, rollouts, start, train,
-                       wait_for)
+from tests.e2e import (PLANTED_SECRET, REPO, assert_engines_gone, check_invariants, kill_tree, metrics, rollouts,
+                       start, train, wait_for)
 
 pytestmark = pytest.mark.slow
 TOY = "configs/toy_learnable_cpu.yaml"
@@ -47,7 +47,7 @@ def matpo_world(inputs, tmp_path_factory) -> dict:
     from megatron_matpo.train.checkpoint import CHECKPOINTS_DIR, LATEST_FILE, latest_checkpoint
 
     run = tmp_path_factory.mktemp("matpo") / "run"
-    ov = inputs + WORLD
+    ov = inputs + WORLD + [f"rollout.reward.judge.api_key={PLANTED_SECRET}-config"]  # unused: exact-match scoring
     proc = start(TOY, run, ov)
     try:
         partial = wait_for(run / CHECKPOINTS_DIR, f"step_{KILL_AT:06d}.tmp-*", proc, timeout=1500, poll_s=0.01)
@@ -104,6 +104,12 @@ def test_matpo_end_to_end(matpo_world):
     assert latest_checkpoint(run).name == "step_000010"
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_000009", "step_000010"]
     assert (run / "config.yaml").exists()
+    # the console: a short summary before bring-up (the full config is in config.yaml), then the
+    # bring-up parts, the first weight sync among them (the engines sample the actor's weights from step 1)
+    out = matpo_world["out"]
+    assert "matpo train: algorithm  MATPO (planner + workers); 10 steps x 8 prompts x 8 samples" in out, out[:3000]
+    assert f"matpo train: run dir    {run} (full config: {run / 'config.yaml'})" in out, out[:3000]
+    assert "rollout:\n" not in out and m[1]["bringup/first_sync_s"] > 0 and m[KILL_AT]["bringup/first_sync_s"] > 0
     # the HF export of the final policy has the initial model's tensors and loads in transformers
     from safetensors.torch import load_file
 
@@ -113,6 +119,18 @@ def test_matpo_end_to_end(matpo_world):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(run / "hf")
+
+
+def test_no_secret_in_anything_the_run_wrote(matpo_world):
+    """The API keys in the run's environment and config appear in no file under run_dir (config.yaml,
+    logs, engine logs, transcripts, tensorboard, checkpoints, HF export) and not on its console."""
+    run = matpo_world["run"]
+    cfg = (run / "config.yaml").read_text()
+    assert "api_key: <redacted>" in cfg, cfg  # the field is kept, its value is not
+    leaks = [str(p.relative_to(run)) for p in run.rglob("*")
+             if p.is_file() and PLANTED_SECRET.encode() in p.read_bytes()]
+    assert leaks == [], leaks
+    assert PLANTED_SECRET not in matpo_world["out"] and PLANTED_SECRET not in matpo_world["killed"]["stdout"]
 
 
 def test_sigkill_in_a_checkpoint_write_then_resume(matpo_world):
@@ -164,7 +182,7 @@ def test_config_errors_before_anything_starts(tmp_path):
         load("deterministic=true").validate()
     with pytest.raises(ConfigError, match="mini_batches"):
         load("actor.mini_batches=5").validate()
-    with pytest.raises(ConfigError, match="estimator=gae is implemented for algorithm=maporl"):
+    with pytest.raises(ConfigError, match="advantage.estimator: gae is implemented for algorithm=maporl"):
         load("advantage.estimator=gae").validate()
     with pytest.raises(ConfigError, match="advantage.estimator: grpo | gae"):
         load("advantage.estimator=ppo").validate()
@@ -175,7 +193,7 @@ def test_config_errors_before_anything_starts(tmp_path):
     assert mp.validate().actor.dp == 2  # 16 GPUs / (2 policies x 2 models x TP 2)
     cfg = load(f"model={tmp_path}/missing", "bootstrap.tiny_model=null", f"data={tmp_path}/missing-data",
                "bootstrap.multihop=null")
-    with pytest.raises(FileNotFoundError, match="missing-data"):
+    with pytest.raises(ConfigError, match="model: .*missing does not exist"):
         with Trainer(cfg):
             pass
     import ray

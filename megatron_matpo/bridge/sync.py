@@ -37,7 +37,6 @@ import time
 import uuid
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Coroutine, Iterable
@@ -47,44 +46,10 @@ import torch
 
 from megatron_matpo import platform
 from megatron_matpo.bridge.buckets import Bucket, iter_buckets
+from megatron_matpo.bridge.sync_config import MODES, SyncConfig  # noqa: F401 (MODES re-exported)
 from megatron_matpo.rollout.engine import EngineClient
 
-MODES = ("broadcast", "tensor", "disk")
 _DISK_SUBDIR = "matpo-weight-sync"
-
-
-@dataclass
-class SyncConfig:
-    mode: str = "broadcast"  # "broadcast" | "tensor" | "disk"
-    bucket_mb: float = 64.0  # MiB per bucket; a larger tensor travels alone
-    disk_dir: str | None = None  # disk mode: where rank 0 writes (engines must read it); temp dir if None
-    parity_every: int = 1  # check engine vs actor logprobs every N syncs (0: never); used by the caller
-    parity_rows: int = 4  # rows per parity check; used by the caller
-    timeout_s: float = 600.0  # each engine call, and the broadcast group's rendezvous/collectives
-    group_name: str = "matpo_weight_sync"  # prefix; each WeightSync adds a unique suffix
-    master_address: str | None = None  # actor rank 0's address as engines reach it; derived if None
-    master_port: int | None = None  # broadcast group rendezvous port on actor rank 0; free port if None
-    show_progress: bool = False  # megatron-bridge's export progress bar on rank 0
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"sync.mode={self.mode!r}: expected one of {', '.join(MODES)}")
-        if not self.bucket_mb > 0:
-            raise ValueError(f"sync.bucket_mb must be > 0, got {self.bucket_mb}")
-        if self.parity_every < 0:
-            raise ValueError(f"sync.parity_every must be >= 0 (0 disables the check), got {self.parity_every}")
-        if self.parity_rows < 1:
-            raise ValueError(f"sync.parity_rows must be >= 1, got {self.parity_rows}")
-        if not self.timeout_s > 0:
-            raise ValueError(f"sync.timeout_s must be > 0, got {self.timeout_s}")
-        if not self.group_name:
-            raise ValueError("sync.group_name must not be empty")
-        if self.master_port is not None and not 0 < self.master_port < 65536:
-            raise ValueError(f"sync.master_port must be in 1..65535, got {self.master_port}")
-
-    @property
-    def bucket_bytes(self) -> int:
-        return max(1, int(self.bucket_mb * 1024 * 1024))
 
 
 class _EngineLoop:

@@ -21,10 +21,10 @@ from megatron_matpo.algo import grpo_advantages
 from megatron_matpo.data.packing import Row
 from megatron_matpo.data.schema import Sample
 from megatron_matpo.maporl.answers import answers_match
+from megatron_matpo.maporl.config import MaporlSection
 from megatron_matpo.maporl.discussion import (Discussion, DiscussionTurn, DiscussionWorkflow, assign_rewards,
                                              verify_discussions)
 from megatron_matpo.maporl.verifier import make_verifier
-from megatron_matpo.train.config import MaporlSection
 from megatron_matpo.train.rows import advantage_value_stats, parity_mask, rollout_metrics
 
 

@@ -22,21 +22,26 @@ class ParallelLayout:
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp
 
-    def validate(self, hf_config) -> "ParallelLayout":
+    def validate(self, hf_config, section: str = "parallel") -> "ParallelLayout":
+        """`section`: how the messages name the layout's fields (`actor` in a training config)."""
         for name in ("tp", "pp", "dp"):
             if getattr(self, name) < 1:
-                raise LayoutError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+                raise LayoutError(f"{section}.{name}: must be >= 1, got {getattr(self, name)}")
         heads = hf_config.num_attention_heads
         kv = getattr(hf_config, "num_key_value_heads", None) or heads
         layers = hf_config.num_hidden_layers
         arch = (getattr(hf_config, "architectures", None) or ["?"])[0]
         if heads % self.tp:
-            raise LayoutError(f"parallel.tp={self.tp} does not divide num_attention_heads={heads} of {arch}")
+            raise LayoutError(f"{section}.tp: {self.tp} does not divide num_attention_heads={heads} of {arch}")
         if kv % self.tp:
-            raise LayoutError(f"parallel.tp={self.tp} does not divide num_key_value_heads={kv} of {arch}")
+            raise LayoutError(f"{section}.tp: {self.tp} does not divide num_key_value_heads={kv} of {arch}")
         if hf_config.intermediate_size % self.tp:
-            raise LayoutError(f"parallel.tp={self.tp} does not divide intermediate_size="
+            raise LayoutError(f"{section}.tp: {self.tp} does not divide intermediate_size="
                               f"{hf_config.intermediate_size} of {arch}")
         if layers % self.pp:
-            raise LayoutError(f"parallel.pp={self.pp} does not divide num_hidden_layers={layers} of {arch}")
+            raise LayoutError(f"{section}.pp: {self.pp} does not divide num_hidden_layers={layers} of {arch}")
+        vocab = getattr(hf_config, "vocab_size", None)
+        if vocab and vocab % self.tp:  # megatron-core splits the embedding and output rows evenly over TP
+            raise LayoutError(f"{section}.tp: {self.tp} does not divide vocab_size={vocab} of {arch} (padding the "
+                              "vocabulary to a multiple of TP is not supported yet)")
         return self

@@ -47,15 +47,60 @@ class ActorGroup:
         self.info = ray.get([w.setup.remote(r, world, addr, port) for r, w in enumerate(self.workers)])
         self.dp_size = spec.layout.dp
 
-    def call(self, method: str, *args: Any) -> list:
+    def _call(self, method: str, *args: Any) -> list:
         """The same collective call on every rank; returns each rank's result."""
         import ray
 
         return ray.get([getattr(w, method).remote(*args) for w in self.workers])
 
-    def reported(self, method: str, *args: Any) -> list:
+    def _reported(self, method: str, *args: Any) -> list:
         """Results of the ranks that report (last pipeline stage, TP rank 0), one per DP rank."""
-        return [r for r, i in zip(self.call(method, *args), self.info) if i["reports"]]
+        return [r for r, i in zip(self._call(method, *args), self.info) if i["reports"]]
+
+    @property
+    def reports(self) -> list[bool]:
+        """Per rank: whether its results count (last pipeline stage, TP rank 0; one per DP rank)."""
+        return [i["reports"] for i in self.info]
+
+    # ---- the collective calls of the loop (see ActorWorker / CriticWorker for what each does) ------
+    def connect_engines(self, engine_urls: list[str]) -> None:
+        self._call("connect_engines", engine_urls)
+
+    def sync_weights(self) -> dict[str, float]:
+        """Every rank takes part; rank 0's sync stats."""
+        return self._call("sync_weights")[0]
+
+    def old_logprobs(self, recompute: bool) -> list[dict[str, float]]:
+        return self._reported("old_logprobs", recompute)
+
+    def ref_logprobs(self) -> list[dict[str, float]]:
+        return self._reported("ref_logprobs")
+
+    def values(self) -> dict[int, Any]:
+        """The critic's per-token values of the loaded batch, by row id."""
+        return {rid: v for rep in self._reported("values") for rid, v in rep.items()}
+
+    def train(self, global_token_counts: list[int], *extra: Any) -> list[list[dict[str, float]]]:
+        """One update per mini-batch; each rank's per-mini-batch stats (`reports` says which count).
+        `extra`: the actor's `old_from_forward`."""
+        return self._call("train", global_token_counts, *extra)
+
+    def parity(self, token_ids: list[list[int]], engine_url: str) -> dict[str, float]:
+        """Engine-vs-actor prompt-logprob parity, from the rank that computed it."""
+        found = [r for r in self._call("parity", token_ids, engine_url) if r]
+        if not found:
+            raise RuntimeError("no actor rank returned the parity check")
+        return found[0]
+
+    def save(self, root: str, step: int, extra: dict, keep_last: int) -> None:
+        self._call("save", root, step, extra, keep_last)
+
+    def load(self, ckpt_dir: str) -> dict:
+        """Rank 0's restored extra state (step, data cursor, ...)."""
+        return self._call("load", ckpt_dir)[0]
+
+    def export_hf(self, out_dir: str) -> None:
+        self._call("export_hf", out_dir)
 
     def load_batch(self, mini_batches: list[list[list[PackedMicroBatch]]]) -> None:
         """`mini_batches[m][dp]` → every rank gets its DP slice of each mini-batch (shipped once per DP rank)."""
@@ -68,7 +113,7 @@ class ActorGroup:
         import ray
 
         try:
-            self.call("shutdown")
+            self._call("shutdown")
         finally:
             for w in self.workers:
                 ray.kill(w)

@@ -1,6 +1,7 @@
 """SGLang rollout engines: the SGLang seam.
 
-Each engine is a real SGLang server process (`python -m sglang.launch_server`), on CPU with the
+Each engine is a real SGLang server process (`python -m sglang.launch_server`; on CPU through
+`sglang_main`, which forks SGLang's child processes instead of spawning them), on CPU with the
 switches that work there (see ../shared/STACK.md) and on GPU with the configured TP. Rollouts talk
 to it over its HTTP API with token ids in and token ids + logprobs out, so trajectories are built
 from the engine's own ids (never re-tokenized text).
@@ -40,6 +41,8 @@ class EngineConfig:
     # CPU engines: torch threads of the server (its OMP_NUM_THREADS); 0 = the machine's cores. Launchers
     # divide the cores among the engines they start: an engine decodes while the actor ranks wait
     cpu_threads: int = 0
+    # CPU engines: fork SGLang's child processes instead of spawning them (compat.sglang_fork_children)
+    fork_children: bool = True
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -75,12 +78,14 @@ class EngineServer:
 
     def command(self) -> list[str]:
         c = self.cfg
-        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", c.model_path,
+        cpu = not platform.capabilities().cuda
+        entry = "megatron_matpo.rollout.sglang_main" if cpu and c.fork_children else "sglang.launch_server"
+        cmd = [sys.executable, "-m", entry, "--model-path", c.model_path,
                "--host", c.host, "--port", str(self.port), "--tp-size", str(c.tp_size),
                "--mem-fraction-static", str(c.mem_fraction_static), "--random-seed", str(c.random_seed),
                "--skip-server-warmup", "--log-level", "warning"]
         dtype = c.dtype
-        if not platform.capabilities().cuda:
+        if cpu:
             # --sleep-on-idle: an idle scheduler otherwise spins at ~80% of a core, which starves the
             # actor ranks sharing a small CPU box
             cmd += ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
@@ -159,6 +164,16 @@ class EngineServer:
             self._log = None
 
 
+# SGLang's HTTP server (uvicorn) closes a keep-alive connection after SGLANG_TIMEOUT_KEEP_ALIVE idle
+# seconds (5 in 0.5.23), and httpx's pool keeps one for 5 s by default: a request sent on a pooled
+# connection just as the server closes it fails with ReadError / RemoteProtocolError. It happens at
+# the first rollout after a training phase, more often on a loaded machine. Our pool drops idle
+# connections well before the server does, and a request that failed that way is sent once more on
+# a fresh connection (SGLang aborts the first one when its client disconnects).
+KEEPALIVE_EXPIRY_S = 2.0
+_STALE_CONNECTION = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
+
+
 class EngineClient:
     """Async client of one engine's HTTP API."""
 
@@ -170,16 +185,20 @@ class EngineClient:
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
-            limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+            limits = httpx.Limits(max_connections=256, max_keepalive_connections=64,
+                                  keepalive_expiry=KEEPALIVE_EXPIRY_S)
             self._client = httpx.AsyncClient(timeout=self.timeout_s, limits=limits)
         return self._client
 
     async def generate(self, input_ids: list[int], sampling: dict) -> Generation:
+        payload = {"input_ids": input_ids, "sampling_params": sampling, "return_logprob": True,
+                   "logprob_start_len": len(input_ids)}
         self.in_flight += 1
         try:
-            r = await self._http().post(f"{self.url}/generate", json={
-                "input_ids": input_ids, "sampling_params": sampling, "return_logprob": True,
-                "logprob_start_len": len(input_ids)})
+            try:
+                r = await self._http().post(f"{self.url}/generate", json=payload)
+            except _STALE_CONNECTION:
+                r = await self._http().post(f"{self.url}/generate", json=payload)
             r.raise_for_status()
             body = r.json()
         finally:

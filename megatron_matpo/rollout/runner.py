@@ -28,13 +28,27 @@ class EngineSection:
     context_length: int | None = None
     # CPU engines: torch threads per engine; 0 = this machine's cores divided among the engines started
     cpu_threads: int = 0
+    # CPU engines: SGLang's scheduler and detokenizer forked from the launching process (they inherit
+    # its imports) instead of spawned (each imports SGLang again); see compat.sglang_fork_children
+    fork_children: bool = True
 
     def __post_init__(self) -> None:
         if self.cpu_threads < 0:
-            raise ValueError(f"rollout.engine.cpu_threads={self.cpu_threads} must be >= 0 (0 = share the cores)")
+            raise ValueError(f"rollout.engine.cpu_threads: {self.cpu_threads} must be >= 0 (0 = share the cores)")
 
     def threads_per_engine(self, engines: int) -> int:
         return self.cpu_threads or max(1, (os.cpu_count() or 1) // max(1, engines))
+
+    def engine_config(self, model_path: str, engines: int, log_dir: str | None, random_seed: int = 0,
+                      extra_args: list[str] | None = None):
+        """The EngineConfig of each of the `engines` engines started from this section (the one place
+        it is built: `matpo rollout` and training alike)."""
+        from megatron_matpo.rollout.engine import EngineConfig
+
+        return EngineConfig(model_path=model_path, tp_size=self.tp_size, dtype=self.dtype,
+                            mem_fraction_static=self.mem_fraction_static, context_length=self.context_length,
+                            random_seed=random_seed, log_dir=log_dir, cpu_threads=self.threads_per_engine(engines),
+                            fork_children=self.fork_children, extra_args=list(extra_args or []))
 
 
 @dataclass
@@ -123,17 +137,14 @@ class RolloutSession:
     def __enter__(self) -> "RolloutSession":
         from transformers import AutoTokenizer
 
-        from megatron_matpo.rollout.engine import EngineConfig, launch_engines
+        from megatron_matpo.rollout.engine import launch_engines
 
         cfg = self.cfg
         if self.tokenizer is None:
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         urls = list(cfg.engine.urls)
         if not urls:
-            ecfg = EngineConfig(model_path=cfg.model, tp_size=cfg.engine.tp_size, dtype=cfg.engine.dtype,
-                                mem_fraction_static=cfg.engine.mem_fraction_static,
-                                context_length=cfg.engine.context_length, log_dir=cfg.log_dir,
-                                cpu_threads=cfg.engine.threads_per_engine(cfg.engine.num_engines))
+            ecfg = cfg.engine.engine_config(cfg.model, cfg.engine.num_engines, cfg.log_dir)
             self.servers = launch_engines(ecfg, cfg.engine.num_engines)
             self._stack.callback(lambda: [s.stop() for s in self.servers])
             urls = [s.url for s in self.servers]

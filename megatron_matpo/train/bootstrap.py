@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from megatron_matpo.config import ConfigError
 from megatron_matpo.train.config import TrainConfig
 
 
@@ -30,6 +31,10 @@ def tokenizer_texts(corpus: str | None) -> list[str]:
 
 def ensure_inputs(cfg: TrainConfig, log=print) -> None:
     b = cfg.bootstrap
+    # refuse before writing anything: a missing model that bootstrap may not build fails at once
+    if not Path(cfg.model).exists() and not b.tiny_model:
+        raise ConfigError(f"model: {cfg.model} does not exist (bootstrap builds a tiny random-init model only at "
+                          "the config file's own path, or where the command line also sets bootstrap.tiny_model)")
     if not Path(cfg.data).exists() and b.arithmetic is not None:
         from megatron_matpo.data.arithmetic import ArithmeticConfig, write_arithmetic
 
@@ -37,21 +42,19 @@ def ensure_inputs(cfg: TrainConfig, log=print) -> None:
         log(f"bootstrap: writing the arithmetic word problems to {out}")
         written = write_arithmetic(out, ArithmeticConfig(**b.arithmetic))
         if not Path(cfg.data).exists():
-            raise FileNotFoundError(f"data={cfg.data} was not among the generated sets: {sorted(written)}")
+            raise ConfigError(f"data: {cfg.data} was not among the generated sets: {sorted(written)}")
     if not Path(cfg.data).exists():
         if b.multihop is None:
-            raise FileNotFoundError(f"data={cfg.data} does not exist (set bootstrap.multihop or bootstrap.arithmetic "
-                                    "to generate an offline set)")
+            raise ConfigError(f"data: {cfg.data} does not exist (set bootstrap.multihop or bootstrap.arithmetic "
+                              "to generate an offline set there)")
         from megatron_matpo.data.multihop import MultihopConfig, write_multihop
 
         out = Path(cfg.data).parent
         log(f"bootstrap: writing the offline multi-hop data set and corpus to {out}")
         written = write_multihop(out, MultihopConfig(**b.multihop))
         if not Path(cfg.data).exists():
-            raise FileNotFoundError(f"data={cfg.data} was not among the generated sets: {sorted(written)}")
+            raise ConfigError(f"data: {cfg.data} was not among the generated sets: {sorted(written)}")
     if not Path(cfg.model).exists():
-        if not b.tiny_model:
-            raise FileNotFoundError(f"model={cfg.model} does not exist (set bootstrap.tiny_model to create a tiny one)")
         from megatron_matpo.model.tiny import make_tiny_model, train_tokenizer
 
         log(f"bootstrap: building a tiny random-init {b.tiny_model} model at {cfg.model}")

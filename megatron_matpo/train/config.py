@@ -1,13 +1,13 @@
 """The RL job's typed config (YAML + dotted overrides, validated before any process starts)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from megatron_matpo.algo.loss import LossConfig
+from megatron_matpo.bridge.sync_config import SyncConfig
 from megatron_matpo.config import ConfigError
-from megatron_matpo.maporl.discussion import DiscussionConfig
-from megatron_matpo.maporl.rewards import RewardConfig as MaporlRewardConfig
-from megatron_matpo.maporl.verifier import VerifierConfig
+from megatron_matpo.maporl.config import MaporlSection
 from megatron_matpo.model.layout import ParallelLayout
 from megatron_matpo.orchestrate.cluster import OrchestrateSection
 from megatron_matpo.rollout.runner import RolloutConfig
@@ -50,14 +50,6 @@ class CriticSection:
 
 
 @dataclass
-class SyncSection:
-    mode: str = "broadcast"  # broadcast (engines on their own devices) | tensor (colocated) | disk
-    bucket_mb: float = 64.0
-    parity_every: int = 1  # engine-vs-actor logprob check after every k-th sync (0 = never)
-    parity_rows: int = 2  # sequences of the batch used for it
-
-
-@dataclass
 class CheckpointSection:
     every: int = 0  # steps between checkpoints; 0 = only at the end
     keep_last: int = 2
@@ -73,31 +65,23 @@ class EvalSection:
 
 
 @dataclass
-class MaporlSection:
-    """algorithm=maporl: N agents discuss for T rounds (no tools); a verifier scores every answer;
-    influence-aware rewards + incentives; GRPO over the n_samples discussions of a question, per
-    (agent, round)."""
-    models: str = "shared"  # shared: one actor + engine set, agents told apart by prompt | distinct: one per agent
-    agent_models: list[str] | None = None  # distinct: an initial HF model per agent (default: `model` for all)
-    discussion: DiscussionConfig = field(default_factory=DiscussionConfig)
-    reward: MaporlRewardConfig = field(default_factory=MaporlRewardConfig)
-    verifier: VerifierConfig = field(default_factory=VerifierConfig)
-
-    @property
-    def stacks(self) -> int:
-        return self.discussion.n_agents if self.models == "distinct" else 1
-
-    def model_of(self, stack: int, default: str) -> str:
-        return self.agent_models[stack] if self.agent_models else default
-
-
-@dataclass
 class BootstrapSection:
     """Build the embedded default's inputs when `model` / `data` paths do not exist yet."""
     tiny_model: str | None = None  # arch (qwen3 | qwen2 | llama) of a random-init tiny model
     multihop: dict | None = None  # MultihopConfig fields: generate data + corpus next to `data`
     arithmetic: dict | None = None  # ArithmeticConfig fields: generate the MAPoRL word problems next to `data`
     toy_answer: str | None = None  # rewrite every question's answer to this (learnable toy task)
+
+    def for_command_line(self, keys: set[str]) -> "BootstrapSection":
+        """What bootstrap may write when the command line set `keys`: a `model` or `data` path given
+        there must already exist, unless the same command line sets `bootstrap` too (a typo in a path
+        must not silently train a fresh random model). The config file's own paths are generated."""
+        if any(k == "bootstrap" or k.startswith("bootstrap.") for k in keys):
+            return self
+        model, data = "model" in keys, "data" in keys
+        return dataclasses.replace(self, tiny_model=None if model else self.tiny_model,
+                                   multihop=None if data else self.multihop,
+                                   arithmetic=None if data else self.arithmetic)
 
 
 @dataclass
@@ -120,63 +104,136 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     advantage: AdvantageSection = field(default_factory=AdvantageSection)
     critic: CriticSection = field(default_factory=CriticSection)
-    sync: SyncSection = field(default_factory=SyncSection)
+    sync: SyncConfig = field(default_factory=SyncConfig)  # the same object reaches the syncing rank
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: EvalSection = field(default_factory=EvalSection)
     orchestrate: OrchestrateSection = field(default_factory=OrchestrateSection)
     bootstrap: BootstrapSection = field(default_factory=BootstrapSection)
 
     def validate(self) -> "TrainConfig":
-        def need(cond: bool, msg: str) -> None:
+        """Every check that needs only the config; `train.preflight` adds those that need the inputs
+        on disk. Each failure is one ConfigError "<field>: <why>" (the CLI prints it, exit 2)."""
+        def need(cond: bool, key: str, why: str) -> None:
             if not cond:
-                raise ConfigError(msg)
+                raise ConfigError(f"{key}: {why}")
 
-        need(bool(self.model), "model: the HF directory of the initial policy is required")
-        need(bool(self.data), "data: a MATPO-data parquet file or directory is required")
-        need(not self.rollout.model and not self.rollout.data,
+        def positive(key: str, value, strict: bool = True) -> None:
+            need(value > 0 if strict else value >= 0, key, f"must be {'>' if strict else '>='} 0, got {value}")
+
+        need(bool(self.model), "model", "the HF directory of the initial policy is required")
+        need(bool(self.data), "data", "a MATPO-data parquet file or directory is required")
+        need(not self.rollout.model and not self.rollout.data, "rollout.model",
              "rollout.model / rollout.data are set from the top-level `model` / `data`; leave them empty")
-        need(self.steps >= 1 and self.prompts_per_step >= 1, "steps and prompts_per_step must be >= 1")
-        need(self.rollout.n_samples >= 1, "rollout.n_samples must be >= 1")
-        need(self.actor.dtype in ("auto", "float32", "bfloat16"), "actor.dtype: auto | float32 | bfloat16")
-        need(self.actor.mini_batches >= 1, "actor.mini_batches must be >= 1")
-        need(self.actor.recompute in ("none", "full"), "actor.recompute: none | full")
-        need(self.actor.mini_batches <= self.prompts_per_step,
-             f"actor.mini_batches={self.actor.mini_batches} > prompts_per_step={self.prompts_per_step}: "
-             "mini-batches split whole GRPO groups")
-        need(self.sync.mode in ("broadcast", "tensor", "disk"), "sync.mode: broadcast | tensor | disk")
-        need(self.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
-        need(self.algorithm in ("matpo", "maporl"), f"algorithm: matpo | maporl, got {self.algorithm!r}")
+        need(not self.rollout.engine.urls, "rollout.engine.urls",
+             "training starts its own engines (their weights follow the actor's); leave it empty")
+        need(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        need(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
+        need(self.algorithm in ("matpo", "maporl"), "algorithm", f"matpo | maporl, got {self.algorithm!r}")
+        ro, a = self.rollout, self.actor
+        need(ro.n_samples >= 1, "rollout.n_samples", f"must be >= 1, got {ro.n_samples}")
+        need(ro.max_concurrent >= 1, "rollout.max_concurrent", f"must be >= 1, got {ro.max_concurrent}")
+        need(ro.engine.num_engines >= 1, "rollout.engine.num_engines", f"must be >= 1, got {ro.engine.num_engines}")
+        need(ro.engine.tp_size >= 1, "rollout.engine.tp_size", f"must be >= 1, got {ro.engine.tp_size}")
+        need(0.0 < ro.engine.mem_fraction_static < 1.0, "rollout.engine.mem_fraction_static",
+             f"must be in (0, 1), got {ro.engine.mem_fraction_static}")
+        need(ro.toolbox.backend in ("local", "web"), "rollout.toolbox.backend",
+             f"local | web, got {ro.toolbox.backend!r}")
+        need(ro.reward.scorer in ("exact_match", "judge"), "rollout.reward.scorer",
+             f"exact_match | judge, got {ro.reward.scorer!r}")
+        for name in ("tp", "pp"):
+            need(getattr(a, name) >= 1, f"actor.{name}", f"must be >= 1, got {getattr(a, name)}")
+        need(a.dp >= 0, "actor.dp", f"must be >= 1 (or 0: fill the cluster), got {a.dp}")
+        positive("actor.max_tokens_per_micro_batch", a.max_tokens_per_micro_batch)
+        need(a.dtype in ("auto", "float32", "bfloat16"), "actor.dtype", f"auto | float32 | bfloat16, got {a.dtype!r}")
+        need(a.mini_batches >= 1, "actor.mini_batches", f"must be >= 1, got {a.mini_batches}")
+        need(a.recompute in ("none", "full"), "actor.recompute", f"none | full, got {a.recompute!r}")
+        need(a.mini_batches <= self.prompts_per_step, "actor.mini_batches",
+             f"{a.mini_batches} > prompts_per_step={self.prompts_per_step}: mini-batches split whole GRPO groups")
+        need(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.checkpoint.keep_last}")
+        positive("checkpoint.every", self.checkpoint.every, strict=False)
+        positive("eval.every", self.eval.every, strict=False)
+        need(self.eval.n_samples >= 1, "eval.n_samples", f"must be >= 1, got {self.eval.n_samples}")
+        need(self.eval.every == 0 or bool(self.eval.data), "eval.every", "eval.every > 0 needs eval.data")
+        self._check_sampling(need, positive)
+        self._check_loss(need, positive)
         mp = self.maporl
-        need(mp.models in ("shared", "distinct"), f"maporl.models: shared | distinct, got {mp.models!r}")
+        need(mp.models in ("shared", "distinct"), "maporl.models", f"shared | distinct, got {mp.models!r}")
         need(mp.agent_models is None or (mp.models == "distinct" and len(mp.agent_models) == mp.discussion.n_agents),
-             "maporl.agent_models: one HF model per agent, with maporl.models=distinct")
+             "maporl.agent_models", "one HF model per agent, with maporl.models=distinct")
         adv = self.advantage
-        need(adv.estimator in ("grpo", "gae"), f"advantage.estimator: grpo | gae, got {adv.estimator!r}")
-        need(adv.estimator == "grpo" or self.algorithm == "maporl",
-             "advantage.estimator=gae is implemented for algorithm=maporl (MATPO's workers inherit their planner's "
-             "GRPO advantage)")
-        need(0.0 <= adv.gamma <= 1.0 and 0.0 <= adv.lam <= 1.0, "advantage.gamma and advantage.lam must be in [0, 1]")
-        wf = self.rollout.workflow
+        need(adv.estimator in ("grpo", "gae"), "advantage.estimator", f"grpo | gae, got {adv.estimator!r}")
+        need(adv.estimator == "grpo" or self.algorithm == "maporl", "advantage.estimator",
+             "gae is implemented for algorithm=maporl (MATPO's workers inherit their planner's GRPO advantage)")
+        need(0.0 <= adv.gamma <= 1.0, "advantage.gamma", f"must be in [0, 1], got {adv.gamma}")
+        need(0.0 <= adv.lam <= 1.0, "advantage.lam", f"must be in [0, 1], got {adv.lam}")
+        wf = ro.workflow
         longest = max(wf.planner.max_context_tokens, wf.worker.max_context_tokens)
         if self.algorithm == "maporl":
             longest = mp.discussion.max_context_tokens
-        need(longest <= self.actor.max_tokens_per_micro_batch,
-             f"actor.max_tokens_per_micro_batch={self.actor.max_tokens_per_micro_batch} is smaller than the longest"
-             f" agent context ({longest} tokens, rollout.workflow.*.max_context_tokens or "
-             "maporl.discussion.max_context_tokens): a trajectory could not be packed")
+        need(longest <= a.max_tokens_per_micro_batch, "actor.max_tokens_per_micro_batch",
+             f"{a.max_tokens_per_micro_batch} is smaller than the longest agent context ({longest} tokens, "
+             "rollout.workflow.*.max_context_tokens or maporl.discussion.max_context_tokens): a trajectory "
+             "could not be packed")
         if self.deterministic:
             from megatron_matpo import platform
 
-            need(platform.capabilities().cuda,
-                 "deterministic=true needs SGLang's --enable-deterministic-inference, which 0.5.23 supports only "
-                 "with GPU attention backends (fa3/flashinfer/triton), not the CPU torch_native backend")
-            need(wf.top_p == 1.0, "deterministic: needs rollout.workflow.top_p = 1 (SGLang's seeded sampling path)")
-        need(self.loss.kl_as == "loss" or self.loss.kl_coef == 0.0,
-             "loss.kl_as='reward' is not implemented yet: use kl_as='loss' (or kl_coef=0)")
-        need(self.loss.entropy_coef == 0.0, "loss.entropy_coef > 0 is not implemented yet (entropy is logged)")
-        need(self.eval.every == 0 or bool(self.eval.data), "eval.every > 0 needs eval.data")
+            need(platform.capabilities().cuda, "deterministic",
+                 "needs SGLang's --enable-deterministic-inference, which 0.5.23 supports only with GPU attention "
+                 "backends (fa3/flashinfer/triton), not the CPU torch_native backend")
+            need(wf.top_p == 1.0, "rollout.workflow.top_p",
+                 "deterministic=true needs 1 (SGLang's seeded sampling path)")
         self._check_cluster_shape(need)
         return self
+
+    def _check_sampling(self, need, positive) -> None:
+        """Turn and token limits and sampling parameters of the workflow that runs."""
+        wf = self.rollout.workflow
+        if self.algorithm == "matpo":
+            need(wf.mode in ("matpo", "single"), "rollout.workflow.mode", f"matpo | single, got {wf.mode!r}")
+            positive("rollout.workflow.force_delegation", wf.force_delegation, strict=False)
+            roles = ("planner", "worker") if wf.mode == "matpo" else ("planner",)
+            for role in roles:
+                lim, key = getattr(wf, role), f"rollout.workflow.{role}"
+                for name in ("max_turns", "max_context_tokens", "max_tokens_per_turn", "max_calls_per_turn"):
+                    positive(f"{key}.{name}", getattr(lim, name))
+                need(lim.max_tokens_per_turn <= lim.max_context_tokens, f"{key}.max_tokens_per_turn",
+                     f"{lim.max_tokens_per_turn} > max_context_tokens={lim.max_context_tokens}")
+                need(0 <= lim.summary_reserve_tokens < lim.max_context_tokens, f"{key}.summary_reserve_tokens",
+                     f"must be in [0, max_context_tokens={lim.max_context_tokens}), got {lim.summary_reserve_tokens}")
+            temperature, top_p, prefix = wf.temperature, wf.top_p, "rollout.workflow"
+        else:
+            d, prefix = self.maporl.discussion, "maporl.discussion"
+            need(d.n_agents >= 1, f"{prefix}.n_agents", f"must be >= 1, got {d.n_agents}")
+            for name in ("rounds", "max_tokens_per_turn", "max_context_tokens"):
+                positive(f"{prefix}.{name}", getattr(d, name))
+            need(d.max_tokens_per_turn <= d.max_context_tokens, f"{prefix}.max_tokens_per_turn",
+                 f"{d.max_tokens_per_turn} > max_context_tokens={d.max_context_tokens}")
+            temperature, top_p = d.temperature, d.top_p
+        positive(f"{prefix}.temperature", temperature, strict=False)
+        need(0.0 < top_p <= 1.0, f"{prefix}.top_p", f"must be in (0, 1], got {top_p}")
+
+    def _check_loss(self, need, positive) -> None:
+        lo = self.loss
+        positive("loss.clip_low", lo.clip_low, strict=False)
+        positive("loss.clip_high", lo.clip_high, strict=False)
+        need(lo.dual_clip_c is None or lo.dual_clip_c > 1.0, "loss.dual_clip_c",
+             f"must be > 1 (or null: off), got {lo.dual_clip_c}")
+        positive("loss.kl_coef", lo.kl_coef, strict=False)
+        need(lo.value_clip is None or lo.value_clip > 0, "loss.value_clip",
+             f"must be > 0 (or null: off), got {lo.value_clip}")
+        need(lo.kl_as == "loss" or lo.kl_coef == 0.0, "loss.kl_as",
+             "'reward' is not implemented yet: use kl_as='loss' (or kl_coef=0)")
+        need(lo.entropy_coef == 0.0, "loss.entropy_coef", "> 0 is not implemented yet (entropy is logged)")
+        for key, o in (("optim", self.optim), ("critic.optim", self.critic.optim)):
+            positive(f"{key}.weight_decay", o.weight_decay, strict=False)
+            need(0.0 <= o.adam_beta1 < 1.0 and 0.0 <= o.adam_beta2 < 1.0, f"{key}.adam_beta1",
+                 f"adam_beta1 and adam_beta2 must be in [0, 1), got {o.adam_beta1}, {o.adam_beta2}")
+            positive(f"{key}.adam_eps", o.adam_eps)
+            positive(f"{key}.clip_grad", o.clip_grad, strict=False)
+            try:
+                o.validate(total_steps=self.steps * self.actor.mini_batches)
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}") from None
 
     def _check_cluster_shape(self, need) -> None:
         """The layout against the allocation (orchestrate.nodes x gpus_per_node) before any process starts;
@@ -186,32 +243,36 @@ class TrainConfig:
         models = 2 if self.advantage.estimator == "gae" else 1  # a critic per policy, laid out like its actor
         model_gpus = stacks * models * a.tp * a.pp
         if not o.gpus_per_node:  # CPU or an unchecked single machine
-            need(a.dp >= 1, "actor.dp = 0 (fill the cluster) needs orchestrate.nodes and orchestrate.gpus_per_node")
+            need(a.dp >= 1, "actor.dp", "0 (fill the cluster) needs orchestrate.nodes and orchestrate.gpus_per_node")
             return
         nodes = o.nodes or 1
         total = nodes * o.gpus_per_node
-        need(a.tp <= o.gpus_per_node and o.gpus_per_node % a.tp == 0,
-             f"actor.tp={a.tp} must divide gpus_per_node={o.gpus_per_node}: a TP group stays inside a node (NVLink)")
-        need(eng.tp_size <= o.gpus_per_node and o.gpus_per_node % eng.tp_size == 0,
-             f"rollout.engine.tp_size={eng.tp_size} must divide gpus_per_node={o.gpus_per_node}")
-        need(not (o.colocate and self.sync.mode == "broadcast"),
+        need(a.tp <= o.gpus_per_node and o.gpus_per_node % a.tp == 0, "actor.tp",
+             f"{a.tp} must divide gpus_per_node={o.gpus_per_node}: a TP group stays inside a node (NVLink)")
+        need(eng.tp_size <= o.gpus_per_node and o.gpus_per_node % eng.tp_size == 0, "rollout.engine.tp_size",
+             f"{eng.tp_size} must divide gpus_per_node={o.gpus_per_node}")
+        need(not (o.colocate and self.sync.mode == "broadcast"), "sync.mode",
              "orchestrate.colocate=true puts engines on the actor's GPUs, where NCCL cannot broadcast between "
              "processes sharing a GPU: use sync.mode=tensor (CUDA IPC) or disk")
         engine_gpus = stacks * eng.num_engines * eng.tp_size
         actor_gpus = total if o.colocate else total - engine_gpus
-        need(actor_gpus > 0, f"{stacks} x {eng.num_engines} engines x TP {eng.tp_size} = {engine_gpus} GPUs leave "
-                             f"none of the {total} for the actor (set orchestrate.colocate=true to share them)")
+        need(actor_gpus > 0, "rollout.engine.num_engines",
+             f"{stacks} x {eng.num_engines} engines x TP {eng.tp_size} = {engine_gpus} GPUs leave none of the {total} "
+             "for the actor (set orchestrate.colocate=true to share them)")
         if a.dp == 0:
-            need(actor_gpus % model_gpus == 0,
+            need(actor_gpus % model_gpus == 0, "actor.dp",
                  f"actor world size {actor_gpus} ({nodes} nodes x {o.gpus_per_node} GPUs"
-                 f"{'' if o.colocate else f' - {engine_gpus} engine GPUs'}) is not divisible by policies x models x tp x pp "
+                 f"{'' if o.colocate else f' - {engine_gpus} engine GPUs'}) is not divisible by policies x models"
+                 " x tp x pp "
                  f"= {model_gpus} (models: the actor, plus a critic with advantage.estimator=gae)")
             a.dp = actor_gpus // model_gpus
         world = model_gpus * a.dp
-        need(world <= actor_gpus, f"{stacks} x {models} model(s) x actor tp x pp x dp = {world} GPUs but the "
-                                  f"allocation has {actor_gpus} for actors ({nodes} nodes x {o.gpus_per_node} GPUs, colocate={o.colocate})")
-        need(engine_gpus <= total, f"{stacks} x {eng.num_engines} engines x TP {eng.tp_size} = {engine_gpus} GPUs > "
-                                   f"{total} in the allocation")
+        need(world <= actor_gpus, "actor.dp",
+             f"{stacks} x {models} model(s) x actor tp x pp x dp = {world} GPUs but the allocation has {actor_gpus} "
+             f"for actors ({nodes} nodes x {o.gpus_per_node} GPUs, colocate={o.colocate})")
+        need(engine_gpus <= total, "rollout.engine.num_engines",
+             f"{stacks} x {eng.num_engines} engines x TP {eng.tp_size} = {engine_gpus} GPUs > {total} in the "
+             "allocation")
 
     def resolved_dtype(self) -> str:
         from megatron_matpo import platform

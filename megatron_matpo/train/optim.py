@@ -31,21 +31,21 @@ class OptimConfig:
 
     def validate(self, total_steps: int | None = None) -> "OptimConfig":
         if self.lr_decay_style not in LR_DECAY_STYLES:
-            raise ValueError(f"optim.lr_decay_style={self.lr_decay_style!r}: expected one of "
+            raise ValueError(f"optim.lr_decay_style: {self.lr_decay_style!r}, expected one of "
                              f"{', '.join(LR_DECAY_STYLES)}")
         if self.lr < 0:
-            raise ValueError(f"optim.lr={self.lr} must be >= 0")
+            raise ValueError(f"optim.lr: {self.lr} must be >= 0")
         if not 0.0 <= self.min_lr <= self.lr:
-            raise ValueError(f"optim.min_lr={self.min_lr} must be in [0, lr={self.lr}]")
+            raise ValueError(f"optim.min_lr: {self.min_lr} must be in [0, lr={self.lr}]")
         if self.output_layer_lr is not None and self.output_layer_lr < 0:
-            raise ValueError(f"optim.output_layer_lr={self.output_layer_lr} must be >= 0 (or null: optim.lr)")
+            raise ValueError(f"optim.output_layer_lr: {self.output_layer_lr} must be >= 0 (or null: optim.lr)")
         if self.lr_warmup_steps < 0:
-            raise ValueError(f"optim.lr_warmup_steps={self.lr_warmup_steps} must be >= 0")
+            raise ValueError(f"optim.lr_warmup_steps: {self.lr_warmup_steps} must be >= 0")
         if total_steps is not None:
             if total_steps < 1:
                 raise ValueError(f"total_steps={total_steps} must be >= 1")
             if self.lr_warmup_steps >= total_steps:
-                raise ValueError(f"optim.lr_warmup_steps={self.lr_warmup_steps} must be < total_steps={total_steps}")
+                raise ValueError(f"optim.lr_warmup_steps: {self.lr_warmup_steps} must be < total_steps={total_steps}")
         return self
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from megatron_matpo.algo.loss import LossConfig, ppo_policy_loss
+from megatron_matpo.bridge.sync_config import SyncConfig
 from megatron_matpo.data.packing import PackedMicroBatch
 from megatron_matpo.model.layout import ParallelLayout
 from megatron_matpo.train.optim import OptimConfig
@@ -30,7 +31,7 @@ class WorkerSpec:
     recompute: str = "none"  # activation recompute of the actor's layers: none | full
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    sync: dict = field(default_factory=dict)  # bridge.SyncConfig fields
+    sync: SyncConfig | None = None  # the job's `sync:` section (None: a critic, which syncs nothing)
     use_reference: bool = False
     seed: int = 1234
     total_steps: int = 1
@@ -85,9 +86,9 @@ class ActorWorker:
                 "pp_rank": ps.get_pipeline_model_parallel_rank(), "reports": self.reports}
 
     def connect_engines(self, engine_urls: list[str]) -> None:
-        from megatron_matpo.bridge import SyncConfig, WeightSync
+        from megatron_matpo.bridge import WeightSync
 
-        self.sync = WeightSync(SyncConfig(**self.spec.sync), self.built, engine_urls)
+        self.sync = WeightSync(self.spec.sync, self.built, engine_urls)
 
     # ---- one step's data --------------------------------------------------------------------------
     def load_batch(self, mini_batches: list[list[PackedMicroBatch]]) -> None:

@@ -1,0 +1,44 @@
+"""The few lines `matpo train` prints before bring-up: what will run, on what, and where it goes.
+The full resolved config (secrets redacted) is in run_dir/config.yaml."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron_matpo.train.config import TrainConfig
+from megatron_matpo.train.preflight import read_hf_config
+
+
+def _model(path: str) -> str:
+    hf = read_hf_config("model", path)
+    arch = (hf.architectures or ["?"])[0]
+    return (f"{path} ({arch}, {hf.num_hidden_layers} layers, hidden {getattr(hf, 'hidden_size', '?')}, "
+            f"vocab {getattr(hf, 'vocab_size', '?')})")
+
+
+def startup_summary(cfg: TrainConfig) -> str:
+    a, ro, eng = cfg.actor, cfg.rollout, cfg.rollout.engine
+    if cfg.algorithm == "maporl":
+        d = cfg.maporl.discussion
+        models = "one model per agent" if cfg.maporl.models == "distinct" else "one shared model"
+        algo = f"MAPoRL: {d.n_agents} agents x {d.rounds} rounds, {models}, advantage {cfg.advantage.estimator}"
+        tools = "none"
+    else:
+        algo = "MATPO (planner + workers)" if ro.workflow.mode == "matpo" else "single agent"
+        tb = ro.toolbox
+        tools = tb.url or (f"local search over {cfg.corpus or tb.corpus}" if tb.backend == "local" else "web search")
+    every = cfg.sync.parity_every
+    parity = f"engine parity every {every} step(s)" if every else "no engine parity check"
+    stacks = cfg.maporl.stacks if cfg.algorithm == "maporl" else 1
+    models = cfg.maporl.agent_models if cfg.algorithm == "maporl" and cfg.maporl.agent_models else [cfg.model]
+    lines = [
+        f"algorithm  {algo}; {cfg.steps} steps x {cfg.prompts_per_step} prompts x {ro.n_samples} samples",
+        *(f"model      {_model(m)}" for m in models),
+        f"data       {cfg.data}" + (f" (eval: {cfg.eval.data} every {cfg.eval.every} steps)" if cfg.eval.every else ""),
+        f"actor      TP {a.tp} x PP {a.pp} x DP {a.dp}, {cfg.resolved_dtype()}, lr {cfg.optim.lr:g}"
+        + (f" (output layer {cfg.optim.output_layer_lr:g})" if cfg.optim.output_layer_lr is not None else "")
+        + (f"; {stacks} policies" if stacks > 1 else ""),
+        f"engines    {eng.num_engines} SGLang engine(s) per policy, TP {eng.tp_size}; tools: {tools}",
+        f"sync       {cfg.sync.mode}, {cfg.sync.bucket_mb:g} MiB buckets, {parity}",
+        f"run dir    {cfg.run_dir} (full config: {Path(cfg.run_dir) / 'config.yaml'})",
+    ]
+    return "\n".join(f"matpo train: {line}" for line in lines)
