@@ -15,17 +15,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-# The suite runs two worlds at once on the 2 cores (tests/conftest.py). An engine's OpenMP threads
-# spin at every barrier while the other world holds the cores: 64 requests x 96 tokens took 4.2 s at
-# 2 threads alone, 10.9 s beside two busy processes, and 4.8 s / 5.1 s at one thread. So every
-# engine the tests start decodes on one thread.
-ENGINE_THREADS = 1
-
-
 def cmd(config_path: str, run_dir: Path, overrides: list[str], resume: bool = False) -> list[str]:
     return ([sys.executable, "-m", "megatron_matpo.cli", "train", "--config", str(REPO / config_path)]
-            + (["--resume"] if resume else [])
-            + [f"run_dir={run_dir}", f"rollout.engine.cpu_threads={ENGINE_THREADS}", *overrides])
+            + (["--resume"] if resume else []) + [f"run_dir={run_dir}", *overrides])
 
 
 # Every run here has a user's secrets in its environment (the judge's and Serper's API keys); the MATPO

@@ -29,7 +29,6 @@ from megatron_matpo.maporl import (DiscussionConfig, DiscussionWorkflow, Incenti
                                    parse_number, verify_discussions)
 from megatron_matpo.maporl import prompts
 from megatron_matpo.reward.judge import AccuracyItem, AccuracyScorer, LLMJudgeScorer
-from tests.e2e import ENGINE_THREADS
 
 G = 0.3
 
@@ -289,7 +288,7 @@ def test_reward_model_verifier_against_real_sglang(tiny_models, tok, tmp_path):
     with torch.no_grad():
         ref = [rm(torch.tensor([v.input_ids(it)])).logits.item() for it in items]
     (server,) = launch_engines(EngineConfig(model_path=str(tmp_path), log_dir=str(tmp_path / "logs"),
-                                            mem_fraction_static=0.1, cpu_threads=ENGINE_THREADS), 1)
+                                            mem_fraction_static=0.1), 1)
     try:
         v.config.url = server.url
         got = [r.score for r in asyncio.run(v.score(items))]

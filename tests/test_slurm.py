@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import ENGINE_THREADS, check_invariants
+from tests.e2e import check_invariants
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -94,8 +94,7 @@ def test_tiny_job_two_nodes_preempted_requeued_resumed(slurm, inputs, tmp_path):
     env = {**slurm, "MATPO_RUN_DIR": str(run), "MATPO_HOME": str(REPO),
            "PATH": f"{REPO}/.venv/bin:{os.environ['PATH']}"}
     p = subprocess.run(["sbatch", "--parsable", f"--output={out}", "slurm/tiny_cpu.sbatch", "steps=3",
-                        "checkpoint.every=1", "loss.kl_coef=0.001", "eval.every=3", "eval.max_prompts=2",
-                        f"rollout.engine.cpu_threads={ENGINE_THREADS}", *inputs],
+                        "checkpoint.every=1", "loss.kl_coef=0.001", "eval.every=3", "eval.max_prompts=2", *inputs],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     job = p.stdout.strip().split(";")[0]
