@@ -2,7 +2,8 @@
 may write and before any process (Ray, engines, ranks) starts.
 
 Each policy's model directory must hold a readable HF `config.json`, which the actor's layout must
-divide (heads, KV heads, FFN, layers, vocabulary); the data, eval and local-corpus paths must exist.
+divide (heads, KV heads, FFN, layers, vocabulary); the data, eval (when on) and local-corpus paths
+must exist.
 A failure is one `ConfigError("<field>: <why>")`; reading a few JSON files keeps this well under a
 second, so a typo costs nothing.
 """
@@ -58,7 +59,7 @@ def preflight(cfg: TrainConfig) -> None:
             raise ConfigError(f"{e} (model: {path})") from None
     if not Path(cfg.data).exists():
         raise ConfigError(f"data: {cfg.data} does not exist")
-    evals = [cfg.eval.data] if isinstance(cfg.eval.data, str) else list(cfg.eval.data or [])
+    evals = [] if not cfg.eval.every else [cfg.eval.data] if isinstance(cfg.eval.data, str) else list(cfg.eval.data)
     for k, path in enumerate(evals):
         if not Path(path).exists():
             raise ConfigError(f"eval.data{'' if isinstance(cfg.eval.data, str) else f'[{k}]'}: {path} does not exist")
