@@ -112,9 +112,11 @@ def sglang_fork_children() -> None:
     `entrypoints/engine.py` `_set_envs_and_config`), which CUDA needs. On CPU it only makes each
     child import again what the launching process has already imported (engine.py imports the
     scheduler and detokenizer modules at the top): ~20 s of CPU per child on 2 cores, the largest
-    part of an engine start. A forked child inherits those modules. The launching process has
-    started no threads and run no torch op when SGLang forks, so the usual fork hazards (held locks,
-    an initialised OpenMP pool) do not apply. Called by `megatron_matpo.rollout.sglang_main`.
+    part of an engine start. A forked child inherits those modules. The fork happens before SGLang
+    starts its HTTP server and tokenizer manager; I have not checked for every thread a library may
+    have started by then, so the evidence is the suite: its engines start this way and their greedy
+    output and logprobs equal transformers' (tests/test_engine.py). `rollout.engine.fork_children:
+    false` restores spawn. Called by `megatron_matpo.rollout.sglang_main`.
     """
     import multiprocessing as mp
 
