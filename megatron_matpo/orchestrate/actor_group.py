@@ -80,9 +80,11 @@ class ActorGroup:
         """The critic's per-token values of the loaded batch, by row id."""
         return {rid: v for rep in self._reported("values") for rid, v in rep.items()}
 
-    def train(self, global_token_counts: list[int], *extra: Any) -> list[list[dict[str, float]]]:
+    def train(self, global_token_counts: list[int],
+              old_from_forward: bool | None = None) -> list[list[dict[str, float]]]:
         """One update per mini-batch; each rank's per-mini-batch stats (`reports` says which count).
-        `extra`: the actor's `old_from_forward`."""
+        `old_from_forward`: the actor's fused old-logprob path (a critic takes no such argument)."""
+        extra = () if old_from_forward is None else (old_from_forward,)
         return self._call("train", global_token_counts, *extra)
 
     def parity(self, token_ids: list[list[int]], engine_url: str) -> dict[str, float]:
