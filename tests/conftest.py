@@ -20,6 +20,31 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     return {a: str(make_tiny_model(root / a, a, tokenizer=tok)) for a in ARCHS}
 
 
+@pytest.fixture(scope="session")
+def slurm_or_none():
+    """A real local Slurm for the session (its env), shared by tests/test_slurm.py and the MATPO world
+    of tests/test_train.py; None where it cannot run (no root, no packages)."""
+    from tests.e2e import slurm_missing, start_slurm, stop_slurm
+
+    if slurm_missing():
+        yield None
+        return
+    root = Path(f"/tmp/matpo-slurm-{os.getpid()}")
+    env = start_slurm(root)
+    try:
+        yield env
+    finally:
+        stop_slurm(root, env)
+
+
+@pytest.fixture
+def slurm(slurm_or_none):
+    from tests.e2e import slurm_missing
+
+    if slurm_or_none is None:
+        pytest.skip(slurm_missing())
+    return slurm_or_none
+
 
 @pytest.fixture(scope="session")
 def engine(tiny_models, tmp_path_factory):

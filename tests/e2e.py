@@ -125,3 +125,81 @@ def assert_engines_gone(stdout: str, timeout: float = 60) -> None:
     while any(port_open(h, p) for h, p in urls) and time.time() < deadline:
         time.sleep(1)
     assert urls and not any(port_open(h, p) for h, p in urls), f"the killed run's engines survived: {urls}"
+
+
+# --- a real local Slurm (tools/local_slurm.sh: slurmctld + 16 slurmd on 127.0.0.1, 8 fake GPUs each) ---
+
+def slurm_missing() -> str | None:
+    """Why a local Slurm cannot run here (None: it can). It needs root and tools/setup_slurm.sh's packages."""
+    import shutil
+
+    missing = [b for b in ("slurmctld", "slurmd", "sbatch", "munged", "shellcheck") if not shutil.which(b)]
+    if missing:
+        return f"{', '.join(missing)} not installed (bash tools/setup_slurm.sh)"
+    if os.geteuid() != 0:
+        return "a local Slurm needs root"
+    return None
+
+
+def start_slurm(root: Path) -> dict:
+    """Start the cluster under `root` (short: munge and Ray put unix sockets under it); the env that
+    talks to it. `stop_slurm(root, env)` ends it."""
+    import shutil
+
+    shutil.rmtree(root, ignore_errors=True)
+    subprocess.run(["bash", str(REPO / "tools/local_slurm.sh"), "start", str(root), "--nodes", "16", "--live", "16",
+                    "--gpus", "8"], check=True, timeout=120)
+    return {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
+
+
+def stop_slurm(root: Path, slurm_env: dict) -> None:
+    import shutil
+
+    subprocess.run(["scancel", "--full", "--user", "root"], env=slurm_env, timeout=30)
+    subprocess.run(["bash", str(REPO / "tools/local_slurm.sh"), "stop", str(root)], timeout=60)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def slurm_job(slurm_env: dict, job: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", job], env=slurm_env, capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S+)", out))
+
+
+def slurm_why(slurm_env: dict, job: str, out: Path, info: dict[str, str]) -> str:
+    """What a failed assertion shows: the job record, Slurm's own log lines on it, the job output's tail."""
+    logs = Path(slurm_env["SLURM_CONF"]).parent / "log"
+    ctld = [ln for ln in (logs / "slurmctld.log").read_text(errors="replace").splitlines()
+            if f"JobId={job}" in ln or f"job {job}" in ln.lower() or f"StepId={job}." in ln]
+    return (f"job record: {info}\nslurmctld on job {job}:\n" + "\n".join(ctld[-40:])
+            + f"\njob output (tail):\n{out.read_text(errors='replace')[-5000:]}")
+
+
+def preempted_tiny_job(slurm_env: dict, config_path: str, run_dir: Path, overrides: list[str], preempt_once: Path,
+                       out: Path, timeout: float = 1800) -> dict[str, str]:
+    """slurm/tiny_cpu.sbatch with `config_path` (two nodes, `--resume` always), sent what
+    `#SBATCH --signal=B:USR1@60` sends before a time limit (checkpoint after this step, requeue) once
+    `preempt_once` exists, then followed to its end; its final job record (the output is in `out`)."""
+    job_env = {**env(), "SLURM_CONF": slurm_env["SLURM_CONF"], "MATPO_RUN_DIR": str(run_dir), "MATPO_HOME": str(REPO),
+               "MATPO_CONFIG": config_path, "PATH": f"{REPO}/.venv/bin:{os.environ['PATH']}"}
+    p = subprocess.run(["sbatch", "--parsable", f"--output={out}", "slurm/tiny_cpu.sbatch", *overrides],
+                       cwd=REPO, env=job_env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    job = p.stdout.strip().split(";")[0]
+    tail = lambda: out.read_text(errors="replace")[-4000:] if out.exists() else "(no output yet)"  # noqa: E731
+    deadline = time.time() + timeout
+    while not preempt_once.exists():
+        state = slurm_job(slurm_env, job).get("JobState")
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {state}:\n{tail()}"
+        assert time.time() < deadline, f"no {preempt_once.name} in time:\n{tail()}"
+        time.sleep(1)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm_env, check=True, timeout=30)
+    final = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+    # the script's `scontrol requeue` cancels the running batch step first ("CANCELLED ... DUE TO JOB
+    # REQUEUE"): a CANCELLED seen before the restart counter moves is that moment, not the end. The
+    # requeued job then waits out its launch credential (AuthInfo cred_expire, 20 s in local_slurm.sh);
+    # forcing StartTime=now skipped that guard and once failed the restart (CI, job FAILED, no output)
+    while ((info := slurm_job(slurm_env, job)).get("JobState") not in final
+           or (info.get("JobState") == "CANCELLED" and info.get("Restarts") == "0")):
+        assert time.time() < deadline, f"job not done in time ({info.get('JobState')}):\n{tail()}"
+        time.sleep(2)
+    return {**info, "job": job, "why": slurm_why(slurm_env, job, out, info)}

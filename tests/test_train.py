@@ -1,12 +1,16 @@
 """The RL loop end to end through `matpo train`: real SGLang engine, real MCP tool server, Megatron
-actor ranks as Ray actors (gloo), weight sync into the engine, checkpoints, eval, HF export.
+actor ranks as Ray actors (gloo), weight sync into the engine, checkpoints, eval, HF export, and the
+same run as a Slurm job that is preempted, requeued and resumed.
 
 One world for all of it (bring-up is most of a short run's cost on 2 cores): the learnable toy
-(configs/toy_learnable_cpu.yaml), with a checkpoint every step, eval, the colocated engine synced
-by tensors and the HF export switched on, is SIGKILLed while it writes its step-3 checkpoint and
-resumed with --resume; the learning test, the end-to-end checks and the crash/resume checks all read
-that one run. (The broadcast path and the frozen reference (KL) run end to end in
-tests/test_slurm.py; all three sync paths at TP=2 / PP=2 in tests/test_bridge.py.)
+(configs/toy_learnable_cpu.yaml) with a checkpoint every step, eval and the HF export switched on. It
+starts on this machine, colocated (engine synced by tensors) with the frozen reference (KL), and is
+SIGKILLed while it writes its step-3 checkpoint. It is resumed as slurm/tiny_cpu.sbatch on a real
+local Slurm across two nodes (engine on its own bundle, synced by broadcast), preempted there with
+SIGUSR1 after step 5's checkpoint, requeued by the script and resumed once more to step 10. The
+learning test, the end-to-end checks, the crash/resume checks and the Slurm checks all read that one
+run. Without a local Slurm (it needs root) the second half is a plain `matpo train --resume` and the
+Slurm test skips. (All three sync paths at TP=2 / PP=2: tests/test_bridge.py.)
 """
 from __future__ import annotations
 
@@ -15,14 +19,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import (PLANTED_SECRET, REPO, assert_engines_gone, check_invariants, kill_tree, metrics, rollouts,
-                       start, train, wait_for)
+from tests.e2e import (PLANTED_SECRET, REPO, assert_engines_gone, check_invariants, kill_tree, metrics,
+                       preempted_tiny_job, rollouts, start, train, wait_for)
 
 pytestmark = pytest.mark.slow
 TOY = "configs/toy_learnable_cpu.yaml"
 KILL_AT = 3  # the run dies inside this step's checkpoint write, so step 2's is the one to resume from
+PREEMPT_AFTER = 5  # the Slurm job gets SIGUSR1 once this step's checkpoint exists: it stops after it or the next
 WORLD = ["bootstrap.toy_answer=c", "checkpoint.every=1", "checkpoint.keep_last=2", "checkpoint.export_hf=true",
-         "eval.every=10", "eval.max_prompts=2", "orchestrate.colocate=true", "sync.mode=tensor"]
+         "eval.every=10", "eval.max_prompts=2"]
+# the first start (steps 1-2): colocated and synced by tensors, with the frozen reference (its forward costs
+# ~6 s a step here, so the Slurm half runs without it, in the toy's own broadcast mode)
+HERE = ["orchestrate.colocate=true", "sync.mode=tensor", "loss.kl_coef=0.001"]
 
 
 def _planners(run: Path, step: int) -> list[dict]:
@@ -40,15 +48,15 @@ def _answer_counts(run: Path, step: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def matpo_world(inputs, tmp_path_factory) -> dict:
+def matpo_world(inputs, slurm_or_none, tmp_path_factory) -> dict:
     """The toy run, SIGKILLed (with every process under it) as soon as its step-3 checkpoint directory
-    exists in its temporary form, then resumed to the end. What the kill left is recorded before
-    the resume touches anything."""
+    exists in its temporary form; what the kill left is recorded before anything touches it. Then
+    resumed to the end: as the Slurm job, preempted and requeued once, or locally without Slurm."""
     from megatron_matpo.train.checkpoint import CHECKPOINTS_DIR, LATEST_FILE, latest_checkpoint
 
     run = tmp_path_factory.mktemp("matpo") / "run"
     ov = inputs + WORLD + [f"rollout.reward.judge.api_key={PLANTED_SECRET}-config"]  # unused: exact-match scoring
-    proc = start(TOY, run, ov)
+    proc = start(TOY, run, ov + HERE)
     try:
         partial = wait_for(run / CHECKPOINTS_DIR, f"step_{KILL_AT:06d}.tmp-*", proc, timeout=1500, poll_s=0.01)
     finally:
@@ -58,8 +66,13 @@ def matpo_world(inputs, tmp_path_factory) -> dict:
               "committed_at_kill": (ckpts / f"step_{KILL_AT:06d}").exists(),
               "latest_file": (ckpts / LATEST_FILE).read_text().strip(),
               "latest": latest_checkpoint(run).name, "stdout": (run / "stdout.txt").read_text()}
-    out = train(TOY, run, ov, resume=True)
-    return {"run": run, "out": out, "killed": killed, "m": metrics(run), "inputs": inputs}
+    if slurm_or_none is None:
+        job, out = None, train(TOY, run, ov, resume=True)  # as the Slurm half: broadcast, no reference
+    else:
+        log = run / "slurm-job.out"  # inside run_dir: the no-secret test reads it too
+        job = preempted_tiny_job(slurm_or_none, TOY, run, ov, ckpts / f"step_{PREEMPT_AFTER:06d}", log)
+        out = log.read_text()
+    return {"run": run, "out": out, "killed": killed, "m": metrics(run), "inputs": inputs, "job": job}
 
 
 def test_reward_rises_on_the_learnable_toy(matpo_world):
@@ -89,6 +102,10 @@ def test_matpo_end_to_end(matpo_world):
     assert sorted(m) == list(range(1, 11)), matpo_world["out"][-2000:]
     check_invariants(m, parity_steps=[s for s in m if "parity/max_abs" in m[s]])
     assert all(m[s]["parity/max_abs"] <= 1e-4 for s in (5, 10))  # sync.parity_every: 5
+    # the frozen reference (loss.kl_coef > 0, first start only) starts equal to the actor: KL 0 at step 1,
+    # then the updated policy drifts from it; no reference once the resumed run switched it off
+    assert m[1]["actor/ref_kl"] == pytest.approx(0.0, abs=1e-7) and m[2]["actor/ref_kl"] > 0 and "actor/kl" in m[1]
+    assert "actor/ref_kl" not in m[KILL_AT] and "actor/kl" not in m[KILL_AT]
     for step in m.values():
         assert step["planner/count"] == 64 and step["worker/count"] >= 64  # forced delegation: one worker each
         assert step["planner/workers_per_planner"] >= 1.0
@@ -164,6 +181,32 @@ def test_sigkill_in_a_checkpoint_write_then_resume(matpo_world):
     # restored weights reached the new engine before step 3's rollouts: its sampling logprobs equal the
     # actor's (the prompt-logprob parity check runs at steps 5 and 10 only: sync.parity_every)
     check_invariants({KILL_AT: m[KILL_AT]}, parity_steps=[])
+
+
+def test_slurm_job_preempted_requeued_resumed(matpo_world):
+    """The second half of the world as slurm/tiny_cpu.sbatch through common.sh + launch/ray_cluster.sh:
+    Ray across both Slurm nodes and the trainer's bundles on both Ray nodes, the engine synced by
+    broadcast over the network group (the first half was colocated and synced by tensors), SIGUSR1 as
+    from `--signal` after step 5's checkpoint: the driver stops at the step boundary with 75, the
+    script requeues the job, which resumes from that checkpoint; nothing is redone."""
+    job, out, m, k = matpo_world["job"], matpo_world["out"], matpo_world["m"], matpo_world["killed"]
+    if job is None:
+        from tests.e2e import slurm_missing
+
+        pytest.skip(f"the world was resumed without Slurm: {slurm_missing()}")
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", job["why"]
+    assert job["Restarts"] == "1", out[-6000:]  # requeued once, by the script itself
+    assert "requeueing job" in out and "preempted" in out
+    assert out.count("Ray cluster at") == 2 and re.search(r"Ray cluster at \S+: 2 nodes", out), out[-6000:]
+    assert re.search(r"placement: \d+ bundles on 2 Ray node\(s\)", out), out[-6000:]
+    assert "matpo train: sync       tensor," in k["stdout"] and "matpo train: sync       broadcast," in out
+    # first start: from the kill's step-2 checkpoint; second: from the one the preemption wrote
+    resumed = [int(x) for x in re.findall(r"resumed from \S+step_0*(\d+) at step \1\b", out)]
+    assert resumed[0] == KILL_AT - 1 and resumed[1] in (PREEMPT_AFTER, PREEMPT_AFTER + 1), (resumed, out[-6000:])
+    assert sorted(m) == list(range(1, 11))  # each step once: nothing redone after the requeue
+    # every sync over the broadcast group reached the engine on the other node (steps 3-10)
+    check_invariants({s: m[s] for s in range(KILL_AT, 11)}, parity_steps=[5, 10])
+    assert resumed[1] + 1 in m and m[resumed[1] + 1]["bringup/first_sync_s"] > 0
 
 
 def test_config_errors_before_anything_starts(tmp_path):
