@@ -1,4 +1,4 @@
-"""Packing efficiency on MATPO-shaped batches: THD packing (`data.packing.pack_rows`) vs padded
+"""Packing efficiency on MATPO-shaped batches: THD packing (`train.packing.pack_rows`) vs padded
 batches, side by side on the same rows.
 
 Rows: each planner rollout plus 0-6 worker rollouts, lengths long-tailed (log-normal) and capped at
@@ -16,7 +16,7 @@ import random
 import statistics
 import time
 
-from megatron_matpo.data.packing import Row, pack_rows, packing_stats
+from megatron_matpo.train.packing import Row, pack_rows, packing_stats
 
 
 def matpo_rows(planners: int, context: int, seed: int) -> list[Row]:

@@ -10,20 +10,26 @@ import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from megatron_matpo.agents.workflow import derive_seed
 from megatron_matpo.config import ConfigError, redacted, to_dict
 from megatron_matpo.data.loader import PromptLoader
-from megatron_matpo.data.packing import Row, pack_rows, packing_stats
+from megatron_matpo.train.packing import Row, pack_rows, packing_stats
 from megatron_matpo.train import preemption
 from megatron_matpo.train import stats as S
 from megatron_matpo.train.preemption import Preempted
 from megatron_matpo.train.config import TrainConfig
-from megatron_matpo.train.rows import apply_gae, build_rows, rollout_metrics
+from megatron_matpo.train.rows import apply_gae
+from megatron_matpo.orchestrate.bringup import policy_stacks
+from megatron_matpo.train.tasks import make_task
+
+if TYPE_CHECKING:
+    from megatron_matpo.orchestrate.bringup import Stack
 
 
 class Timer(dict):
@@ -45,21 +51,18 @@ class Timer(dict):
             return fn(*args, **kwargs)
 
 
+def _quietly(name: str, close) -> None:
+    """One teardown part: a failure is reported and the rest still runs (an error may be propagating)."""
+    try:
+        close()
+    except Exception as e:
+        print(f"warning: stopping {name} failed: {e!r}")
+
+
 def load_tokenizer(model: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model)
-
-
-@dataclasses.dataclass
-class Stack:
-    """One policy: the engines that sample from it and its Megatron actor ranks (MATPO and shared-model
-    MAPoRL have one; MAPoRL with distinct models one per agent)."""
-    name: str
-    services: "Services | None"
-    root: Path  # its checkpoints/ and hf/ live here
-    actors: "ActorGroup | None" = None
-    critic: "ActorGroup | None" = None  # advantage.estimator=gae: its value model (checkpoints in root/critic)
 
 
 class Trainer:
@@ -75,14 +78,12 @@ class Trainer:
         preflight(cfg)  # what needs the inputs (model configs vs the layout, paths): before any process starts
         self.run_dir = Path(cfg.run_dir)
         preemption.install()  # SIGUSR1: checkpoint and stop at the next step boundary
-        # one policy per stack (MAPoRL with distinct models: one per agent), each checkpointed on its own
-        n = cfg.maporl.stacks if cfg.algorithm == "maporl" else 1
-        self.names = ["actor"] if n == 1 else [f"agent{k}" for k in range(n)]
-        self.roots = [self.run_dir] if n == 1 else [self.run_dir / name for name in self.names]
-        self.resume_from = latest_checkpoint(self.roots[0])
+        self.stacks = policy_stacks(cfg)  # one per policy (MAPoRL with distinct models: one per agent)
+        self.resume_from = latest_checkpoint(self.stacks[0].root)
         if self.resume_from is not None and not resume:
             raise ConfigError(f"{self.run_dir} already holds checkpoints ({self.resume_from.name}); pass --resume to "
                               "continue that run or choose another run_dir")
+        self._teardown = ExitStack()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(redacted(to_dict(cfg)), sort_keys=False))
 
@@ -95,14 +96,12 @@ class Trainer:
             raise
 
     def _start(self) -> "Trainer":
+        """Inputs → Ray, engines, tool server, actor (critic) ranks (orchestrate/bringup.py) → restore a
+        checkpoint → first weight sync → the algorithm's rollout task."""
         from megatron_matpo.compat import engine_memory_release_supported
         from megatron_matpo.data.parquet import read_dataset
-        from megatron_matpo.orchestrate.actor_group import ActorGroup, gpus_per_rank
-        from megatron_matpo.orchestrate.cluster import placement_group, placement_nodes, start_ray
-        from megatron_matpo.orchestrate.services import Services
-        from megatron_matpo.rollout.runner import RolloutSession, toolbox_server_config
+        from megatron_matpo.orchestrate.bringup import Cluster
         from megatron_matpo.train.logger import RunLogger
-        from megatron_matpo.train.worker import WorkerSpec
 
         cfg, bt = self.cfg, self.bringup
         samples = list(read_dataset(cfg.data))
@@ -110,75 +109,13 @@ class Trainer:
             samples = [dataclasses.replace(s, ground_truth=cfg.bootstrap.toy_answer) for s in samples]
         self.loader = PromptLoader(samples, cfg.prompts_per_step, cfg.seed)
         self.log = RunLogger(self.run_dir)
-
-        layout, ro = cfg.actor.layout, cfg.rollout
-        n_eng, eng_tp, world, n = ro.engine.num_engines, ro.engine.tp_size, layout.world_size, len(self.names)
-        maporl, gae = cfg.algorithm == "maporl", cfg.advantage.estimator == "gae"
-        ranks = world * (2 if gae else 1)  # actor ranks, then the critic's
-        tools = None if maporl else toolbox_server_config(ro.toolbox, cfg.corpus)
-        gpu = gpus_per_rank()
-        with bt("ray"):
-            start_ray(cfg.orchestrate, needed_cpus=n * (ranks + n_eng) + 1)
-        # per stack: a bundle per actor (and critic) rank, then one per engine (its TP GPUs); stack 0 adds one for
-        # the tool server; colocated engines share the actor's GPUs instead of bringing their own
-        eng_gpus = 0.0 if cfg.orchestrate.colocate else gpu * eng_tp
-        rank_b = {"CPU": 1, **({"GPU": gpu} if gpu else {})}
-        eng_b = {"CPU": 1, **({"GPU": eng_gpus} if eng_gpus else {})}
-        sizes = [ranks + n_eng + (k == 0 and tools is not None) for k in range(n)]
-        bundles = [b for k in range(n)
-                   for b in [rank_b] * ranks + [eng_b] * n_eng + [{"CPU": 1}] * (sizes[k] - ranks - n_eng)]
-        with bt("placement"):
-            self.pg = placement_group(bundles, cfg.orchestrate.placement_timeout_s, "matpo")
-        where = placement_nodes(self.pg)
-        print(f"placement: {len(bundles)} bundles on {len(set(where))} Ray node(s): actor ranks on "
-              f"{sorted(set(where[:ranks]))}, engines/tools on {sorted(set(where[ranks:sizes[0]]))}", flush=True)
-        # seeded, batch-invariant sampling; cached prefixes would change numerics
-        extra = ["--enable-deterministic-inference", "--disable-radix-cache"] if cfg.deterministic else []
-        if cfg.orchestrate.colocate and engine_memory_release_supported():
-            extra.append("--enable-memory-saver")  # engines give the GPU back while the actor trains
-        self.models = [cfg.maporl.model_of(k, cfg.model) if maporl else cfg.model for k in range(n)]
-        # Engines first, one stack after another: on CPU an SGLang engine sizes its KV cache from the host
-        # memory free while it profiles, and processes starting beside it (other engines, actor ranks)
-        # made that fail ("Loaded weights leave no GPU memory for the KV cache", 2 stacks on 2 cores).
-        # Then every stack's actor (and critic) ranks together. The driver's tokenizer loads meanwhile.
-        self.stacks = [Stack(self.names[k], None, self.roots[k]) for k in range(n)]
-        offsets = [sum(sizes[:k]) for k in range(n)]
-        with ThreadPoolExecutor(max_workers=2 * n + 1) as pool:
-            tok = None if maporl else pool.submit(bt.timed, "tokenizer", load_tokenizer, cfg.model)
-            for k, off in enumerate(offsets):
-                ecfg = ro.engine.engine_config(self.models[k], n * n_eng, str(self.run_dir / "logs"), cfg.seed, extra)
-                with bt("engines_tools"):
-                    self.stacks[k].services = Services(ecfg, n_eng, tools if k == 0 else None, self.pg, off + ranks,
-                                                       eng_gpus)
-            parts: dict[tuple[int, str], object] = {}
-            with bt("ranks"):
-                for k, off in enumerate(offsets):
-                    spec = WorkerSpec(model=self.models[k], layout=layout, dtype=cfg.resolved_dtype(),
-                                      seq_length=cfg.actor.max_tokens_per_micro_batch, recompute=cfg.actor.recompute,
-                                      optim=cfg.optim, loss=cfg.loss,
-                                      sync=cfg.sync,
-                                      use_reference=cfg.loss.kl_coef > 0, seed=cfg.actor.seed,
-                                      total_steps=cfg.steps * cfg.actor.mini_batches)
-                    parts[k, "actors"] = pool.submit(ActorGroup, spec, self.pg, off, gpu)
-                    if gae:  # same layout and packing, its own optimizer; no engines, no reference
-                        cspec = dataclasses.replace(spec, model=cfg.critic.model or self.models[k],
-                                                    optim=cfg.critic.optim, sync=None, use_reference=False)
-                        parts[k, "critic"] = pool.submit(ActorGroup, cspec, self.pg, off + world, gpu, kind="critic")
-                errors = []
-                for (k, attr), fut in parts.items():  # every group is kept, so a failed start tears all down
-                    try:
-                        setattr(self.stacks[k], attr, fut.result())
-                    except BaseException as e:
-                        errors.append(e)
-                if errors:
-                    raise errors[0]
-            tokenizer = tok.result() if tok is not None else None  # the driver's, for MATPO rollouts
-        for st in self.stacks:
-            print(f"{st.name} engines: {st.services.engine_urls}; tool server: "
-                  f"{st.services.toolbox_url or ro.toolbox.url}", flush=True)
-            with bt("connect_engines"):
-                st.actors.connect_engines(st.services.engine_urls)
-
+        self._teardown.callback(_quietly, "log", self.log.close)
+        self.cluster = Cluster()
+        self._teardown.callback(_quietly, "cluster", self.cluster.close)  # also after a start that failed part way
+        with ThreadPoolExecutor(max_workers=1) as pool:  # the driver's tokenizer (rollouts) loads meanwhile
+            tok = pool.submit(bt.timed, "tokenizer", load_tokenizer, cfg.model)
+            self.cluster.start(cfg, self.stacks, str(self.run_dir / "logs"), bt)
+            tokenizer = tok.result()
         self.step = 0
         if self.resume_from is not None:
             with bt("resume"):  # checkpoint load
@@ -186,21 +123,11 @@ class Trainer:
         with bt("first_sync"):  # engines sample from the actor's weights from step 1 on (restored ones on a resume)
             for st in self.stacks:
                 st.actors.sync_weights()
-
-        if maporl:
-            from megatron_matpo.maporl.task import MaporlRollout
-
-            self.maporl = MaporlRollout(cfg.maporl, self.models, [st.services.engine_urls for st in self.stacks],
-                                        ro.n_samples, cfg.advantage.eps, cfg.advantage.norm_by_std, cfg.deterministic,
-                                        grpo=not gae, merge_turns=cfg.loss.agg == "token-mean")
-        else:
-            urls, tool_url = self.stacks[0].services.engine_urls, ro.toolbox.url or self.stacks[0].services.toolbox_url
-            rcfg = dataclasses.replace(ro, model=cfg.model, data=cfg.data, log_dir=str(self.run_dir / "logs"),
-                                       workflow=dataclasses.replace(ro.workflow, seeded=cfg.deterministic),
-                                       engine=dataclasses.replace(ro.engine, urls=urls),
-                                       toolbox=dataclasses.replace(ro.toolbox, url=tool_url))
-            with bt("rollout_session"):
-                self.session = RolloutSession(rcfg, tokenizer=tokenizer).__enter__()
+        with bt("rollout_session"):  # the algorithm's rollouts, on these engines (train/tasks.py)
+            urls = [st.services.engine_urls for st in self.stacks]
+            self.task = make_task(cfg, [st.model for st in self.stacks], urls, self.stacks[0].services.toolbox_url,
+                                  tokenizer, str(self.run_dir / "logs"))
+        self._teardown.callback(_quietly, "rollout task", self.task.close)
         self.release_engine_memory = cfg.orchestrate.colocate and engine_memory_release_supported()
         return self
 
@@ -224,24 +151,7 @@ class Trainer:
         print(f"resumed from {self.resume_from} at step {self.step}")
 
     def __exit__(self, *exc) -> None:
-        from megatron_matpo.orchestrate.cluster import stop_ray
-
-        try:
-            # whatever was started, in reverse order (a failed start got only part of the way)
-            parts = [("session", getattr(self, "session", None), lambda o: o.__exit__(None, None, None))]
-            for st in getattr(self, "stacks", []):
-                parts += [(f"{st.name} actors", st.actors, lambda o: o.shutdown()),
-                          (f"{st.name} critic", st.critic, lambda o: o.shutdown()),
-                          (f"{st.name} engines", st.services, lambda o: o.stop())]
-            for name, obj, close in parts + [("log", getattr(self, "log", None), lambda o: o.close())]:
-                if obj is None:
-                    continue
-                try:
-                    close(obj)
-                except Exception as e:  # keep tearing down; the first error is already propagating
-                    print(f"warning: stopping {name} failed: {e!r}")
-        finally:
-            stop_ray()
+        self._teardown.close()  # whatever was started, in reverse order (a failed start got only part of the way)
 
     # ---- the loop ---------------------------------------------------------------------------------
     def fit(self) -> list[dict[str, float]]:
@@ -292,22 +202,12 @@ class Trainer:
         t0 = time.perf_counter()
         batch = self.loader.next_batch()
         seed = derive_seed(cfg.seed, "step", step) if cfg.deterministic else None
-        with t("rollout"):  # generation, tools and reward (MAPoRL: also verifier and advantages)
-            if cfg.algorithm == "maporl":
-                groups, m = self.maporl.run(batch, self.log.transcript_path(step), f"{step}:", seed)
-            else:
-                rollouts = asyncio.run(self.session.run(batch, self.log.transcript_path(step), progress=False,
-                                                        seed=seed, uid_prefix=f"{step}:"))
+        with t("rollout"):  # generation, tools, reward and advantages (MAPoRL: also the verifier)
+            out = self.task.rollout(batch, self.log.transcript_path(step), f"{step}:", seed)
         if self.release_engine_memory:
             with t("engine_memory"):
                 self.engine_memory("release")  # the actor's turn on the shared GPUs
-        if cfg.algorithm != "maporl":
-            with t("advantage_pack"):
-                rows = build_rows(rollouts, cfg.advantage.eps, cfg.advantage.norm_by_std)
-                # rows grouped by prompt (GRPO groups), in rollout order
-                owner = [j // cfg.rollout.n_samples for j, ro in enumerate(rollouts) for _ in ro]
-                groups = [[[r for r, o in zip(rows, owner) if o == i] for i in range(len(batch))]]
-            m = rollout_metrics(rollouts, rows)
+        groups, m = out.groups, dict(out.metrics)
         for st, per_prompt in zip(self.stacks, groups):
             sm = self.optimize(st, per_prompt, step, t)
             m.update(sm if len(self.stacks) == 1 else {f"{st.name}/{k}": v for k, v in sm.items()})
@@ -335,8 +235,10 @@ class Trainer:
                                 cfg.actor.dp, pad_to_multiple=cfg.actor.tp) for c in chunks]
             actors.load_batch(packed)
         m.update(S.prefixed("pack", packing_stats(packed[0])))
-        # one on-policy update: its own forward gives the old logprobs (and the parity with the engine)
-        fused = len(packed) == 1 and cfg.actor.recompute_old_logprobs and cfg.loss.kl_coef == 0
+        # one on-policy update: its own forward gives the old logprobs (and the parity with the engine). The
+        # KL term needs only the reference's logprobs; its logged mean is then taken against the engine's
+        # sampling logprobs (within the parity tolerance of the actor's)
+        fused = len(packed) == 1 and cfg.actor.recompute_old_logprobs
         if not fused:
             with t("old_logprobs"):
                 m.update(S.parity_stats(actors.old_logprobs(cfg.actor.recompute_old_logprobs)))
@@ -384,24 +286,13 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         from megatron_matpo.data.parquet import read_dataset
-        from megatron_matpo.rollout.evaluate import evaluate_traces
 
         e = self.cfg.eval
         out = {}
         for i, data in enumerate([e.data] if isinstance(e.data, str) else e.data):  # one or several val sets
             samples = list(read_dataset(data, limit=e.max_prompts))
             tag = f"eval{i}" if i else "eval"
-            path = self.log.transcript_path(self.step, prefix=tag)
-            if self.cfg.algorithm == "maporl":  # discussions on the val questions: accuracy per agent and round
-                for src in sorted({s.data_source for s in samples}):
-                    part = [s for s in samples if s.data_source == src]
-                    _, mm = self.maporl.run(part, path.with_name(f"{path.stem}_{src}{path.suffix}"),
-                                            f"{tag}:", n_samples=e.n_samples)
-                    out.update({f"eval/{src}/{k}": v for k, v in mm.items()
-                                if k.startswith(("maporl/accuracy", "maporl/consensus", "reward/"))})
-                continue
-            asyncio.run(self.session.run(samples, path, progress=False, n_samples=e.n_samples, uid_prefix=f"{tag}:"))
-            out.update({f"eval/{src}/{k}": v for src, mm in evaluate_traces(path).items() for k, v in mm.items()})
+            out.update(self.task.evaluate(samples, self.log.transcript_path(self.step, prefix=tag), tag, e.n_samples))
         return out
 
     def save(self) -> None:

@@ -30,7 +30,7 @@ def optim_config():
 def _rows(vocab: int) -> list:
     """Fixed synthetic rollouts: random tokens, a prompt third, old logprobs near the random-init
     policy's (~log 1/vocab, so PPO ratios stay near 1 and gradients are not all clipped)."""
-    from megatron_matpo.data.packing import Row
+    from megatron_matpo.train.packing import Row
 
     g = torch.Generator().manual_seed(11)
     rows = []
@@ -45,7 +45,7 @@ def _rows(vocab: int) -> list:
 
 def _step_batch(rows: list) -> list:
     """This step's rows, drawn from all three global generators."""
-    from megatron_matpo.data.packing import Row
+    from megatron_matpo.train.packing import Row
 
     pick = torch.randperm(len(rows))[:ROWS_PER_STEP].tolist()
     scale = 0.5 + random.random()
@@ -74,7 +74,7 @@ def _run_steps(built, opt, sched, steps: range) -> dict[str, float]:
 
     from megatron_matpo import platform
     from megatron_matpo.algo.loss import LossConfig
-    from megatron_matpo.data.packing import pack_rows
+    from megatron_matpo.train.packing import pack_rows
     from megatron_matpo.train.actor import train_step
 
     rows = _rows(built.provider.vocab_size)

@@ -195,13 +195,14 @@ def output_layer_lr_step(hf_dir: str, layout: ParallelLayout) -> dict[str, float
 
 
 def actor_step(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
-    """Actor logprobs on packed rows equal transformers'; the first PPO step has ratio 1 (no clipping,
-    zero approx KL); positive-advantage rows gain logprob, negative ones lose it."""
+    """Actor logprobs on packed rows equal transformers'; the first PPO step (with a reference-KL term)
+    has ratio 1 (no clipping, zero approx KL); positive-advantage rows gain logprob, negative ones lose
+    it; taking the old logprobs from the update's own forward gives the same step."""
     from megatron.core import parallel_state
 
     from megatron_matpo import platform
     from megatron_matpo.algo.loss import LossConfig
-    from megatron_matpo.data.packing import Row, pack_rows
+    from megatron_matpo.train.packing import Row, pack_rows
     from megatron_matpo.model.builder import build_model
     from megatron_matpo.train.actor import compute_logprobs, train_step
     from megatron_matpo.train.optim import OptimConfig, build_optimizer, ddp_config
@@ -218,10 +219,17 @@ def actor_step(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
         mask = [0] * (n // 2) + [1] * (n - n // 2)  # the "generated" half
         rows.append(Row(s.tolist(), mask, old, advantage=(1.0 if i != 1 else -1.0), row_id=i))
     (mbs,) = pack_rows(rows, max_tokens_per_micro_batch=64, dp_size=1)
+    kl = LossConfig(kl_coef=0.05)  # a small reference-KL term in the loss: the trainer fuses with it on too
+
+    def with_reference(packed):  # a reference policy 0.05 nats below the old one on the generated tokens
+        for p in packed:
+            p.ref_logprobs = p.old_logprobs - 0.05 * p.loss_mask
+        return packed
+
     dev = platform.device()
     before = compute_logprobs(built.chunks, mbs, dev)
-    stats = train_step(built.chunks, opt, mbs, LossConfig(), global_token_count=sum(sum(r.loss_mask) for r in rows),
-                       device=dev)
+    stats = train_step(built.chunks, opt, with_reference(mbs), kl,
+                       global_token_count=sum(sum(r.loss_mask) for r in rows), device=dev)
     after = compute_logprobs(built.chunks, mbs, dev)
     out = {"old_vs_actor": 0.0, "clip_frac": stats.get("clip_frac", 0.0), "approx_kl": stats.get("approx_kl", 0.0),
            "skipped": stats["step_skipped"], "gain_pos": 0.0, "gain_neg": 0.0}
@@ -239,8 +247,9 @@ def actor_step(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
     # the same loss and gradient, and the parity against the batch's (here transformers') logprobs
     built2 = build_model(hf_dir, layout, load_weights=True, ddp_config=ddp_config(optim))
     (mbs2,) = pack_rows(rows, max_tokens_per_micro_batch=64, dp_size=1)
-    fused = train_step(built2.chunks, build_optimizer(built2.chunks, optim), mbs2, LossConfig(),
+    fused = train_step(built2.chunks, build_optimizer(built2.chunks, optim), with_reference(mbs2), kl,
                        global_token_count=sum(sum(r.loss_mask) for r in rows), device=dev, old_from_forward=True)
+    out["kl_term"] = stats.get("kl", 0.0)
     out["fused_grad_norm_diff"] = abs(fused["grad_norm"] - stats["grad_norm"])
     out["fused_loss_diff"] = abs(fused.get("loss", 0.0) - stats.get("loss", 0.0))
     out["fused_ratio_off"] = abs(fused.get("ratio_mean", 1.0) - 1.0)
@@ -257,7 +266,7 @@ def critic_step(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
     from megatron.core import parallel_state
 
     from megatron_matpo.algo.loss import LossConfig
-    from megatron_matpo.data.packing import Row, pack_rows
+    from megatron_matpo.train.packing import Row, pack_rows
     from megatron_matpo.train.critic import CriticWorker
     from megatron_matpo.train.optim import OptimConfig
     from megatron_matpo.train.worker import WorkerSpec

@@ -27,3 +27,18 @@ def test_unsupported_architecture(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
     with pytest.raises(UnsupportedArchitecture, match="GPT2LMHeadModel"):
         check_layout(tmp_path, ParallelLayout())
+
+
+def test_bundle_plan_per_stack():
+    """Actor ranks, critic ranks, engines, then (stack 0 only) the tool server; colocated engines take
+    no GPUs of their own."""
+    from megatron_matpo.orchestrate.bringup import plan_bundles
+
+    cpu = plan_bundles(1, 2, False, 1, 1, 0.0, False, True)  # the MATPO toy: DP=2 + engine + tools, on CPU
+    assert cpu.bundles == [{"CPU": 1}] * 4 and cpu.sizes == [4] and cpu.ranks == 2 and cpu.offset(0) == 0
+    # MAPoRL, 2 distinct policies with a critic each, TP=2 engines, 1 GPU per rank, no tool server
+    gpu = plan_bundles(2, 4, True, 1, 2, 1.0, False, False)
+    assert gpu.sizes == [9, 9] and gpu.offset(1) == 9 and gpu.ranks == 8
+    assert gpu.bundles[:8] == [{"CPU": 1, "GPU": 1.0}] * 8 and gpu.bundles[8] == {"CPU": 1, "GPU": 2.0}
+    colo = plan_bundles(1, 4, False, 2, 2, 1.0, True, True)
+    assert colo.engine_gpus == 0.0 and colo.bundles[4:] == [{"CPU": 1}] * 3

@@ -99,8 +99,9 @@ def test_actor_logprobs_and_first_ppo_step(request, world, key):
     assert res["skipped"] == 0.0
     assert res["gain_pos"] < 0.0  # (negated) positive-advantage rows gained logprob
     assert res["gain_neg"] < 0.0  # the negative-advantage row lost logprob
-    # old logprobs from the update's own forward (trainer: one mini-batch, no KL): same step, ratio 1,
-    # train/rollout parity measured in that forward
+    # old logprobs from the update's own forward (trainer: one mini-batch; a KL term in the loss): same
+    # step, ratio 1, train/rollout parity measured in that forward
+    assert res["kl_term"] > 0  # the reference term was in both losses
     assert res["fused_loss_diff"] <= 1e-6 and res["fused_grad_norm_diff"] <= 1e-5 * res["grad_norm"], res
     assert res["fused_ratio_off"] == 0.0 and res["fused_parity_tokens"] > 0 and res["fused_parity_max"] <= 1e-5, res
 

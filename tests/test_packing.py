@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from megatron_matpo.data.packing import (
+from megatron_matpo.train.packing import (
     IGNORE_LABEL, PAD_ROW_ID, PackedMicroBatch, Row, balance_ranks, equalize_bins, pack_rows, packing_stats,
     partition_karmarkar_karp, partition_longest_first,
 )

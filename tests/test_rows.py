@@ -7,7 +7,7 @@ from megatron_matpo.agents.workflow import Trajectory, derive_seed
 from megatron_matpo.data.loader import PromptLoader
 from megatron_matpo.data.schema import Sample
 from megatron_matpo.train import stats as S
-from megatron_matpo.train.rows import build_rows, parity_mask, rollout_metrics
+from megatron_matpo.train.rows import build_rows, build_rows_by_prompt, parity_mask, rollout_metrics
 
 
 def _traj(tid, role, group, parent=None, reward=None, n=6, spans=()):
@@ -38,6 +38,24 @@ def test_rows_carry_matpo_credit_and_parity_masks():
     assert m["planner/workers_per_planner"] == pytest.approx(2 / 3)
     assert m["worker/count"] == 2 and m["planner/generated_tokens"] == 12
     assert m["reward/mean"] == pytest.approx((1.0 + 0.0 + 0.7) / 3)
+
+
+def test_rows_by_prompt_keep_each_prompt_with_its_workers():
+    """Per prompt: its planners' rows and their workers', whatever the number of workers each has;
+    advantages and row ids as from one `build_rows` over all (GRPO groups are the prompts' group ids)."""
+    by_prompt = [[[_traj("a0", "planner", "a", reward=1.0), _traj("a0w", "worker", "a", "a0")],
+                  [_traj("a1", "planner", "a", reward=0.0)]],
+                 [[_traj("b0", "planner", "b", reward=0.0)],
+                  [_traj("b1", "planner", "b", reward=1.0), _traj("b1w0", "worker", "b", "b1"),
+                   _traj("b1w1", "worker", "b", "b1")]]]
+    per_prompt = build_rows_by_prompt(by_prompt)
+    flat = build_rows([r for g in by_prompt for r in g])
+    assert [[r.row_id for r in p] for p in per_prompt] == [[0, 1, 2], [3, 4, 5, 6]]
+    assert [r.advantage for p in per_prompt for r in p] == [r.advantage for r in flat]
+    assert [[r.role for r in p] for p in per_prompt] == [["planner", "worker", "planner"],
+                                                         ["planner", "planner", "worker", "worker"]]
+    assert per_prompt[1][2].advantage == per_prompt[1][1].advantage > 0  # workers carry b1's credit
+    assert build_rows_by_prompt([[], [[_traj("c", "planner", "c", reward=1.0)]]])[0] == []
 
 
 def test_parity_mask_without_spans_is_the_loss_mask():
@@ -126,7 +144,7 @@ def test_apply_gae_places_values_advantages_and_returns_for_packing():
     import numpy as np
 
     from megatron_matpo.algo import gae
-    from megatron_matpo.data.packing import Row, pack_rows
+    from megatron_matpo.train.packing import Row, pack_rows
     from megatron_matpo.train.rows import apply_gae
 
     rows = [Row([5, 6, 7, 8, 9], [0, 0, 1, 1, 1], [0.0] * 5, 0.0, row_id=0, reward=1.0),

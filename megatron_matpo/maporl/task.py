@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from megatron_matpo.algo import grpo_advantages
-from megatron_matpo.data.packing import Row
+from megatron_matpo.train.packing import Row
 from megatron_matpo.data.schema import Sample
 from megatron_matpo.maporl.answers import answers_match
 from megatron_matpo.maporl.config import MaporlSection
@@ -26,9 +26,12 @@ from megatron_matpo.maporl.discussion import (Discussion, DiscussionTurn, Discus
                                              verify_discussions)
 from megatron_matpo.maporl.verifier import make_verifier
 from megatron_matpo.train.rows import advantage_value_stats, parity_mask, rollout_metrics
+from megatron_matpo.train.tasks import StepRollout
 
 
 class MaporlRollout:
+    """MAPoRL's `RolloutTask` (train/tasks.py)."""
+
     def __init__(self, cfg: MaporlSection, models: list[str], engine_urls: list[list[str]], n_samples: int,
                  eps: float = 1e-6, norm_by_std: bool = True, seeded: bool = False, grpo: bool = True,
                  merge_turns: bool = True):
@@ -44,10 +47,27 @@ class MaporlRollout:
         self.verifier = make_verifier(cfg.verifier)
         self.discussion_cfg = dataclasses.replace(cfg.discussion, seeded=seeded or cfg.discussion.seeded)
 
-    def run(self, samples: list[Sample], out_path: Path, uid_prefix: str = "", seed: int | None = None,
-            n_samples: int | None = None) -> tuple[list[list[list[Row]]], dict[str, float]]:
-        """→ (rows[stack][prompt] = that prompt's rows for that actor, metrics). `n_samples` overrides
-        the discussions per question (evaluation)."""
+    def rollout(self, batch: list[Sample], out_path: Path, uid_prefix: str, seed: int | None) -> StepRollout:
+        """→ rows[stack][prompt] = that prompt's rows for that actor, and the metrics (train/tasks.py)."""
+        return StepRollout(*self._run(batch, out_path, uid_prefix, seed))
+
+    def evaluate(self, samples: list[Sample], out_path: Path, tag: str, n_samples: int | None) -> dict[str, float]:
+        """Discussions on the val questions, one transcript per data source: accuracy per agent and round."""
+        out = {}
+        for src in sorted({s.data_source for s in samples}):
+            part = [s for s in samples if s.data_source == src]
+            _, m = self._run(part, out_path.with_name(f"{out_path.stem}_{src}{out_path.suffix}"), f"{tag}:",
+                             n_samples=n_samples)
+            out.update({f"eval/{src}/{k}": v for k, v in m.items()
+                        if k.startswith(("maporl/accuracy", "maporl/consensus", "reward/"))})
+        return out
+
+    def close(self) -> None:
+        """Nothing to stop: the engines belong to the trainer's stacks."""
+
+    def _run(self, samples: list[Sample], out_path: Path, uid_prefix: str = "", seed: int | None = None,
+             n_samples: int | None = None) -> tuple[list[list[list[Row]]], dict[str, float]]:
+        """→ (rows[stack][prompt], metrics). `n_samples` overrides the discussions per question (evaluation)."""
         n = n_samples or self.n_samples
         discussions = asyncio.run(self._discuss(samples, uid_prefix, seed, n))
         for d in discussions:

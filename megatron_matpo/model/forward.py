@@ -71,22 +71,25 @@ LossFn = Callable[[torch.Tensor, MicroBatch], tuple]
 
 
 def run_schedule(chunks: list, micro_batches: list[MicroBatch], loss_fn: LossFn, *, forward_only: bool,
-                 device: torch.device) -> list:
+                 device: torch.device, with_each: list | None = None) -> list:
     """Forward (and backward unless `forward_only`) over `micro_batches` with megatron's schedule.
 
     `loss_fn(output, mb)` runs on the last pipeline stage with the vocab-parallel logits and
     returns what megatron expects from a loss function: `(loss, num_tokens, reported)` or
-    `(loss, reported)`. Returns the list of `reported` values (last stage only; empty elsewhere).
-    All micro-batches must have the same shape when PP > 1 (the pipeline's p2p buffers are sized
-    once per call).
+    `(loss, reported)`; with `with_each` (one item per micro-batch, e.g. the packed batch it came
+    from) it gets that item instead of `mb`. Returns the list of `reported` values (last stage only;
+    empty elsewhere). All micro-batches must have the same shape when PP > 1 (the pipeline's p2p
+    buffers are sized once per call).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    it = iter(micro_batches)
+    if with_each is not None and len(with_each) != len(micro_batches):
+        raise ValueError(f"with_each: {len(with_each)} items for {len(micro_batches)} micro-batches")
+    it = iter(zip(micro_batches, with_each if with_each is not None else micro_batches))
 
     def step(data_iterator, model):
-        mb = next(data_iterator)
-        return model_forward(model, mb, device), lambda out: loss_fn(out, mb)
+        mb, item = next(data_iterator)
+        return model_forward(model, mb, device), lambda out: loss_fn(out, item)
 
     first = micro_batches[0]
     return get_forward_backward_func()(

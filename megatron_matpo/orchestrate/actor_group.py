@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_matpo import platform
-from megatron_matpo.data.packing import PackedMicroBatch
+from megatron_matpo.train.packing import PackedMicroBatch
 from megatron_matpo.train.critic import CriticWorker
 from megatron_matpo.train.worker import ActorWorker, WorkerSpec
 

@@ -71,7 +71,7 @@ class _PeakRss:
 
 
 def synthetic_rows(n_rows: int, seq_len: int, vocab: int, seed: int = 0) -> list:
-    from megatron_matpo.data.packing import Row
+    from megatron_matpo.train.packing import Row
 
     g = torch.Generator().manual_seed(seed)
     uniform = -math.log(vocab)
@@ -85,7 +85,7 @@ def _measure_one(hf_dir: str, layout: Layout, n_rows: int, seq_len: int, steps: 
 
     from megatron_matpo import platform
     from megatron_matpo.algo.loss import LossConfig
-    from megatron_matpo.data.packing import pack_rows
+    from megatron_matpo.train.packing import pack_rows
     from megatron_matpo.dist import init_megatron
     from megatron_matpo.model.builder import build_model, make_bridge
     from megatron_matpo.model.layout import ParallelLayout

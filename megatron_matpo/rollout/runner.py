@@ -169,9 +169,16 @@ class RolloutSession:
     async def run(self, samples: list[Sample], out_path: str | Path | None = None, progress: bool = True,
                   seed: int | None = None, uid_prefix: str = "", n_samples: int | None = None) -> list[
             list[Trajectory]]:
-        """All rollouts of `samples` × n_samples, grouped per rollout (root first), in input order
-        (sample-major). `seed` seeds each rollout's sampling when `workflow.seeded`; `uid_prefix`
-        keeps trajectory ids unique when a batch holds the same sample twice."""
+        """`run_by_prompt`'s rollouts in one list, sample-major (sample 0's n_samples, then sample 1's, ...)."""
+        by_prompt = await self.run_by_prompt(samples, out_path, progress, seed, uid_prefix, n_samples)
+        return [r for group in by_prompt for r in group]
+
+    async def run_by_prompt(self, samples: list[Sample], out_path: str | Path | None = None, progress: bool = True,
+                            seed: int | None = None, uid_prefix: str = "", n_samples: int | None = None) -> list[
+            list[list[Trajectory]]]:
+        """All rollouts of `samples` × n_samples: [sample][k] → that rollout's trajectories (root first),
+        in input order (the GRPO groups). `seed` seeds each rollout's sampling when `workflow.seeded`;
+        `uid_prefix` keeps trajectory ids unique when a batch holds the same sample twice."""
         from tqdm.auto import tqdm
 
         from megatron_matpo.rollout.engine import EngineClient, EngineRouter
@@ -183,7 +190,7 @@ class RolloutSession:
         scorer = make_scorer(cfg.reward)
         sem = asyncio.Semaphore(cfg.max_concurrent)
         out = open(out_path, "w") if out_path else None
-        results: list[list[Trajectory] | None] = [None] * (len(samples) * n_per)
+        results: list[list[list[Trajectory] | None]] = [[None] * n_per for _ in samples]
         acc_sum, done = 0.0, 0
         bar = tqdm(total=len(samples) * n_per, desc="rollouts", unit="rollout", disable=not progress)
         try:
@@ -199,10 +206,10 @@ class RolloutSession:
                     acc = await score(trajs, sample, scorer)
                     acc_sum += acc
                     done += 1
-                    results[i * n_per + k] = trajs
+                    results[i][k] = trajs
                     if out:
-                        for i, t in enumerate(trajs):
-                            out.write(json.dumps(trace_line(t, sample, acc if i == 0 else None)) + "\n")
+                        for j, t in enumerate(trajs):
+                            out.write(json.dumps(trace_line(t, sample, acc if j == 0 else None)) + "\n")
                         out.flush()
                     bar.update(1)
                     bar.set_postfix(acc=f"{acc_sum / done:.3f}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from megatron_matpo.algo.loss import LossConfig, policy_loss
-from megatron_matpo.data.packing import PackedMicroBatch
+from megatron_matpo.train.packing import PackedMicroBatch
 from megatron_matpo.model.forward import run_schedule
 
 
@@ -43,16 +43,15 @@ def compute_logprobs(chunks: list, mbs: list[PackedMicroBatch], device: torch.de
     """Per-position logprobs of each micro-batch's labels (last pipeline stage; None elsewhere)."""
     from megatron.core import parallel_state
 
-    by_mb = {id(p.micro_batch): p for p in mbs}
-
-    def keep(out, mb):
-        lp = token_logprobs(out, by_mb[id(mb)].labels)
+    def keep(out, p: PackedMicroBatch):
+        lp = token_logprobs(out, p.labels)
         return torch.zeros((), device=out.device), {"logprobs": lp.detach().cpu()}
 
     for c in chunks:
         c.eval()
     with torch.no_grad():
-        reported = run_schedule(chunks, [p.micro_batch for p in mbs], keep, forward_only=True, device=device)
+        reported = run_schedule(chunks, [p.micro_batch for p in mbs], keep, forward_only=True, device=device,
+                                with_each=mbs)
     if not parallel_state.is_pipeline_last_stage():
         return None
     return [r["logprobs"] for r in reported]
@@ -72,17 +71,16 @@ def optimizer_step(chunks: list, optimizer, mbs: list[PackedMicroBatch], loss_fn
     from megatron.core import parallel_state
 
     scale = len(mbs) * parallel_state.get_data_parallel_world_size()
-    by_mb = {id(p.micro_batch): p for p in mbs}
-
-    def scaled(out, mb):
-        loss, metrics = loss_fn(out, by_mb[id(mb)])
+    def scaled(out, p: PackedMicroBatch):
+        loss, metrics = loss_fn(out, p)
         return loss * scale, metrics
 
     for c in chunks:
         c.train()
         c.zero_grad_buffer()
     optimizer.zero_grad()
-    reported = run_schedule(chunks, [p.micro_batch for p in mbs], scaled, forward_only=False, device=device)
+    reported = run_schedule(chunks, [p.micro_batch for p in mbs], scaled, forward_only=False, device=device,
+                            with_each=mbs)
     ok, grad_norm, _ = optimizer.step()
     return reported, {"grad_norm": float(grad_norm or 0.0), "step_skipped": float(not ok)}
 

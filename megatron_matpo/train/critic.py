@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from megatron_matpo.data.packing import PAD_ROW_ID, PackedMicroBatch
+from megatron_matpo.train.packing import PAD_ROW_ID, PackedMicroBatch
 from megatron_matpo.model.forward import run_schedule
 from megatron_matpo.train.worker import ActorWorker
 
@@ -26,29 +26,21 @@ class CriticWorker(ActorWorker):
     def values(self) -> dict[int, np.ndarray]:
         """Per row (id → values at its loss positions, in token order) of the current batch; the
         reporting ranks of each DP slice return theirs, the others {}."""
-        from megatron.core import parallel_state
-
         out: dict[int, np.ndarray] = {}
+
+        def keep(o, p: PackedMicroBatch):  # last pipeline stage only
+            rows, mask, v = p.row_ids[0], p.loss_mask[0] > 0, _values(o).detach().cpu()[0]
+            for rid in rows.unique().tolist():
+                if rid != PAD_ROW_ID:
+                    out[rid] = v[(rows == rid) & mask].numpy().astype(np.float32)
+            return torch.zeros((), device=o.device), {}
+
+        for c in self.built.chunks:
+            c.eval()
         for mbs in self.batches:
-            by_mb = {id(p.micro_batch): p for p in mbs}
-
-            def keep(o, mb):
-                return torch.zeros((), device=o.device), {"values": _values(o).detach().cpu(), "mb": id(mb)}
-
-            for c in self.built.chunks:
-                c.eval()
             with torch.no_grad():
-                reported = run_schedule(self.built.chunks, [p.micro_batch for p in mbs], keep, forward_only=True,
-                                        device=self.device)
-            if not parallel_state.is_pipeline_last_stage():
-                continue
-            for r in reported:
-                p = by_mb[r["mb"]]
-                rows, mask, v = p.row_ids[0], p.loss_mask[0] > 0, r["values"][0]
-                for rid in rows.unique().tolist():
-                    if rid != PAD_ROW_ID:
-                        sel = (rows == rid) & mask
-                        out[rid] = v[sel].numpy().astype(np.float32)
+                run_schedule(self.built.chunks, [p.micro_batch for p in mbs], keep, forward_only=True,
+                             device=self.device, with_each=mbs)
         return out if self.reports else {}
 
     def train(self, global_token_counts: list[int]) -> list[dict[str, float]]:

@@ -10,7 +10,7 @@ from collections import Counter
 
 from megatron_matpo.agents.workflow import Trajectory
 from megatron_matpo.algo import matpo_advantages_from_rows
-from megatron_matpo.data.packing import Row
+from megatron_matpo.train.packing import Row
 
 
 def flatten(rollouts: list[list[Trajectory]]) -> list[Trajectory]:
@@ -33,6 +33,14 @@ def build_rows(rollouts: list[list[Trajectory]], eps: float = 1e-6, norm_by_std:
     return [Row(token_ids=list(t.token_ids), loss_mask=list(t.loss_mask), old_logprobs=list(t.logprobs),
                 advantage=float(a), row_id=i, role=t.role, parity_mask=parity_mask(t))
             for i, (t, a) in enumerate(zip(trajs, adv.tolist()))]
+
+
+def build_rows_by_prompt(by_prompt: list[list[list[Trajectory]]], eps: float = 1e-6,
+                        norm_by_std: bool = True) -> list[list[Row]]:
+    """`build_rows` over [prompt][sample] → rollout, handed back per prompt: each prompt's rows (its
+    planners and their workers, the GRPO group that mini-batches keep whole), row ids as in `build_rows`."""
+    rows = iter(build_rows([r for group in by_prompt for r in group], eps, norm_by_std))
+    return [[next(rows) for rollout in group for _ in rollout] for group in by_prompt]
 
 
 def _mean(xs: list[float]) -> float:

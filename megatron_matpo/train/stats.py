@@ -1,7 +1,7 @@
 """Reducing what the actor ranks report into step metrics (plain dicts, no Ray or Megatron here)."""
 from __future__ import annotations
 
-from megatron_matpo.data.packing import Row
+from megatron_matpo.train.packing import Row
 
 
 def prefixed(prefix: str, d: dict) -> dict[str, float]:

@@ -17,7 +17,7 @@ import torch
 
 from megatron_matpo.algo.loss import LossConfig, ppo_policy_loss
 from megatron_matpo.bridge.sync_config import SyncConfig
-from megatron_matpo.data.packing import PackedMicroBatch
+from megatron_matpo.train.packing import PackedMicroBatch
 from megatron_matpo.model.layout import ParallelLayout
 from megatron_matpo.train.optim import OptimConfig
 
@@ -192,7 +192,7 @@ class ActorWorker:
     def parity(self, token_ids: list[list[int]], engine_url: str) -> dict[str, float]:
         """Engine prompt logprobs vs this actor's logprobs on the same sequences (after a sync)."""
         from megatron_matpo.bridge import engine_parity
-        from megatron_matpo.data.packing import Row, pack_rows
+        from megatron_matpo.train.packing import Row, pack_rows
 
         rows = [Row(token_ids=t, loss_mask=[1] * len(t), old_logprobs=[0.0] * len(t), advantage=0.0) for t in token_ids]
         (mbs,) = pack_rows(rows, max_tokens_per_micro_batch=max(map(len, token_ids)) * len(rows), dp_size=1,
