@@ -246,8 +246,9 @@ class Trainer:
             with t("ref_logprobs"):
                 m.update(S.kl_stats(actors.ref_logprobs()))
         with t("train"):
-            counts = [sum(mb.num_loss_tokens for rank in p for mb in rank) for p in packed]
-            per_rank, reports = actors.train(counts, fused), actors.reports
+            # per mini-batch: its loss tokens over all DP ranks, the token-mean's denominator
+            global_token_counts = [sum(mb.num_loss_tokens for rank in p for mb in rank) for p in packed]
+            per_rank, reports = actors.train(global_token_counts, fused), actors.reports
             m.update(S.train_stats(per_rank, reports))
             if fused:
                 m.update(S.parity_stats([{**s, "tokens": s["parity_tokens"]} for rank, r in zip(per_rank, reports)
@@ -255,7 +256,7 @@ class Trainer:
         if st.critic is not None:
             with t("critic_train"):
                 st.critic.load_batch(packed)
-                m.update(S.critic_stats(st.critic.train(counts), st.critic.reports))
+                m.update(S.critic_stats(st.critic.train(global_token_counts), st.critic.reports))
         with t("sync"):
             self.engine_memory("resume", ["weights"], st)
             m.update(S.prefixed("sync", actors.sync_weights()))

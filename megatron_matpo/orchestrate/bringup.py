@@ -115,10 +115,11 @@ class Cluster:
         with bt("ranks"), ThreadPoolExecutor(max_workers=2 * n) as pool:
             parts = {}
             for k, st in enumerate(stacks):
+                a = cfg.actor
                 spec = WorkerSpec(model=st.model, layout=layout, dtype=cfg.resolved_dtype(),
-                                  seq_length=cfg.actor.max_tokens_per_micro_batch, recompute=cfg.actor.recompute,
+                                  max_tokens_per_micro_batch=a.max_tokens_per_micro_batch, recompute=a.recompute,
                                   optim=cfg.optim, loss=cfg.loss, sync=cfg.sync, use_reference=cfg.loss.kl_coef > 0,
-                                  seed=cfg.actor.seed, total_steps=cfg.steps * cfg.actor.mini_batches)
+                                  seed=a.seed, total_steps=cfg.steps * a.mini_batches)
                 parts[k, "actors"] = pool.submit(ActorGroup, spec, self.pg, plan.offset(k), gpu)
                 if gae:  # same layout and packing, its own optimizer; no engines, no reference
                     cspec = dataclasses.replace(spec, model=cfg.critic.model or st.model, optim=cfg.critic.optim,

@@ -27,7 +27,7 @@ class WorkerSpec:
     model: str  # HF directory (initial weights, tokenizer, config)
     layout: ParallelLayout
     dtype: str = "float32"  # float32 | bfloat16
-    seq_length: int = 8192
+    max_tokens_per_micro_batch: int = 8192  # actor.max_tokens_per_micro_batch: the model's sequence length
     recompute: str = "none"  # activation recompute of the actor's layers: none | full
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -70,12 +70,13 @@ class ActorWorker:
         s, rank = self.spec, torch.distributed.get_rank()
         self.device = platform.device()
         dtype = _dtype(s.dtype)
-        self.built = build_model(s.model, s.layout, dtype=dtype, seq_length=s.seq_length,
+        self.built = build_model(s.model, s.layout, dtype=dtype, seq_length=s.max_tokens_per_micro_batch,
                                  ddp_config=ddp_config(s.optim), recompute=s.recompute, head=self.head)
         self.optimizer = build_optimizer(self.built.chunks, s.optim, dtype)
         self.scheduler = build_scheduler(self.optimizer, s.optim, s.total_steps)
         # the reference is the initial policy, frozen (also after a resume: always from `model`)
-        self.ref = build_model(s.model, s.layout, dtype=dtype, seq_length=s.seq_length) if s.use_reference else None
+        self.ref = (build_model(s.model, s.layout, dtype=dtype, seq_length=s.max_tokens_per_micro_batch)
+                    if s.use_reference else None)
         if self.ref is not None:
             for c in self.ref.chunks:
                 c.requires_grad_(False)
@@ -168,9 +169,9 @@ class ActorWorker:
         rest = [g for g in groups if g.get("max_lr") != own] or groups
         return {"lr": float(rest[0]["lr"]), "lr_output_layer": float((out or rest)[0]["lr"])}
 
-    def _role_terms(self, mbs: list[PackedMicroBatch], global_tokens: int) -> dict[str, float]:
+    def _role_terms(self, mbs: list[PackedMicroBatch], global_token_count: int) -> dict[str, float]:
         """Each role's share of the policy-gradient surrogate at the pre-update policy (ratio 1):
-        -Σ A over its loss tokens / global tokens, and its loss tokens. Non-zero for every role
+        -Σ A over its loss tokens / the global token count, and its loss tokens. Non-zero for every role
         (planner and worker; each MAPoRL agent) means each receives gradient (∂loss/∂logp = -A/N)."""
         out: dict[str, float] = {}
         for p in mbs:
@@ -178,7 +179,7 @@ class ActorWorker:
                 ids = torch.tensor([rid for rid, r in p.roles.items() if r == role], dtype=p.row_ids.dtype)
                 m = p.loss_mask * torch.isin(p.row_ids, ids).float()
                 term, _ = ppo_policy_loss(p.old_logprobs, p.old_logprobs, p.advantages, m, dual_clip_c=None,
-                                          global_token_count=global_tokens)
+                                          global_token_count=global_token_count)
                 out[f"pg_term_{role}"] = out.get(f"pg_term_{role}", 0.0) + float(term)
                 out[f"loss_tokens_{role}"] = out.get(f"loss_tokens_{role}", 0.0) + float(m.sum())
         return out
