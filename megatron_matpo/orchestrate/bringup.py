@@ -2,8 +2,9 @@
 one; MAPoRL with distinct models one per agent).
 
 `plan_bundles` is the placement arithmetic (pure). `Cluster.start` reserves the placement group and
-starts, in the order CPU engines need, every stack's engines and the tool server, then every
-stack's actor (and critic) ranks, and connects each actor to its engines. `Cluster.close` stops
+starts every stack's engines and the tool server and every stack's actor (and critic) ranks (all at
+once when the engines' KV pools have a fixed size, else in the order engines sizing their pool from
+free memory need), and connects each actor to its engines. `Cluster.close` stops
 whatever was started, in reverse order, also after a start that failed part way.
 """
 from __future__ import annotations
@@ -103,37 +104,51 @@ class Cluster:
         extra = ["--enable-deterministic-inference", "--disable-radix-cache"] if cfg.deterministic else []
         if cfg.orchestrate.colocate and engine_memory_release_supported():
             extra.append("--enable-memory-saver")  # engines give the GPU back while the actor trains
-        # Engines first, one stack after another: on CPU an SGLang engine sizes its KV cache from the host
-        # memory free while it profiles, and processes starting beside it (other engines, actor ranks)
-        # made that fail ("Loaded weights leave no GPU memory for the KV cache", 2 stacks on 2 cores).
-        # Then every stack's actor (and critic) ranks together.
-        for k, st in enumerate(stacks):
+        # An SGLang engine sizes its KV cache from the memory free while it profiles: processes starting
+        # beside it (other engines, actor ranks) made that fail on CPU ("Loaded weights leave no GPU memory
+        # for the KV cache", 2 stacks on 2 cores). So engines start one stack after another and the ranks
+        # after them, unless the pool has a fixed size (rollout.engine.max_total_tokens, with the headroom
+        # of mem_fraction_static): then everything starts at once.
+        together = ro.engine.max_total_tokens is not None
+
+        def start_engines(k: int, st: Stack) -> None:
             ecfg = ro.engine.engine_config(st.model, n * ro.engine.num_engines, log_dir, cfg.seed, extra)
             with bt("engines_tools"):
                 st.services = Services(ecfg, ro.engine.num_engines, tools if k == 0 else None, self.pg,
                                        plan.offset(k) + plan.ranks, plan.engine_gpus)
-        with bt("ranks"), ThreadPoolExecutor(max_workers=2 * n) as pool:
-            parts = {}
+
+        with ThreadPoolExecutor(max_workers=3 * n) as pool:
+            parts: dict = {}
             for k, st in enumerate(stacks):
+                if together:
+                    parts[k, "engines"] = pool.submit(start_engines, k, st)
+                else:
+                    start_engines(k, st)
+            with bt("ranks"):
                 a = cfg.actor
-                spec = WorkerSpec(model=st.model, layout=layout, dtype=cfg.resolved_dtype(),
-                                  max_tokens_per_micro_batch=a.max_tokens_per_micro_batch, recompute=a.recompute,
-                                  optim=cfg.optim, loss=cfg.loss, sync=cfg.sync, use_reference=cfg.loss.kl_coef > 0,
-                                  seed=a.seed, total_steps=cfg.steps * a.mini_batches)
-                parts[k, "actors"] = pool.submit(ActorGroup, spec, self.pg, plan.offset(k), gpu)
-                if gae:  # same layout and packing, its own optimizer; no engines, no reference
-                    cspec = dataclasses.replace(spec, model=cfg.critic.model or st.model, optim=cfg.critic.optim,
-                                                sync=None, use_reference=False)
-                    parts[k, "critic"] = pool.submit(ActorGroup, cspec, self.pg, plan.offset(k) + layout.world_size,
-                                                     gpu, kind="critic")
-            errors = []
-            for (k, attr), fut in parts.items():  # every group is kept, so a failed start tears all down
-                try:
-                    setattr(stacks[k], attr, fut.result())
-                except BaseException as e:
-                    errors.append(e)
-            if errors:
-                raise errors[0]
+                for k, st in enumerate(stacks):
+                    spec = WorkerSpec(model=st.model, layout=layout, dtype=cfg.resolved_dtype(),
+                                      max_tokens_per_micro_batch=a.max_tokens_per_micro_batch, recompute=a.recompute,
+                                      optim=cfg.optim, loss=cfg.loss, sync=cfg.sync,
+                                      use_reference=cfg.loss.kl_coef > 0, seed=a.seed,
+                                      total_steps=cfg.steps * a.mini_batches)
+                    parts[k, "actors"] = pool.submit(ActorGroup, spec, self.pg, plan.offset(k), gpu)
+                    if gae:  # same layout and packing, its own optimizer; no engines, no reference
+                        cspec = dataclasses.replace(spec, model=cfg.critic.model or st.model,
+                                                    optim=cfg.critic.optim, sync=None, use_reference=False)
+                        parts[k, "critic"] = pool.submit(ActorGroup, cspec, self.pg,
+                                                         plan.offset(k) + layout.world_size, gpu, kind="critic")
+                errors = []
+                for (k, attr), fut in parts.items():  # every group is kept, so a failed start tears all down
+                    try:
+                        if attr == "engines":
+                            fut.result()  # start_engines set the stack's services
+                        else:
+                            setattr(stacks[k], attr, fut.result())
+                    except BaseException as e:
+                        errors.append(e)
+                if errors:
+                    raise errors[0]
         for st in stacks:
             print(f"{st.name} engines: {st.services.engine_urls}; tool server: "
                   f"{st.services.toolbox_url or ro.toolbox.url}", flush=True)

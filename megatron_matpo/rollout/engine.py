@@ -30,6 +30,7 @@ class EngineConfig:
     tp_size: int = 1
     dtype: str = "auto"  # fp32 on CPU where "auto" would pick the checkpoint's dtype
     mem_fraction_static: float = 0.05  # of host RAM on CPU; raise it on GPU (e.g. 0.6 colocated)
+    max_total_tokens: int | None = None  # KV pool size (--max-total-tokens); None: from free memory
     context_length: int | None = None
     random_seed: int = 0
     # where the server listens: loopback for one machine; a Ray-placed engine uses its node's address
@@ -94,6 +95,8 @@ class EngineServer:
         cmd += ["--dtype", dtype]
         if c.context_length:
             cmd += ["--context-length", str(c.context_length)]
+        if c.max_total_tokens:
+            cmd += ["--max-total-tokens", str(c.max_total_tokens)]
         return cmd + list(c.extra_args)
 
     def start(self) -> "EngineServer":

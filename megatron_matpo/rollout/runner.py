@@ -24,6 +24,11 @@ class EngineSection:
     urls: list[str] = field(default_factory=list)  # use running SGLang servers instead of launching
     tp_size: int = 1
     mem_fraction_static: float = 0.05
+    # the KV pool's size in tokens (SGLang --max-total-tokens; None: sized from free memory at start-up).
+    # Fixed, it does not depend on what else is starting: the trainer then starts the actor ranks beside
+    # the engines. Each engine still checks that the memory free at start-up, less mem_fraction_static of
+    # it, is still free once its weights are loaded, so give it headroom (CPU configs: 0.5)
+    max_total_tokens: int | None = None
     dtype: str = "auto"
     context_length: int | None = None
     # CPU engines: torch threads per engine; 0 = this machine's cores divided among the engines started
@@ -35,6 +40,8 @@ class EngineSection:
     def __post_init__(self) -> None:
         if self.cpu_threads < 0:
             raise ValueError(f"rollout.engine.cpu_threads: {self.cpu_threads} must be >= 0 (0 = share the cores)")
+        if self.max_total_tokens is not None and self.max_total_tokens <= 0:
+            raise ValueError(f"rollout.engine.max_total_tokens: {self.max_total_tokens} must be > 0 (or null)")
 
     def threads_per_engine(self, engines: int) -> int:
         return self.cpu_threads or max(1, (os.cpu_count() or 1) // max(1, engines))
@@ -46,7 +53,8 @@ class EngineSection:
         from megatron_matpo.rollout.engine import EngineConfig
 
         return EngineConfig(model_path=model_path, tp_size=self.tp_size, dtype=self.dtype,
-                            mem_fraction_static=self.mem_fraction_static, context_length=self.context_length,
+                            mem_fraction_static=self.mem_fraction_static, max_total_tokens=self.max_total_tokens,
+                            context_length=self.context_length,
                             random_seed=random_seed, log_dir=log_dir, cpu_threads=self.threads_per_engine(engines),
                             fork_children=self.fork_children, extra_args=list(extra_args or []))
 
