@@ -2,8 +2,10 @@
 rollout request, and each part the trainer times (`bringup/<part>_s` in step 1 of metrics.jsonl):
 inputs (bootstrap), Ray, placement group, engines + tool server, actor ranks (Ray actors, megatron
 world, model, optimizer, reference), the driver's tokenizer, engine connection (broadcast group),
-rollout session, the first weight sync (`first_sync`), and on a resume the checkpoint load. Engines + tool server come
-up first, then every stack's ranks together (`ranks`); the tokenizer loads in the background.
+rollout session, the first weight sync (`first_sync`), and on a resume the checkpoint load. With a fixed KV
+pool (`rollout.engine.max_total_tokens`, as in the CPU configs) engines, tool server and ranks start at once;
+without, engines + tool server come up first, then every stack's ranks together (`ranks`); the tokenizer
+loads in the background.
 
 Runs `matpo train steps=1` `--reps` times in fresh run directories (inputs are generated once, before
 the first rep, and not timed) and reports each part's median.
@@ -12,7 +14,8 @@ the first rep, and not timed) and reports each part's median.
 
 `--against` also runs the same reps with those overrides added, interleaved with the main ones (so
 both see the same machine load), and prints each part's ratio, e.g. `--against
-rollout.engine.fork_children=false` for SGLang's own spawned children.
+rollout.engine.fork_children=false` for SGLang's own spawned children, or `--against
+rollout.engine.max_total_tokens=null rollout.engine.mem_fraction_static=0.05` for engines first.
 """
 from __future__ import annotations
 
