@@ -235,21 +235,25 @@ class Trainer:
                                 cfg.actor.dp, pad_to_multiple=cfg.actor.tp) for c in chunks]
             actors.load_batch(packed)
         m.update(S.prefixed("pack", packing_stats(packed[0])))
-        # one on-policy update: its own forward gives the old logprobs (and the parity with the engine). The
-        # KL term needs only the reference's logprobs; its logged mean is then taken against the engine's
-        # sampling logprobs (within the parity tolerance of the actor's)
+        # one on-policy update: its own forward gives the old logprobs (and the parity with the engine). A KL
+        # term needs only the reference's logprobs, and the update's forward measures it (`actor/kl`)
         fused = len(packed) == 1 and cfg.actor.recompute_old_logprobs
         if not fused:
             with t("old_logprobs"):
                 m.update(S.parity_stats(actors.old_logprobs(cfg.actor.recompute_old_logprobs)))
         if cfg.loss.kl_coef > 0:
             with t("ref_logprobs"):
-                m.update(S.kl_stats(actors.ref_logprobs()))
+                kl = S.kl_stats(actors.ref_logprobs())
+            # against the batch's old logprobs: the actor's, unless fused (then the engine's, whose constrained
+            # tokens carry the masked distribution's logprobs: not the policy's)
+            m.update({} if fused else kl)
         with t("train"):
             # per mini-batch: its loss tokens over all DP ranks, the token-mean's denominator
             global_token_counts = [sum(mb.num_loss_tokens for rank in p for mb in rank) for p in packed]
             per_rank, reports = actors.train(global_token_counts, fused), actors.reports
             m.update(S.train_stats(per_rank, reports))
+            if fused and "actor/kl" in m:
+                m["actor/ref_kl"] = m["actor/kl"]  # the pre-update policy's KL to the reference, its own forward
             if fused:
                 m.update(S.parity_stats([{**s, "tokens": s["parity_tokens"]} for rank, r in zip(per_rank, reports)
                                          if r for s in rank if "parity_tokens" in s]))

@@ -160,9 +160,16 @@ def stop_slurm(root: Path, slurm_env: dict) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def slurm_job(slurm_env: dict, job: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", job], env=slurm_env, capture_output=True, text=True).stdout
-    return dict(re.findall(r"(\w+)=(\S+)", out))
+def slurm_job(slurm_env: dict, job: str, tries: int = 15) -> dict[str, str]:
+    """The job's record. slurmctld sharing 2 busy cores with a training run sometimes does not answer
+    in time (scontrol exits non-zero, prints nothing): asked again, for up to ~30 s."""
+    for _ in range(tries):
+        p = subprocess.run(["scontrol", "show", "job", job], env=slurm_env, capture_output=True, text=True)
+        info = dict(re.findall(r"(\w+)=(\S+)", p.stdout))
+        if p.returncode == 0 and "JobState" in info:
+            return info
+        time.sleep(2)
+    raise AssertionError(f"scontrol show job {job}: no answer in {tries} tries ({p.returncode}): {p.stderr.strip()}")
 
 
 def slurm_why(slurm_env: dict, job: str, out: Path, info: dict[str, str]) -> str:
@@ -187,19 +194,23 @@ def preempted_tiny_job(slurm_env: dict, config_path: str, run_dir: Path, overrid
     job = p.stdout.strip().split(";")[0]
     tail = lambda: out.read_text(errors="replace")[-4000:] if out.exists() else "(no output yet)"  # noqa: E731
     deadline = time.time() + timeout
-    while not preempt_once.exists():
-        state = slurm_job(slurm_env, job).get("JobState")
-        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {state}:\n{tail()}"
-        assert time.time() < deadline, f"no {preempt_once.name} in time:\n{tail()}"
-        time.sleep(1)
-    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm_env, check=True, timeout=30)
     final = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
-    # the script's `scontrol requeue` cancels the running batch step first ("CANCELLED ... DUE TO JOB
-    # REQUEUE"): a CANCELLED seen before the restart counter moves is that moment, not the end. The
-    # requeued job then waits out its launch credential (AuthInfo cred_expire, 20 s in local_slurm.sh);
-    # forcing StartTime=now skipped that guard and once failed the restart (CI, job FAILED, no output)
-    while ((info := slurm_job(slurm_env, job)).get("JobState") not in final
-           or (info.get("JobState") == "CANCELLED" and info.get("Restarts") == "0")):
-        assert time.time() < deadline, f"job not done in time ({info.get('JobState')}):\n{tail()}"
-        time.sleep(2)
+    try:
+        while not preempt_once.exists():
+            state = slurm_job(slurm_env, job)["JobState"]
+            assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {state}:\n{tail()}"
+            assert time.time() < deadline, f"no {preempt_once.name} in time:\n{tail()}"
+            time.sleep(2)
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm_env, check=True, timeout=30)
+        # the script's `scontrol requeue` cancels the running batch step first ("CANCELLED ... DUE TO JOB
+        # REQUEUE"): a CANCELLED seen before the restart counter moves is that moment, not the end. The
+        # requeued job then waits out its launch credential (AuthInfo cred_expire, 20 s in local_slurm.sh);
+        # forcing StartTime=now skipped that guard and once failed the restart (CI, job FAILED, no output)
+        while ((info := slurm_job(slurm_env, job))["JobState"] not in final
+               or (info["JobState"] == "CANCELLED" and info.get("Restarts") == "0")):
+            assert time.time() < deadline, f"job not done in time ({info['JobState']}):\n{tail()}"
+            time.sleep(2)
+    except BaseException:
+        subprocess.run(["scancel", job], env=slurm_env, timeout=30)  # not left running into the next tests
+        raise
     return {**info, "job": job, "why": slurm_why(slurm_env, job, out, info)}

@@ -140,15 +140,19 @@ class Cluster:
                                                          plan.offset(k) + layout.world_size, gpu, kind="critic")
                 errors = []
                 for (k, attr), fut in parts.items():  # every group is kept, so a failed start tears all down
-                    try:
-                        if attr == "engines":
-                            fut.result()  # start_engines set the stack's services
-                        else:
+                    if attr != "engines":
+                        try:
                             setattr(stacks[k], attr, fut.result())
+                        except BaseException as e:
+                            errors.append(e)
+            for (k, attr), fut in parts.items():  # engines started beside the ranks (timed on their own)
+                if attr == "engines":
+                    try:
+                        fut.result()  # start_engines set the stack's services
                     except BaseException as e:
                         errors.append(e)
-                if errors:
-                    raise errors[0]
+            if errors:
+                raise errors[0]
         for st in stacks:
             print(f"{st.name} engines: {st.services.engine_urls}; tool server: "
                   f"{st.services.toolbox_url or ro.toolbox.url}", flush=True)
