@@ -25,8 +25,8 @@ from megatron_matpo.train import stats as S
 from megatron_matpo.train.preemption import Preempted
 from megatron_matpo.train.config import TrainConfig
 from megatron_matpo.train.rows import apply_gae
+from megatron_matpo.train.tasks import MatpoTask, RolloutTask
 from megatron_matpo.orchestrate.bringup import policy_stacks
-from megatron_matpo.train.tasks import make_task
 
 if TYPE_CHECKING:
     from megatron_matpo.orchestrate.bringup import Stack
@@ -63,6 +63,27 @@ def load_tokenizer(model: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model)
+
+
+def make_task(cfg, models: list[str], engine_urls: list[list[str]], toolbox_url: str | None, tokenizer,
+              log_dir: str) -> RolloutTask:
+    """The task of `cfg.algorithm`, on the started engines (per policy) and tool server: the one place
+    the controller branches on the algorithm (train/tasks.py)."""
+    if cfg.algorithm == "maporl":
+        from megatron_matpo.maporl.task import MaporlRollout
+
+        return MaporlRollout(cfg.maporl, models, engine_urls, cfg.rollout.n_samples, cfg.advantage.eps,
+                             cfg.advantage.norm_by_std, cfg.deterministic, grpo=cfg.advantage.estimator != "gae",
+                             merge_turns=cfg.loss.agg == "token-mean")
+    from megatron_matpo.rollout.runner import RolloutSession
+
+    ro = cfg.rollout
+    rcfg = dataclasses.replace(ro, model=cfg.model, data=cfg.data, log_dir=log_dir,
+                               workflow=dataclasses.replace(ro.workflow, seeded=cfg.deterministic),
+                               engine=dataclasses.replace(ro.engine, urls=engine_urls[0]),
+                               toolbox=dataclasses.replace(ro.toolbox, url=ro.toolbox.url or toolbox_url))
+    session = RolloutSession(rcfg, tokenizer=tokenizer).__enter__()
+    return MatpoTask(session, cfg.advantage.eps, cfg.advantage.norm_by_std)
 
 
 class Trainer:

@@ -4,7 +4,7 @@ A task turns a batch of prompts into each policy's training rows, grouped by pro
 rollout's metrics (`rollout`), and runs evaluation on held-out prompts (`evaluate`). The grouping is
 structural: the runner returns rollouts per prompt (`RolloutSession.run_by_prompt`) and a prompt's
 rows stay together (`train.rows.build_rows_by_prompt`), because mini-batches split whole GRPO
-groups. The loop never branches on the algorithm; `make_task` does, once, at bring-up.
+groups. The loop never branches on the algorithm; `trainer.make_task` does, once, at bring-up.
 
   MatpoTask    planner + workers (or the single agent) on the engines and tool server; rewards;
                GRPO advantages that workers inherit from their planner (`train.rows.build_rows`)
@@ -62,23 +62,3 @@ class MatpoTask:
 
     def close(self) -> None:
         self.session.__exit__(None, None, None)
-
-
-def make_task(cfg, models: list[str], engine_urls: list[list[str]], toolbox_url: str | None, tokenizer,
-              log_dir: str) -> "RolloutTask":
-    """The task of `cfg.algorithm`, on the started engines (per policy) and tool server."""
-    if cfg.algorithm == "maporl":
-        from megatron_matpo.maporl.task import MaporlRollout
-
-        return MaporlRollout(cfg.maporl, models, engine_urls, cfg.rollout.n_samples, cfg.advantage.eps,
-                             cfg.advantage.norm_by_std, cfg.deterministic, grpo=cfg.advantage.estimator != "gae",
-                             merge_turns=cfg.loss.agg == "token-mean")
-    from megatron_matpo.rollout.runner import RolloutSession
-
-    ro = cfg.rollout
-    rcfg = dataclasses.replace(ro, model=cfg.model, data=cfg.data, log_dir=log_dir,
-                               workflow=dataclasses.replace(ro.workflow, seeded=cfg.deterministic),
-                               engine=dataclasses.replace(ro.engine, urls=engine_urls[0]),
-                               toolbox=dataclasses.replace(ro.toolbox, url=ro.toolbox.url or toolbox_url))
-    session = RolloutSession(rcfg, tokenizer=tokenizer).__enter__()
-    return MatpoTask(session, cfg.advantage.eps, cfg.advantage.norm_by_std)
