@@ -168,8 +168,9 @@ def bringup(d: dict) -> str:
                     + [f"**{side['median']['total']:.1f}**"])
     text = [_table(["rep"] + [f"{k} s" for k in parts] + ["process start → first rollout s"], rows),
             f"Process start → first rollout request: **{d['median']['total']:.1f} s** (median) — "
-            f"{_ok(d['target_met'])} (target ≤ {d['targets']['total_s']:.0f} s). The tokenizer loads while the "
-            "engines and then the ranks start, so the parts do not add up."]
+            f"{_ok(d['target_met'])} (target ≤ {d['targets']['total_s']:.0f} s). Parts overlap (the tokenizer "
+            "loads in the background; engines and ranks start together when the KV pool is fixed), so they do "
+            "not add up."]
     if d.get("against"):
         r = d["against"]["ratio"]
         text.append(f"With {' '.join(d['against']['overrides'])} (interleaved reps) / without: total "
