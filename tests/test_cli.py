@@ -59,6 +59,7 @@ BAD_TRAIN_CONFIGS = [
     (["model={tmp}/empty"], "model", "is not an HF model directory (no config.json)"),
     (["model={tmp}/corrupt"], "model", "config.json cannot be read"),
     (["data={tmp}/no-data"], "data", "does not exist"),
+    (["actor.dp=3", "orchestrate.num_cpus=2"], "orchestrate.num_cpus", "2 logical CPUs for 8 bundles of 1 CPU"),
 ]
 
 

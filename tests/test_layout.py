@@ -1,7 +1,11 @@
+from pathlib import Path
+
 import pytest
 
 from megatron_matpo.model.builder import UnsupportedArchitecture, check_layout
 from megatron_matpo.model.layout import LayoutError, ParallelLayout
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_bad_tp_names_field_and_numbers(tiny_models):
@@ -42,3 +46,24 @@ def test_bundle_plan_per_stack():
     assert gpu.bundles[:8] == [{"CPU": 1, "GPU": 1.0}] * 8 and gpu.bundles[8] == {"CPU": 1, "GPU": 2.0}
     colo = plan_bundles(1, 4, False, 2, 2, 1.0, True, True)
     assert colo.engine_gpus == 0.0 and colo.bundles[4:] == [{"CPU": 1}] * 3
+
+
+@pytest.mark.slow
+def test_placement_larger_than_the_ray_cluster_is_refused_at_once(tmp_path):
+    """A placement the Ray cluster cannot hold is one ConfigError with both numbers, not a wait of
+    orchestrate.placement_timeout_s (a real 2-CPU Ray cluster; 8 one-CPU bundles asked)."""
+    import ray
+
+    from megatron_matpo import config
+    from megatron_matpo.config import ConfigError
+    from megatron_matpo.orchestrate.bringup import _check_fits, placement_demand
+    from megatron_matpo.train.config import TrainConfig
+
+    cfg = config.load(TrainConfig, REPO / "configs/tiny_cpu.yaml", [f"run_dir={tmp_path}", "actor.dp=3"]).validate()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
+    try:
+        with pytest.raises(ConfigError, match=r"orchestrate: the placement \(1 x \(6 actor ranks \+ 1 engine\(s\)\) "
+                                              r"\+ the tool server\) needs 8 CPUs, the cluster has 2"):
+            _check_fits(placement_demand(cfg, 0.0))
+    finally:
+        ray.shutdown()

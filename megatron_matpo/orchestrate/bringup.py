@@ -67,6 +67,33 @@ def plan_bundles(stacks: int, world: int, critic: bool, engines: int, engine_tp:
     return BundlePlan(bundles, sizes, ranks, eng_gpus)
 
 
+def placement_demand(cfg: "TrainConfig", gpus_per_rank: float) -> dict:
+    """CPUs and GPUs the run's placement group reserves, its bundle count, and what they are for."""
+    ro, n = cfg.rollout, len(policy_stacks(cfg))
+    gae = cfg.advantage.estimator == "gae"
+    tools = cfg.algorithm != "maporl"
+    plan = plan_bundles(n, cfg.actor.layout.world_size, gae, ro.engine.num_engines, ro.engine.tp_size, gpus_per_rank,
+                        cfg.orchestrate.colocate, tools)
+    what = (f"{n} x ({plan.ranks} {'actor + critic' if gae else 'actor'} ranks + {ro.engine.num_engines} engine(s))"
+            + (" + the tool server" if tools else ""))
+    return {"CPU": float(sum(b.get("CPU", 0) for b in plan.bundles)),
+            "GPU": float(sum(b.get("GPU", 0) for b in plan.bundles)), "bundles": float(len(plan.bundles)), "what": what}
+
+
+def _check_fits(need: dict) -> None:
+    """Refuse at once a placement the Ray cluster cannot hold (it would wait out placement_timeout_s)."""
+    import ray
+
+    from megatron_matpo.config import ConfigError
+
+    have = ray.cluster_resources()
+    short = [f"{need[k]:g} {k}s, the cluster has {have.get(k, 0.0):g}" for k in ("CPU", "GPU")
+             if need[k] > have.get(k, 0.0) + 1e-9]
+    if short:
+        raise ConfigError(f"orchestrate: the placement ({need['what']}) needs {'; '.join(short)}: lower actor.tp/pp/dp "
+                          "or rollout.engine.num_engines, or give the cluster more (orchestrate.num_cpus, nodes)")
+
+
 class Cluster:
     """Ray, the placement group and the stacks of one run."""
 
@@ -94,6 +121,7 @@ class Cluster:
                             cfg.orchestrate.colocate, tools is not None)
         with bt("ray"):
             start_ray(cfg.orchestrate, needed_cpus=n * (plan.ranks + ro.engine.num_engines) + 1)
+        _check_fits(placement_demand(cfg, gpu))
         with bt("placement"):
             self.pg = placement_group(plan.bundles, cfg.orchestrate.placement_timeout_s, "matpo")
         where = placement_nodes(self.pg)

@@ -3,7 +3,7 @@ may write and before any process (Ray, engines, ranks) starts.
 
 Each policy's model directory must hold a readable HF `config.json`, which the actor's layout must
 divide (heads, KV heads, FFN, layers, vocabulary); the data, eval (when on) and local-corpus paths
-must exist.
+must exist; a local Ray cluster of `orchestrate.num_cpus` CPUs must fit the placement.
 A failure is one `ConfigError("<field>: <why>")`; reading a few JSON files keeps this well under a
 second, so a typo costs nothing.
 """
@@ -63,6 +63,7 @@ def preflight(cfg: TrainConfig) -> None:
     for k, path in enumerate(evals):
         if not Path(path).exists():
             raise ConfigError(f"eval.data{'' if isinstance(cfg.eval.data, str) else f'[{k}]'}: {path} does not exist")
+    _check_local_cluster(cfg)
     tb = cfg.rollout.toolbox
     corpus = cfg.corpus or tb.corpus
     if cfg.algorithm == "matpo" and tb.backend == "local" and not tb.url:
@@ -70,3 +71,19 @@ def preflight(cfg: TrainConfig) -> None:
             raise ConfigError("corpus: the local search backend needs a corpus.jsonl (or rollout.toolbox.url)")
         if not Path(corpus).is_file():
             raise ConfigError(f"{'corpus' if cfg.corpus else 'rollout.toolbox.corpus'}: {corpus} is not a file")
+
+
+def _check_local_cluster(cfg: TrainConfig) -> None:
+    """A local Ray cluster of `orchestrate.num_cpus` logical CPUs must hold one bundle per actor/critic
+    rank, engine and tool server (else the placement group waits out `placement_timeout_s`)."""
+    import os
+
+    from megatron_matpo.orchestrate.bringup import placement_demand
+
+    o = cfg.orchestrate
+    if o.num_cpus is None or o.ray_address or os.environ.get("RAY_ADDRESS"):
+        return
+    need = placement_demand(cfg, gpus_per_rank=0.0)
+    if need["CPU"] > o.num_cpus:
+        raise ConfigError(f"orchestrate.num_cpus: {o.num_cpus} logical CPUs for {need['bundles']:.0f} bundles of 1 CPU "
+                          f"({need['what']}); raise it or leave it unset (enough for every process)")
