@@ -56,7 +56,7 @@ def test_placement_larger_than_the_ray_cluster_is_refused_at_once(tmp_path):
 
     from megatron_matpo import config
     from megatron_matpo.config import ConfigError
-    from megatron_matpo.orchestrate.bringup import _check_fits, placement_demand
+    from megatron_matpo.orchestrate.bringup import _check_fits, plan_for
     from megatron_matpo.train.config import TrainConfig
 
     cfg = config.load(TrainConfig, REPO / "configs/tiny_cpu.yaml", [f"run_dir={tmp_path}", "actor.dp=3"]).validate()
@@ -64,6 +64,6 @@ def test_placement_larger_than_the_ray_cluster_is_refused_at_once(tmp_path):
     try:
         with pytest.raises(ConfigError, match=r"orchestrate: the placement \(1 x \(6 actor ranks \+ 1 engine\(s\)\) "
                                               r"\+ the tool server\) needs 8 CPUs, the cluster has 2"):
-            _check_fits(placement_demand(cfg, 0.0))
+            _check_fits(plan_for(cfg, 0.0))
     finally:
         ray.shutdown()

@@ -50,9 +50,13 @@ class BundlePlan:
     sizes: list[int]  # bundles per stack
     ranks: int  # actor (+ critic) ranks per stack
     engine_gpus: float  # GPUs of each engine's bundle
+    what: str  # what the bundles are for, in words (error messages)
 
     def offset(self, stack: int) -> int:
         return sum(self.sizes[:stack])
+
+    def total(self, resource: str) -> float:
+        return float(sum(b.get(resource, 0) for b in self.bundles))
 
 
 def plan_bundles(stacks: int, world: int, critic: bool, engines: int, engine_tp: int, gpus_per_rank: float,
@@ -64,33 +68,32 @@ def plan_bundles(stacks: int, world: int, critic: bool, engines: int, engine_tp:
     sizes = [ranks + engines + (k == 0 and tool_server) for k in range(stacks)]
     bundles = [b for k in range(stacks)
                for b in [rank_b] * ranks + [eng_b] * engines + [{"CPU": 1}] * (sizes[k] - ranks - engines)]
-    return BundlePlan(bundles, sizes, ranks, eng_gpus)
+    what = (f"{stacks} x ({ranks} {'actor + critic' if critic else 'actor'} ranks + {engines} engine(s))"
+            + (" + the tool server" if tool_server else ""))
+    return BundlePlan(bundles, sizes, ranks, eng_gpus, what)
 
 
-def placement_demand(cfg: "TrainConfig", gpus_per_rank: float) -> dict:
-    """CPUs and GPUs the run's placement group reserves, its bundle count, and what they are for."""
-    ro, n = cfg.rollout, len(policy_stacks(cfg))
-    gae = cfg.advantage.estimator == "gae"
-    tools = cfg.algorithm != "maporl"
-    plan = plan_bundles(n, cfg.actor.layout.world_size, gae, ro.engine.num_engines, ro.engine.tp_size, gpus_per_rank,
-                        cfg.orchestrate.colocate, tools)
-    what = (f"{n} x ({plan.ranks} {'actor + critic' if gae else 'actor'} ranks + {ro.engine.num_engines} engine(s))"
-            + (" + the tool server" if tools else ""))
-    return {"CPU": float(sum(b.get("CPU", 0) for b in plan.bundles)),
-            "GPU": float(sum(b.get("GPU", 0) for b in plan.bundles)), "bundles": float(len(plan.bundles)), "what": what}
+def plan_for(cfg: "TrainConfig", gpus_per_rank: float) -> BundlePlan:
+    """The placement of `cfg`'s run (preflight checks it against a local cluster, `Cluster.start` reserves it)."""
+    from megatron_matpo.rollout.runner import toolbox_server_config
+
+    ro = cfg.rollout
+    tools = cfg.algorithm != "maporl" and toolbox_server_config(ro.toolbox, cfg.corpus) is not None
+    return plan_bundles(len(policy_stacks(cfg)), cfg.actor.layout.world_size, cfg.advantage.estimator == "gae",
+                        ro.engine.num_engines, ro.engine.tp_size, gpus_per_rank, cfg.orchestrate.colocate, tools)
 
 
-def _check_fits(need: dict) -> None:
+def _check_fits(plan: BundlePlan) -> None:
     """Refuse at once a placement the Ray cluster cannot hold (it would wait out placement_timeout_s)."""
     import ray
 
     from megatron_matpo.config import ConfigError
 
     have = ray.cluster_resources()
-    short = [f"{need[k]:g} {k}s, the cluster has {have.get(k, 0.0):g}" for k in ("CPU", "GPU")
-             if need[k] > have.get(k, 0.0) + 1e-9]
+    short = [f"{plan.total(k):g} {k}s, the cluster has {have.get(k, 0.0):g}" for k in ("CPU", "GPU")
+             if plan.total(k) > have.get(k, 0.0) + 1e-9]
     if short:
-        raise ConfigError(f"orchestrate: the placement ({need['what']}) needs {'; '.join(short)}: lower actor.tp/pp/dp "
+        raise ConfigError(f"orchestrate: the placement ({plan.what}) needs {'; '.join(short)}: lower actor.tp/pp/dp "
                           "or rollout.engine.num_engines, or give the cluster more (orchestrate.num_cpus, nodes)")
 
 
@@ -117,11 +120,10 @@ class Cluster:
         gae = cfg.advantage.estimator == "gae"
         tools = None if cfg.algorithm == "maporl" else toolbox_server_config(ro.toolbox, cfg.corpus)
         gpu = gpus_per_rank()
-        plan = plan_bundles(n, layout.world_size, gae, ro.engine.num_engines, ro.engine.tp_size, gpu,
-                            cfg.orchestrate.colocate, tools is not None)
+        plan = plan_for(cfg, gpu)
         with bt("ray"):
             start_ray(cfg.orchestrate, needed_cpus=n * (plan.ranks + ro.engine.num_engines) + 1)
-        _check_fits(placement_demand(cfg, gpu))
+        _check_fits(plan)
         with bt("placement"):
             self.pg = placement_group(plan.bundles, cfg.orchestrate.placement_timeout_s, "matpo")
         where = placement_nodes(self.pg)

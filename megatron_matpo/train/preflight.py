@@ -78,12 +78,12 @@ def _check_local_cluster(cfg: TrainConfig) -> None:
     rank, engine and tool server (else the placement group waits out `placement_timeout_s`)."""
     import os
 
-    from megatron_matpo.orchestrate.bringup import placement_demand
+    from megatron_matpo.orchestrate.bringup import plan_for
 
     o = cfg.orchestrate
     if o.num_cpus is None or o.ray_address or os.environ.get("RAY_ADDRESS"):
         return
-    need = placement_demand(cfg, gpus_per_rank=0.0)
-    if need["CPU"] > o.num_cpus:
-        raise ConfigError(f"orchestrate.num_cpus: {o.num_cpus} logical CPUs for {need['bundles']:.0f} bundles of 1 CPU "
-                          f"({need['what']}); raise it or leave it unset (enough for every process)")
+    plan = plan_for(cfg, gpus_per_rank=0.0)
+    if plan.total("CPU") > o.num_cpus:
+        raise ConfigError(f"orchestrate.num_cpus: {o.num_cpus} logical CPUs for {len(plan.bundles)} bundles of 1 CPU "
+                          f"({plan.what}); raise it or leave it unset (enough for every process)")
