@@ -72,7 +72,9 @@ def make_task(cfg, models: list[str], engine_urls: list[list[str]], toolbox_url:
     if cfg.algorithm == "maporl":
         from megatron_matpo.maporl.task import MaporlRollout
 
-        return MaporlRollout(cfg.maporl, models, engine_urls, cfg.rollout.n_samples, cfg.advantage.eps,
+        # the driver's tokenizer (of `cfg.model`) serves every policy on that model; others load theirs
+        tokenizers = [tokenizer if m == cfg.model else load_tokenizer(m) for m in models]
+        return MaporlRollout(cfg.maporl, tokenizers, engine_urls, cfg.rollout.n_samples, cfg.advantage.eps,
                              cfg.advantage.norm_by_std, cfg.deterministic, grpo=cfg.advantage.estimator != "gae",
                              merge_turns=cfg.loss.agg == "token-mean")
     from megatron_matpo.rollout.runner import RolloutSession

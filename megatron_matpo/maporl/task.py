@@ -32,18 +32,16 @@ from megatron_matpo.train.tasks import StepRollout
 class MaporlRollout:
     """MAPoRL's `RolloutTask` (train/tasks.py)."""
 
-    def __init__(self, cfg: MaporlSection, models: list[str], engine_urls: list[list[str]], n_samples: int,
+    def __init__(self, cfg: MaporlSection, tokenizers: list, engine_urls: list[list[str]], n_samples: int,
                  eps: float = 1e-6, norm_by_std: bool = True, seeded: bool = False, grpo: bool = True,
                  merge_turns: bool = True):
-        """`models` / `engine_urls`: per actor stack (one shared, or one per agent). `grpo=False`: the
+        """`tokenizers` / `engine_urls`: per actor stack (one shared, or one per agent). `grpo=False`: the
         trainer replaces the rows' GRPO advantages by GAE from a critic (advantage.estimator=gae).
         `merge_turns`: one row per (discussion, agent) instead of per turn (`turn_rows`)."""
-        from transformers import AutoTokenizer
-
         self.cfg, self.n_samples, self.eps, self.norm_by_std, self.grpo = cfg, n_samples, eps, norm_by_std, grpo
         self.merge_turns = merge_turns
         self.engine_urls = engine_urls
-        self.tokenizers = [AutoTokenizer.from_pretrained(m) for m in models]
+        self.tokenizers = tokenizers
         self.verifier = make_verifier(cfg.verifier)
         self.discussion_cfg = dataclasses.replace(cfg.discussion, seeded=seeded or cfg.discussion.seeded)
 
