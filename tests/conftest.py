@@ -1,4 +1,7 @@
+import inspect
 import os
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -69,3 +72,63 @@ def inputs(tmp_path_factory) -> list[str]:
           f"eval.data={root}/multihop/matpo_val_multihop_repeat_2"]
     ensure_inputs(config.load(TrainConfig, REPO / "configs/tiny_cpu.yaml", ov))
     return ov
+
+
+# --- worlds that run beside the rest of the suite -------------------------------------------------
+# An end-to-end world is mostly its own processes waiting on each other (the engine decodes while the
+# actor waits, then the reverse; bring-up and tear-down in between): on 2 cores a third of its time is
+# idle. A world named here starts in a thread before the first test when any collected test asks for
+# it, the other tests run meanwhile, and its tests take its result (they wait where it is not done).
+# The function takes session fixtures by name and returns the world's record (or raises: each of its
+# tests then fails with that error).
+BACKGROUND = {"matpo_world": "tests.test_train:run_matpo_world"}
+_WANTED = pytest.StashKey[set]()
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k deselected what will not run
+def pytest_collection_modifyitems(config, items):
+    config.stash[_WANTED] = {w for item in items for w in BACKGROUND if w in item.fixturenames}
+
+
+class Worlds:
+    def __init__(self) -> None:
+        self.futures: dict[str, Future] = {}
+
+    def start(self, name: str, fn, kwargs: dict) -> None:
+        fut = self.futures[name] = Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn(**kwargs))
+            except BaseException as e:  # noqa: BLE001 -- handed to the world's tests
+                fut.set_exception(e)
+
+        threading.Thread(target=run, name=f"world:{name}", daemon=True).start()
+
+    def result(self, name: str):
+        return self.futures[name].result()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def worlds(request):
+    """The background worlds of this session (BACKGROUND), started before the first test."""
+    import importlib
+
+    from tests.e2e import LIVE, kill_tree
+
+    w = Worlds()
+    for name in sorted(request.config.stash.get(_WANTED, set())):
+        module, fn_name = BACKGROUND[name].split(":")
+        fn = getattr(importlib.import_module(module), fn_name)
+        w.start(name, fn, {arg: request.getfixturevalue(arg) for arg in inspect.signature(fn).parameters})
+    yield w
+    # a session that ends early (a failure with -x, ^C) leaves a world running: end its processes, then
+    # let its thread see them gone (the session fixtures it uses, e.g. Slurm, are torn down after this)
+    for fut in w.futures.values():
+        if not fut.done():
+            for p in list(LIVE):
+                kill_tree(p)
+            try:
+                fut.result(timeout=120)
+            except BaseException:  # noqa: BLE001 -- its tests already reported it, or none ran
+                pass

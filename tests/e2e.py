@@ -31,12 +31,24 @@ def env() -> dict:
             **{k: f"{PLANTED_SECRET}-{k}" for k in SECRET_ENV}}
 
 
+# every `matpo train` a test started and has not yet seen end: a session that stops early (a failure
+# elsewhere, ^C) kills what a world running beside the tests (tests/conftest.py) left behind
+LIVE: set[subprocess.Popen] = set()
+
+
 def train(config_path: str, run_dir: Path, overrides: list[str], resume: bool = False, timeout: float = 1500) -> str:
     """One `matpo train` to the end; its stdout + stderr (the assertion shows their tails on failure)."""
-    p = subprocess.run(cmd(config_path, run_dir, overrides, resume), cwd=REPO, env=env(), capture_output=True,
-                       text=True, timeout=timeout)
-    assert p.returncode == 0, f"matpo train failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
-    return p.stdout + p.stderr
+    p = subprocess.Popen(cmd(config_path, run_dir, overrides, resume), cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    LIVE.add(p)
+    try:
+        stdout, stderr = p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:  # timed out or interrupted
+            kill_tree(p)
+        LIVE.discard(p)
+    assert p.returncode == 0, f"matpo train failed ({p.returncode}):\n{stdout[-3000:]}\n{stderr[-6000:]}"
+    return stdout + stderr
 
 
 def metrics(run_dir: Path) -> dict[int, dict]:
@@ -81,17 +93,20 @@ def kill_tree(proc: subprocess.Popen) -> None:
             pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
         pass
     proc.wait()
+    LIVE.discard(proc)
 
 
 def start(config_path: str, run_dir: Path, overrides: list[str]) -> subprocess.Popen:
     """A `matpo train` in its own session, its output in run_dir/stdout.txt (to be killed)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     log = open(run_dir / "stdout.txt", "w")
-    return subprocess.Popen(cmd(config_path, run_dir, overrides), cwd=REPO, env=env(), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    p = subprocess.Popen(cmd(config_path, run_dir, overrides), cwd=REPO, env=env(), stdout=log,
+                         stderr=subprocess.STDOUT, start_new_session=True)
+    LIVE.add(p)
+    return p
 
 
 def wait_for(root: Path, pattern: str, proc: subprocess.Popen, timeout: float, poll_s: float = 0.5) -> Path:

@@ -60,7 +60,7 @@ def test_placement_larger_than_the_ray_cluster_is_refused_at_once(tmp_path):
     from megatron_matpo.train.config import TrainConfig
 
     cfg = config.load(TrainConfig, REPO / "configs/tiny_cpu.yaml", [f"run_dir={tmp_path}", "actor.dp=3"]).validate()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="error")
     try:
         with pytest.raises(ConfigError, match=r"orchestrate: the placement \(1 x \(6 actor ranks \+ 1 engine\(s\)\) "
                                               r"\+ the tool server\) needs 8 CPUs, the cluster has 2"):

@@ -10,7 +10,8 @@ local Slurm across two nodes (engine on its own bundle, synced by broadcast), pr
 SIGUSR1 after step 5's checkpoint, requeued by the script and resumed once more to step 10. The
 learning test, the end-to-end checks, the crash/resume checks and the Slurm checks all read that one
 run. Without a local Slurm (it needs root) the second half is a plain `matpo train --resume` and the
-Slurm test skips. (All three sync paths at TP=2 / PP=2: tests/test_bridge.py.)
+Slurm test skips. The world runs beside the rest of the suite from its first test on (tests/conftest.py:
+BACKGROUND); its tests wait for it. (All three sync paths at TP=2 / PP=2: tests/test_bridge.py.)
 """
 from __future__ import annotations
 
@@ -48,7 +49,12 @@ def _answer_counts(run: Path, step: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def matpo_world(inputs, slurm_or_none, tmp_path_factory) -> dict:
+def matpo_world(worlds) -> dict:
+    """run_matpo_world's record; it runs beside the rest of the suite from its start (tests/conftest.py)."""
+    return worlds.result("matpo_world")
+
+
+def run_matpo_world(inputs, slurm_or_none, tmp_path_factory) -> dict:
     """The toy run, SIGKILLed (with every process under it) as soon as its step-3 checkpoint directory
     exists in its temporary form; what the kill left is recorded before anything touches it. Then
     resumed to the end: as the Slurm job, preempted and requeued once, or locally without Slurm."""

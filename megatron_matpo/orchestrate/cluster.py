@@ -42,7 +42,10 @@ def start_ray(cfg: OrchestrateSection, needed_cpus: int) -> None:
     if address:
         ray.init(address=address, **kw)
         return
-    # a local cluster: logical CPUs (processes, not cores — the CPU ranks run one thread each)
+    # a local cluster of our own: ray.init() without an address joins the last `ray start` cluster on this
+    # machine (/tmp/ray/ray_current_cluster, ray 2.60), e.g. another user's or a Slurm job's; "local" never does.
+    # Logical CPUs: processes, not cores (the CPU ranks run one thread each)
+    kw["address"] = "local"
     kw["num_cpus"] = cfg.num_cpus or max(os.cpu_count() or 1, needed_cpus)
     if platform.capabilities().cuda:
         import torch
