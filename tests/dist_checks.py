@@ -5,6 +5,8 @@ other ranks (the last pipeline stage holds the logits) are brought to rank 0 wit
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from megatron_matpo.model.layout import ParallelLayout
@@ -256,6 +258,31 @@ def actor_step(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
     out["fused_parity_max"] = fused.get("abs_diff_max", 0.0)
     out["fused_parity_tokens"] = fused.get("parity_tokens", 0.0)  # on the last stage
     out["grad_norm"] = stats["grad_norm"]
+    # the off-policy correction (loss.off_policy, TIS at c = 2) on an engine that sampled from another
+    # policy: its logprobs are the old ones minus 0.3 / 1.0 / -0.2 nats on the rows' generated tokens, so
+    # at ratio 1 (fused) the loss is -sum_r A_r n_r min(e^d_r, 2) / N with the proximal policy from the
+    # update's own forward (transformers' logprobs to 1e-5)
+    from megatron_matpo.algo.off_policy import OffPolicyConfig
+
+    built3 = build_model(hf_dir, layout, load_weights=True, ddp_config=ddp_config(optim))
+    (mbs3,) = pack_rows(rows, max_tokens_per_micro_batch=64, dp_size=1)
+    shift = {0: 0.3, 1: 1.0, 2: -0.2}
+    for p in mbs3:
+        d = torch.tensor([shift.get(int(r), 0.0) for r in p.row_ids[0]]).unsqueeze(0)
+        p.old_logprobs = p.old_logprobs - d * p.loss_mask
+    n_tok = sum(sum(r.loss_mask) for r in rows)
+    tis = train_step(built3.chunks, build_optimizer(built3.chunks, optim), mbs3,
+                     LossConfig(off_policy=OffPolicyConfig(mode="tis", c=2.0)), global_token_count=n_tok, device=dev,
+                     old_from_forward=True)
+    out.update(tis_loss_err=0.0, tis_truncated_off=0.0, tis_ratio_mean_err=0.0, tis_tokens_off=0.0, tis_reported=0.0)
+    if parallel_state.is_pipeline_last_stage() and "loss" in tis:
+        out["tis_reported"] = 1.0
+        want = -sum(r.advantage * sum(r.loss_mask) * min(math.exp(shift[r.row_id]), 2.0) for r in rows) / n_tok
+        out["tis_loss_err"] = abs(tis["loss"] - want)
+        out["tis_truncated_off"] = abs(tis["is_truncated_frac"] - sum(rows[1].loss_mask) / n_tok)
+        want_mean = sum(sum(r.loss_mask) * math.exp(shift[r.row_id]) for r in rows) / n_tok
+        out["tis_ratio_mean_err"] = abs(tis["is_ratio_mean"] - want_mean)
+        out["tis_tokens_off"] = abs(tis["is_tokens"] - n_tok)
     return _max_over_world(out)
 
 

@@ -357,3 +357,77 @@ def test_value_loss_clipped_by_hand():
     loss4, m4 = value_loss(torch.tensor([1.05]), torch.tensor([1.0]), torch.tensor([3.0]), torch.tensor([1.0]), 0.01)
     # unclipped (1.05-3)^2 = 3.8025; clipped V = 1.01 → (1.01-3)^2 = 3.9601 (larger: the clipped term wins)
     assert close(loss4, 0.5 * 3.9601) and close(m4["value_clip_frac"], 1.0)
+
+
+# --- off-policy correction (algo/off_policy.py): engine (behaviour) -> old (proximal) weights ---------
+
+def _lp(*p):
+    return torch.log(torch.tensor(p, dtype=torch.float64))
+
+
+def test_token_tis_and_mis_hand_values():
+    from megatron_matpo.algo.off_policy import OffPolicyConfig, importance_weights
+
+    # pi_prox / mu = 2, 0.5, 9 on the corrected tokens; the 4th token is not corrected (constrained /
+    # not trained): weight 1, not in the metrics, whatever its logprobs
+    prox, behav = _lp(0.5, 0.2, 0.9, 0.9), _lp(0.25, 0.4, 0.1, 0.001)
+    mask = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    w, m = importance_weights(prox, behav, mask, OffPolicyConfig(mode="tis", c=2.0))
+    assert w.tolist() == pytest.approx([2.0, 0.5, 2.0, 1.0])
+    assert float(m["is_truncated_frac"]) == pytest.approx(1 / 3)  # 9 > 2; 2 itself is not truncated
+    assert float(m["is_ratio_mean"]) == pytest.approx(11.5 / 3) and float(m["is_ratio_max"]) == pytest.approx(9.0)
+    w, m = importance_weights(prox, behav, mask, OffPolicyConfig(mode="mis", low=0.5, high=2.0))
+    assert w.tolist() == pytest.approx([2.0, 0.5, 0.0, 1.0])  # bounds inclusive; 9 is dropped
+    assert float(m["is_masked_frac"]) == pytest.approx(1 / 3) and "is_truncated_frac" not in m
+
+
+def test_sequence_level_weights_on_a_packed_stream():
+    from megatron_matpo.algo.off_policy import OffPolicyConfig, importance_weights
+
+    # sequence 0: 2 x 0.5 = 1; sequence 1: 3 x 1 = 3 (its first token not corrected); then a padding token
+    prox, behav = _lp(0.4, 0.1, 0.7, 0.3, 0.6, 0.5), _lp(0.2, 0.2, 0.01, 0.1, 0.6, 0.05)
+    mask = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+    seg = torch.tensor([0, 0, 1, 1, 1, -1])
+    w, m = importance_weights(prox, behav, mask, OffPolicyConfig(mode="tis", level="sequence", c=2.0), seg)
+    assert w.tolist() == pytest.approx([1.0, 1.0, 1.0, 2.0, 2.0, 1.0])
+    assert float(m["is_ratio_mean"]) == pytest.approx((1 + 1 + 3 + 3) / 4)  # padding is never corrected
+    assert float(m["is_truncated_frac"]) == pytest.approx(2 / 4)
+    w, m = importance_weights(prox, behav, mask, OffPolicyConfig(mode="mis", level="sequence", low=0.5, high=2.0), seg)
+    assert w.tolist() == pytest.approx([1.0, 1.0, 1.0, 0.0, 0.0, 1.0])  # sequence 1 dropped as a whole
+    # a padded batch: one sequence per row
+    w, _ = importance_weights(prox.reshape(2, 3), behav.reshape(2, 3), torch.ones(2, 3),
+                              OffPolicyConfig(mode="tis", level="sequence", c=100.0))
+    assert w[0].tolist() == pytest.approx([70.0] * 3, rel=1e-5) and w[1].tolist() == pytest.approx([30.0] * 3, rel=1e-5)
+
+
+def test_is_weights_scale_each_tokens_surrogate():
+    """At ratio 1 the PPO term of a token is -A: weighted, the token-mean loss is -sum(A w) / n, and
+    the gradient of each token's logprob is -A w / n."""
+    from megatron_matpo.algo.loss import ppo_policy_loss
+
+    old = _lp(0.5, 0.2, 0.9)
+    lp = old.clone().requires_grad_(True)
+    adv, w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), torch.tensor([2.0, 0.5, 0.0], dtype=torch.float64)
+    loss, _ = ppo_policy_loss(lp, old, adv, torch.ones(3), dual_clip_c=None, is_weights=w)
+    assert float(loss) == pytest.approx(-(1.0 * 2.0 - 2.0 * 0.5 + 0.0) / 3)
+    loss.backward()
+    assert lp.grad.tolist() == pytest.approx([-2.0 / 3, 1.0 / 3, 0.0])
+    plain, _ = ppo_policy_loss(old, old, adv, torch.ones(3), dual_clip_c=None)
+    same, _ = ppo_policy_loss(old, old, adv, torch.ones(3), dual_clip_c=None, is_weights=torch.ones(3))
+    assert float(plain) == float(same)
+
+
+def test_off_policy_config_errors_name_the_section(tmp_path):
+    from megatron_matpo import config
+    from megatron_matpo.config import ConfigError
+    from megatron_matpo.train.config import TrainConfig
+
+    root = pytest.importorskip("pathlib").Path(__file__).resolve().parents[1]
+    for bad, msg in [("loss.off_policy.mode=cispo", r"loss.off_policy: mode must be one of"),
+                     ("loss.off_policy.c=0.5", r"loss.off_policy: c \(the TIS truncation\) must be >= 1"),
+                     ("loss.off_policy.low=1.5", r"loss.off_policy: low/high must satisfy"),
+                     ("loss.off_policy.level=turn", r"loss.off_policy: level must be one of")]:
+        with pytest.raises(ConfigError, match=msg):
+            config.load(TrainConfig, root / "configs/tiny_cpu.yaml", [f"run_dir={tmp_path}", bad])
+    cfg = config.load(TrainConfig, root / "configs/tiny_cpu.yaml", [f"run_dir={tmp_path}", "loss.off_policy.mode=tis"])
+    assert cfg.loss.off_policy.enabled and cfg.loss.off_policy.c == 2.0

@@ -104,6 +104,9 @@ def test_actor_logprobs_and_first_ppo_step(request, world, key):
     assert res["kl_term"] > 0  # the reference term was in both losses
     assert res["fused_loss_diff"] <= 1e-6 and res["fused_grad_norm_diff"] <= 1e-5 * res["grad_norm"], res
     assert res["fused_ratio_off"] == 0.0 and res["fused_parity_tokens"] > 0 and res["fused_parity_max"] <= 1e-5, res
+    # TIS against an engine 0.3 / 1.0 / -0.2 nats off on each row: the loss as computed by hand
+    assert res["tis_loss_err"] <= 1e-5 and res["tis_ratio_mean_err"] <= 1e-4, res
+    assert res["tis_reported"] == 1.0 and res["tis_truncated_off"] <= 1e-6 and res["tis_tokens_off"] == 0.0, res
 
 
 @pytest.mark.parametrize("key", ["critic@tp1pp1dp1", "critic@tp2pp1dp1", "critic@tp1pp2dp1"])

@@ -6,10 +6,12 @@ Token tensors are either a padded batch `[B, S]` (each row is a sequence) or a p
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from megatron_matpo.algo.off_policy import OffPolicyConfig
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 KL_KINDS = ("k1", "k3", "abs", "mse")
@@ -90,7 +92,8 @@ def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
                     clip_low: float = 0.2, clip_high: float = 0.2, dual_clip_c: float | None = 3.0,
                     agg: str = "token-mean", cu_seqlens: Tensor | None = None, segment_ids: Tensor | None = None,
                     global_token_count: float | Tensor | None = None,
-                    global_seq_count: float | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                    global_seq_count: float | Tensor | None = None,
+                    is_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate with dual clip; returns (loss, metrics of detached 0-dim tensors).
 
     pg1 = -A·r, pg2 = -A·clip(r, 1-clip_low, 1+clip_high), loss = max(pg1, pg2); for A < 0 the
@@ -98,7 +101,8 @@ def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
     cannot blow up the update. `advantages` must broadcast to `logprobs` (see `broadcast_to_tokens`).
     Metrics: clip_frac (masked tokens where the clipped term was taken, i.e. pg2 > pg1), dual_clip_frac
     (masked tokens bounded by -c·A), approx_kl (masked mean of the k3 estimator (r-1) - log r of
-    KL(old || new)), ratio_mean / ratio_max over masked tokens.
+    KL(old || new)), ratio_mean / ratio_max over masked tokens. `is_weights` (detached, shaped like
+    `logprobs`) multiply each token's surrogate: the off-policy correction (`algo.off_policy`).
     """
     if dual_clip_c is not None and dual_clip_c <= 1.0:
         raise ValueError(f"dual_clip_c must be > 1 (got {dual_clip_c}); pass None to disable")
@@ -116,6 +120,8 @@ def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
     else:
         dual = torch.zeros_like(pg_clip, dtype=torch.bool)
         per_token = pg_clip
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach()
     loss = aggregate_loss(per_token, mask, agg, cu_seqlens, segment_ids, global_token_count, global_seq_count)
 
     with torch.no_grad():
@@ -184,6 +190,8 @@ class LossConfig:
     kl_as: str = "loss"  # "loss": added to the loss; "reward": use apply_kl_to_rewards before advantages
     entropy_coef: float = 0.0
     value_clip: float | None = 0.2  # critic (advantage.estimator=gae): PPO's value clipping range; null = off
+    # importance weights engine (behaviour) -> old (proximal) logprobs on each token's surrogate
+    off_policy: OffPolicyConfig = field(default_factory=OffPolicyConfig)
 
     def __post_init__(self) -> None:
         if self.agg not in AGG_MODES:
@@ -198,8 +206,10 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, loss
                 cfg: LossConfig | None = None, ref_logprobs: Tensor | None = None, entropy: Tensor | None = None,
                 cu_seqlens: Tensor | None = None, segment_ids: Tensor | None = None,
                 global_token_count: float | Tensor | None = None,
-                global_seq_count: float | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO loss + kl_coef·KL (when kl_as == "loss") - entropy_coef·entropy, all aggregated alike.
+                global_seq_count: float | Tensor | None = None,
+                is_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO loss (each token's surrogate times its `is_weights`, if given) + kl_coef·KL (when kl_as ==
+    "loss") - entropy_coef·entropy, all aggregated alike.
 
     `entropy` is the per-token entropy (e.g. `entropy_from_logits`), passed in because full logits
     may be vocab-parallel or too large to keep here.
@@ -208,7 +218,7 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, loss
     agg_kw = dict(agg=cfg.agg, cu_seqlens=cu_seqlens, segment_ids=segment_ids,
                   global_token_count=global_token_count, global_seq_count=global_seq_count)
     loss, metrics = ppo_policy_loss(logprobs, old_logprobs, advantages, loss_mask, cfg.clip_low, cfg.clip_high,
-                                    cfg.dual_clip_c, **agg_kw)
+                                    cfg.dual_clip_c, **agg_kw, is_weights=is_weights)
     if ref_logprobs is not None:
         kl_tok = kl_penalty(logprobs, ref_logprobs, cfg.kl_kind)
         kl = aggregate_loss(kl_tok, loss_mask, **agg_kw)

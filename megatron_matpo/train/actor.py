@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from megatron_matpo.algo.loss import LossConfig, policy_loss
+from megatron_matpo.algo.off_policy import importance_weights
 from megatron_matpo.train.packing import PackedMicroBatch
 from megatron_matpo.model.forward import run_schedule
 
@@ -103,16 +104,22 @@ def train_step(chunks: list, optimizer, mbs: list[PackedMicroBatch], cfg: LossCo
         ent = vocab_parallel_entropy(out)
         lp = token_logprobs(out, p.labels)
         ref = p.ref_logprobs.to(lp.device) if p.ref_logprobs is not None else None
-        old, parity = p.old_logprobs.to(lp.device), {}
+        old, behaviour, parity = p.old_logprobs.to(lp.device), p.behaviour_logprobs.to(lp.device), {}
         if old_from_forward:
             m = (p.parity_mask if p.parity_mask is not None else p.loss_mask).to(lp.device)
             d = (lp.detach() - old).abs() * m
             parity = {"parity_abs_diff_sum": d.sum(), "parity_abs_diff_max": d.max() if d.numel() else d.sum(),
                       "parity_tokens": m.sum()}
             old = lp.detach()
+        weights, is_metrics = None, {}
+        if cfg.off_policy.enabled:  # engine (behaviour) -> old (proximal); constrained tokens keep weight 1
+            m = p.loss_mask * (p.parity_mask if p.parity_mask is not None else 1.0)
+            weights, is_metrics = importance_weights(old, behaviour, m.to(lp.device), cfg.off_policy,
+                                                     segment_ids=p.row_ids.to(lp.device))
+            is_metrics["is_tokens"] = m.sum().to(lp.device)
         loss, metrics = policy_loss(lp, old, p.advantages.to(lp.device), p.loss_mask.to(lp.device), cfg,
-                                    ref_logprobs=ref, global_token_count=global_token_count)
-        metrics = {k: v.detach().float() for k, v in {**metrics, **parity}.items()}
+                                    ref_logprobs=ref, global_token_count=global_token_count, is_weights=weights)
+        metrics = {k: v.detach().float() for k, v in {**metrics, **parity, **is_metrics}.items()}
         metrics["entropy_sum"] = (ent * p.loss_mask.to(ent.device)).sum()
         metrics["tokens"] = p.loss_mask.sum().to(lp.device)
         return loss, metrics
@@ -132,4 +139,11 @@ def train_step(chunks: list, optimizer, mbs: list[PackedMicroBatch], cfg: LossCo
             if k in reported[0]:
                 stats[k] = max(float(r[k]) for r in reported) if k == "ratio_max" else \
                     sum(float(r[k]) * float(r["tokens"]) for r in reported) / max(tokens, 1.0)
+        if "is_tokens" in reported[0]:  # over the corrected tokens (unconstrained, trained)
+            n = sum(float(r["is_tokens"]) for r in reported)
+            stats["is_tokens"] = n
+            stats["is_ratio_max"] = max(float(r["is_ratio_max"]) for r in reported)
+            for k in ("is_ratio_mean", "is_truncated_frac", "is_masked_frac"):
+                if k in reported[0]:
+                    stats[k] = sum(float(r[k]) * float(r["is_tokens"]) for r in reported) / max(n, 1.0)
     return stats

@@ -70,6 +70,13 @@ class PackedMicroBatch:
     roles: dict[int, str] | None = None  # row id → its role, for per-role metrics
     returns: torch.Tensor | None = None  # float32; critic target of the predicted token (GAE rows)
     old_values: torch.Tensor | None = None  # float32; critic value at the position, before the update
+    # the engine's sampling logprobs once `old_logprobs` were recomputed by the actor (the behaviour
+    # policy of the off-policy correction); None: `old_logprobs` still are the engine's
+    rollout_logprobs: torch.Tensor | None = None
+
+    @property
+    def behaviour_logprobs(self) -> torch.Tensor:
+        return self.old_logprobs if self.rollout_logprobs is None else self.rollout_logprobs
 
     @property
     def num_tokens(self) -> int:

@@ -117,7 +117,7 @@ class ActorWorker:
                 stats["abs_diff_max"] = max(stats["abs_diff_max"], float(d.max()) if d.numel() else 0.0)
                 stats["tokens"] += float(m.sum())
                 if recompute:
-                    p.old_logprobs = lp.float()
+                    p.rollout_logprobs, p.old_logprobs = p.behaviour_logprobs, lp.float()
         return stats if self.reports else {}
 
     def ref_logprobs(self) -> dict[str, float]:
