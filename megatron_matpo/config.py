@@ -62,15 +62,21 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
+def config_key(f: dataclasses.Field) -> str:
+    """A field's key in YAML and overrides: its name, or `metadata["key"]` where the name cannot be one
+    (`async` is a Python keyword: TrainConfig.async_ is the `async` section)."""
+    return f.metadata.get("key", f.name)
+
+
 def build(cls: type[T], data: dict, prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    names = {config_key(f): f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(f"{', '.join(where + u for u in unknown)}: unknown config key"
                           f"{'s' if len(unknown) > 1 else ''}; {cls.__name__} has: {', '.join(sorted(names))}")
-    kwargs = {k: _coerce(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    kwargs = {names[k]: _coerce(hints[names[k]], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -105,8 +111,15 @@ def load(cls: type[T], path: str | Path | None, overrides: list[str] | None = No
     return build(cls, apply_overrides(data, list(overrides or [])))
 
 
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+def to_dict(cfg: Any) -> Any:
+    """The config as plain data under its YAML keys (what `build` reads back)."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {config_key(f): to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
 
 
 # a key, token or password: never printed or written (the config on stdout, run_dir/config.yaml)

@@ -24,6 +24,7 @@ from megatron_matpo.train import preemption
 from megatron_matpo.train import stats as S
 from megatron_matpo.train.preemption import Preempted
 from megatron_matpo.train.config import TrainConfig
+from megatron_matpo.train.pipeline import ReadyRollout, rollouts_for
 from megatron_matpo.train.rows import apply_gae
 from megatron_matpo.train.tasks import MatpoTask, RolloutTask
 from megatron_matpo.orchestrate.bringup import policy_stacks
@@ -184,6 +185,10 @@ class Trainer:
         bring = self.bringup_report()
         print("bring-up: " + ", ".join(f"{k.split('/')[1][:-2]} {v:.1f}s" for k, v in bring.items()), flush=True)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step")
+        self.data_state = self.loader.state_dict()  # what a checkpoint stores as the data cursor (pipeline.py)
+        self.rollouts = rollouts_for(cfg.async_.max_staleness, self._produce, version=self.step,
+                                     first_step=self.step + 1, last_step=cfg.steps)
+        self._teardown.callback(_quietly, "rollouts", self.rollouts.close)  # before the task and the engines
         while self.step < cfg.steps:
             if stop.is_set():  # the warning came during bring-up: nothing new to save
                 raise Preempted(f"SIGUSR1 before step {self.step + 1}; the last checkpoint stands")
@@ -192,7 +197,8 @@ class Trainer:
             m.update(bring)
             bring = {}  # reported once, with this process's first step
             if cfg.eval.every and self.step % cfg.eval.every == 0:
-                m.update(self.evaluate())
+                with self.rollouts.exclusive():  # the engines hold this step's weights; no rollout beside it
+                    m.update(self.evaluate())
             self.log.log(self.step, m)
             history.append(m)
             last = self.step == cfg.steps
@@ -220,19 +226,39 @@ class Trainer:
         out["bringup/total_s"] = time.time() - psutil.Process().create_time()
         return out
 
-    def train_step(self, step: int) -> dict[str, float]:
-        cfg, t = self.cfg, Timer()
-        t0 = time.perf_counter()
+    def _produce(self, step: int, version: int) -> ReadyRollout:
+        """Step `step`'s rollout on the engines' current weights (those after step `version`): generation,
+        tools, reward and advantages (MAPoRL: also the verifier)."""
         batch = self.loader.next_batch()
-        seed = derive_seed(cfg.seed, "step", step) if cfg.deterministic else None
-        with t("rollout"):  # generation, tools, reward and advantages (MAPoRL: also the verifier)
-            out = self.task.rollout(batch, self.log.transcript_path(step), f"{step}:", seed)
+        data_state = self.loader.state_dict()
+        seed = derive_seed(self.cfg.seed, "step", step) if self.cfg.deterministic else None
+        t0 = time.perf_counter()
+        out = self.task.rollout(batch, self.log.transcript_path(step), f"{step}:", seed)
+        return ReadyRollout(step, out, version, data_state, time.perf_counter() - t0)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """rollout (ready, or waited for) → each policy's update → one weight sync of every engine."""
+        t = Timer()
+        t0 = time.perf_counter()
+        with t("rollout"):  # the synchronous loop rolls out here; the asynchronous one waits, if at all
+            r = self.rollouts.get(step)
+        self.data_state = r.data_state
         if self.release_engine_memory:
             with t("engine_memory"):
                 self.engine_memory("release")  # the actor's turn on the shared GPUs
-        groups, m = out.groups, dict(out.metrics)
-        for st, per_prompt in zip(self.stacks, groups):
-            sm = self.optimize(st, per_prompt, step, t)
+        groups, m = r.out.groups, {**r.out.metrics, **r.metrics()}
+        per_stack = [self.optimize(st, per_prompt, t) for st, per_prompt in zip(self.stacks, groups)]
+        with t("sync"), self.rollouts.exclusive():  # no rollout in flight: every engine moves to this step's weights
+            for st, sm in zip(self.stacks, per_stack):
+                self.engine_memory("resume", ["weights"], st)
+                sm.update(S.prefixed("sync", st.actors.sync_weights()))
+                self.engine_memory("resume", ["kv_cache"], st)
+            self.rollouts.synced(step)
+        for st, per_prompt, sm in zip(self.stacks, groups, per_stack):
+            if self.cfg.sync.parity_every and step % self.cfg.sync.parity_every == 0:
+                with t("parity"):
+                    seqs = S.parity_sample([row for p in per_prompt for row in p], self.cfg.sync.parity_rows)
+                    sm.update(S.prefixed("parity", st.actors.parity(seqs, st.services.engine_urls[0])))
             m.update(sm if len(self.stacks) == 1 else {f"{st.name}/{k}": v for k, v in sm.items()})
         m.update(t)
         m["time/step_s"] = time.perf_counter() - t0
@@ -240,9 +266,9 @@ class Trainer:
         m["throughput/train_tokens_per_s"] = tokens / max(t["time/train_s"], 1e-9)
         return m
 
-    def optimize(self, st: "Stack", per_prompt: list[list[Row]], step: int, t: Timer) -> dict[str, float]:
+    def optimize(self, st: "Stack", per_prompt: list[list[Row]], t: Timer) -> dict[str, float]:
         """One policy's update on its rows: (critic values → GAE) → pack → old/ref logprobs → PPO (and the
-        critic's value regression) → sync into its engines → engine-vs-actor parity."""
+        critic's value regression). The weight sync follows, for every policy at once (`train_step`)."""
         cfg, actors, m = self.cfg, st.actors, {}
         if st.critic is not None:
             with t("values"):
@@ -284,14 +310,6 @@ class Trainer:
             with t("critic_train"):
                 st.critic.load_batch(packed)
                 m.update(S.critic_stats(st.critic.train(global_token_counts), st.critic.reports))
-        with t("sync"):
-            self.engine_memory("resume", ["weights"], st)
-            m.update(S.prefixed("sync", actors.sync_weights()))
-            self.engine_memory("resume", ["kv_cache"], st)
-        if cfg.sync.parity_every and step % cfg.sync.parity_every == 0:
-            with t("parity"):
-                seqs = S.parity_sample([r for p in per_prompt for r in p], cfg.sync.parity_rows)
-                m.update(S.prefixed("parity", actors.parity(seqs, st.services.engine_urls[0])))
         return m
 
     def engine_memory(self, action: str, tags: list[str] | None = None, stack: "Stack | None" = None) -> None:
@@ -324,7 +342,7 @@ class Trainer:
         return out
 
     def save(self) -> None:
-        state = {"step": self.step, "data": self.loader.state_dict()}
+        state = {"step": self.step, "data": self.data_state}  # the cursor after this step's own batch
         for st in self.stacks:
             st.actors.save(str(st.root), self.step, state, self.cfg.checkpoint.keep_last)
             if st.critic is not None:

@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
+from async_pipeline import summarize  # noqa: E402
 from rollout_overlap import critical_path  # noqa: E402
 from step_breakdown import breakdown  # noqa: E402
 
@@ -45,6 +46,21 @@ def test_step_breakdown_overhead_is_step_minus_stages():
     assert b["share"]["rollout"] == pytest.approx(0.5) and b["target_met"]
     assert b["steps"][1]["between_steps_s"] == pytest.approx(0.5)
     assert b["steps"][1]["sync_ray_roundtrip_s"] == pytest.approx(0.05)
+
+
+def test_async_pipeline_summary_by_hand():
+    # steps logged at t = 0, 10, 18, 28: intervals 10, 8, 10 (median 10); rollouts waited 1, 2, 0 s of them
+    recs = [{"time": 0.0, "time/rollout_s": 6.0, "async/staleness": 0},
+            {"time": 10.0, "time/rollout_s": 1.0, "async/rollout_s": 7.0, "time/train_s": 6.0, "time/sync_s": 1.0,
+             "async/staleness": 1},
+            {"time": 18.0, "time/rollout_s": 2.0, "async/rollout_s": 6.0, "time/train_s": 5.0, "time/sync_s": 1.0,
+             "async/staleness": 1},
+            {"time": 28.0, "time/rollout_s": 0.0, "async/rollout_s": 8.0, "time/train_s": 7.0, "time/sync_s": 1.0,
+             "async/staleness": 1}]
+    s = summarize(recs)
+    assert s["step_s"] == 10.0 and s["rollout_s"] == 1.0 and s["rest_s"] == 9.0  # 9, 6, 10
+    assert s["engine_busy"] == pytest.approx(21 / 28) and s["actor_busy"] == pytest.approx(21 / 28)
+    assert s["staleness"] == [0, 1, 1, 1]
 
 
 def test_report_renders_between_markers_only(tmp_path):

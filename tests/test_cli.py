@@ -60,6 +60,10 @@ BAD_TRAIN_CONFIGS = [
     (["model={tmp}/corrupt"], "model", "config.json cannot be read"),
     (["data={tmp}/no-data"], "data", "does not exist"),
     (["actor.dp=3", "orchestrate.num_cpus=2"], "orchestrate.num_cpus", "2 logical CPUs for 8 bundles of 1 CPU"),
+    (["async.max_staleness=1", "orchestrate.colocate=true", "sync.mode=tensor"], "async.max_staleness",
+     "needs engines on their own devices"),
+    (["async.max_staleness=-1"], "async.max_staleness", "must be >= 0"),
+    (["loss.off_policy.mode=is"], "loss.off_policy", "mode must be one of"),
 ]
 
 

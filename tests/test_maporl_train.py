@@ -2,7 +2,8 @@
 rounds on real SGLang engines, a numeric verifier scores every answer, influence-aware rewards with
 incentives, PPO on Megatron actors, weights synced into the engines. Two worlds, both on the
 learnable toy, where the final-round accuracy must rise: distinct models (an actor + engine per
-agent) with GRPO per (question, agent, round); and one shared model with its Megatron critic (PPO +
+agent) with GRPO per (question, agent, round), rolled out one step ahead of training
+(async.max_staleness=1); and one shared model with its Megatron critic (PPO +
 GAE), SIGKILLed after its step-5 checkpoint and resumed, on which the discussion's structure, eval
 and the HF export are checked too."""
 from __future__ import annotations
@@ -31,12 +32,17 @@ def maporl_inputs(tmp_path_factory) -> list[str]:
 def test_distinct_models_learn_the_toy(maporl_inputs, tmp_path):
     """configs/maporl_toy_learnable_cpu.yaml: an actor and an engine per agent; every gold answer is 3
     and every turn a constrained `\\boxed{<digit>}`. Both policies are trained on their own agent's
-    turns, and the final-round accuracy must rise."""
+    turns, and the final-round accuracy must rise. Asynchronously (async.max_staleness=1): each step's
+    discussions are rolled out while the step before trains, on the weights from two steps back."""
     run = tmp_path / "run"
-    out = train("configs/maporl_toy_learnable_cpu.yaml", run, maporl_inputs)
+    out = train("configs/maporl_toy_learnable_cpu.yaml", run, maporl_inputs + ["async.max_staleness=1"])
     m = metrics(run)
     steps = sorted(m)
     assert steps == list(range(1, 11)), out[-3000:]
+    # one policy version behind from step 2 on: both engines synced together, between rollouts
+    assert [m[s]["async/staleness"] for s in steps] == [0.0] + [1.0] * 9, [m[s]["async/staleness"] for s in steps]
+    assert [m[s]["async/policy_version"] for s in steps] == [0.0] + [float(s - 2) for s in steps[1:]]
+    assert all(m[s]["async/tokens_staleness_1"] > 0 for s in steps[1:]) and m[1]["async/tokens_staleness_0"] > 0
     acc = [m[s]["maporl/accuracy_final"] for s in steps]
     print("final-round accuracy per step:", [round(a, 3) for a in acc],
           f"margin {sum(acc[-3:]) / 3 - acc[0] - 0.25:+.3f}")
@@ -63,13 +69,14 @@ PROMPTS, DISCUSSIONS = 4, 8  # the toy's prompts_per_step and n_samples
 @pytest.fixture(scope="module")
 def critic_world(maporl_inputs, tmp_path_factory) -> dict:
     """The PPO + GAE option on the toy: one shared actor and its Megatron critic (value head, own
-    ranks), eval on 2 val questions at step 10 and the HF export on. SIGKILLed once the step-5
-    checkpoint (actor, then critic) is complete, then resumed: steps 6-10 run on the restored critic
-    (a fresh zero head would give V = 0 again at step 6)."""
+    ranks), eval on 2 val questions at step 10 and the HF export on, rolled out one step ahead
+    (async.max_staleness=1). SIGKILLed once the step-5 checkpoint (actor, then critic) is complete,
+    step 6's discussions in flight, then resumed: steps 6-10 run on the restored critic (a fresh zero
+    head would give V = 0 again at step 6) and the data cursor of the steps trained."""
     run = tmp_path_factory.mktemp("maporl-critic") / "run"
     val = maporl_inputs[1].replace("data=", "").replace("maporl_train_", "maporl_val_")
     ov = maporl_inputs + ["maporl.models=shared", "advantage.estimator=gae", "critic.optim.lr=1.0e-3",
-                          "checkpoint.every=5", "checkpoint.export_hf=true", "eval.every=10", f"eval.data={val}",
+                          "async.max_staleness=1", "checkpoint.every=5", "checkpoint.export_hf=true", "eval.every=10", f"eval.data={val}",
                           "eval.max_prompts=2"]
     proc = start(TOY, run, ov)
     try:
@@ -78,7 +85,8 @@ def critic_world(maporl_inputs, tmp_path_factory) -> dict:
         kill_tree(proc)
     killed_stdout = (run / "stdout.txt").read_text()
     out = train(TOY, run, ov, resume=True)
-    return {"run": run, "out": out, "killed_stdout": killed_stdout, "m": metrics(run)}
+    return {"run": run, "out": out, "killed_stdout": killed_stdout, "m": metrics(run),
+            "data": maporl_inputs[1].replace("data=", "")}
 
 
 def test_shared_model_with_a_critic_learns_the_toy(critic_world):
@@ -89,6 +97,15 @@ def test_shared_model_with_a_critic_learns_the_toy(critic_world):
     assert_engines_gone(critic_world["killed_stdout"])
     steps = sorted(m)
     assert steps == list(range(1, 11))
+    # killed with step 6 rolled out ahead (or in flight): the checkpoint kept the cursor of the steps
+    # trained, so every step's questions are the loader's, none trained twice or skipped
+    from megatron_matpo.data.loader import PromptLoader
+    from megatron_matpo.data.parquet import read_dataset
+
+    loader = PromptLoader(list(read_dataset(critic_world["data"])), PROMPTS, seed=0)
+    for s in steps:
+        assert sorted({d["question"] for d in rollouts(run, s)}) == sorted({x.question for x in loader.next_batch()}), s
+    assert [m[s]["async/staleness"] for s in steps] == [0.0] + [1.0] * 4 + [0.0] + [1.0] * 4  # a resume starts afresh
     acc = [m[s]["maporl/accuracy_final"] for s in steps]
     ev = [m[s]["gae/explained_variance"] for s in steps]
     print("final-round accuracy per step:", [round(a, 3) for a in acc],

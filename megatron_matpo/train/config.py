@@ -85,6 +85,14 @@ class BootstrapSection:
 
 
 @dataclass
+class AsyncSection:
+    # policy versions a trained token may lag behind the weights being updated: 0 is the synchronous loop
+    # (roll out, then train, then sync); k >= 1 rolls out the prompts of up to k later steps while a step
+    # trains (train/pipeline.py). A weight sync waits for the rollout in flight (drain)
+    max_staleness: int = 0
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/matpo"
     model: str = ""  # HF directory: initial weights, tokenizer
@@ -109,6 +117,7 @@ class TrainConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     orchestrate: OrchestrateSection = field(default_factory=OrchestrateSection)
     bootstrap: BootstrapSection = field(default_factory=BootstrapSection)
+    async_: AsyncSection = field(default_factory=AsyncSection, metadata={"key": "async"})
 
     def validate(self) -> "TrainConfig":
         """Every check that needs only the config; `train.preflight` adds those that need the inputs
@@ -122,6 +131,10 @@ class TrainConfig:
 
         need(bool(self.model), "model", "the HF directory of the initial policy is required")
         need(bool(self.data), "data", "a MATPO-data parquet file or directory is required")
+        positive("async.max_staleness", self.async_.max_staleness, strict=False)
+        need(not (self.async_.max_staleness and self.orchestrate.colocate), "async.max_staleness",
+             "> 0 overlaps rollouts with training, which needs engines on their own devices: colocated engines "
+             "(orchestrate.colocate=true) give the GPUs to the actor while it trains")
         need(not self.rollout.model and not self.rollout.data, "rollout.model",
              "rollout.model / rollout.data are set from the top-level `model` / `data`; leave them empty")
         need(not self.rollout.engine.urls, "rollout.engine.urls",
