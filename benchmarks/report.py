@@ -179,6 +179,19 @@ def bringup(d: dict) -> str:
     return "\n\n".join(text)
 
 
+def async_pipeline(d: dict) -> str:
+    rows = [[f"{r['latency_s']:g}", r["max_staleness"], f"{r['step_s']:.1f}", f"**{r['ratio']:.2f}×**",
+             f"{r['overlap_efficiency']:.2f}" if r["max_staleness"] else "—", f"{r['sync_rollout_s']:.1f}",
+             f"{r['sync_rest_s']:.1f}", f"{r['engine_busy']:.2f}", f"{r['actor_busy']:.2f}",
+             ", ".join(map(str, r["staleness_observed"]))] for r in d["rows"]]
+    t = d["targets"]["overlap_efficiency_at_1s"]
+    return "\n\n".join([
+        _table(["tool latency s", "max staleness", "step s", "steps/h vs sync", "overlap efficiency",
+                "sync R s", "sync T s", "engine busy", "actor busy", "staleness seen"], rows),
+        f"Best: ratio **{d['ratio']:.2f}×**, overlap efficiency {d['overlap_efficiency']:.2f}; target at 1 s "
+        f"latency ≥ {t} — {_ok(d['target_met'])}.", f"Source: {d['meta'].get('source', '?')}. " + _provenance(d["meta"])])
+
+
 def engine_decode(d: dict) -> str:
     rows = [["SGLang's per-request loop", f"{d['sglang_loop_median_s']:.2f}", f"{d['sglang_loop_tokens_per_s']:.0f}",
              ", ".join(f"{x:.2f}" for x in d["sglang_loop_s"])],
@@ -241,6 +254,13 @@ def summary(res: dict[str, dict]) -> str:
         rows.append(["bring-up", "process start → first rollout request (embedded default)",
                      f"≤ {d['targets']['total_s']:.0f} s", f"{t:.1f} s", f"{t / d['targets']['total_s']:.2f}",
                      _ok(d["target_met"]), d["meta"]["date"]])
+    if (d := res.get("async_pipeline")) and d.get("target_met") is not None:
+        at1 = max((r for r in d["rows"] if r["latency_s"] == 1.0 and r["max_staleness"]),
+                  key=lambda r: r["overlap_efficiency"])
+        rows.append(["async pipeline", f"overlap efficiency at 1 s tool latency (staleness {at1['max_staleness']})",
+                     f"≥ {d['targets']['overlap_efficiency_at_1s']}", f"{at1['overlap_efficiency']:.2f}",
+                     f"{at1['overlap_efficiency'] / d['targets']['overlap_efficiency_at_1s']:.2f}",
+                     _ok(d["target_met"]), d["meta"]["date"]])
     if (d := res.get("layout_accuracy")):
         rows.append(["layout planner", f"Spearman, predicted vs measured ({len(d['rows'])} layouts)",
                      f"≥ {d['targets']['spearman']} (ours)", f"{d['spearman']:.3f}",
@@ -252,7 +272,8 @@ def summary(res: dict[str, dict]) -> str:
 
 SECTIONS = {"summary": None, "packing": packing, "actor_mfu_cpu": actor_mfu_cpu, "weight_sync": weight_sync,
             "weight_sync_large": weight_sync_large, "rollout_overlap": rollout_overlap,
-            "step_breakdown": step_breakdown, "bringup": bringup, "engine_decode": engine_decode, "layout_accuracy": layout_accuracy,
+            "step_breakdown": step_breakdown, "bringup": bringup, "async_pipeline": async_pipeline,
+            "engine_decode": engine_decode, "layout_accuracy": layout_accuracy,
             "layout_accuracy_h512": layout_accuracy}
 
 

@@ -35,6 +35,9 @@ if [ "${1:-}" != "report" ]; then
   stage "bring-up (matpo train on the embedded default: process start -> first rollout request)"
   $PY benchmarks/bringup.py --reps 3
 
+  stage "async pipeline (matpo train, tool latency 0 / 1 s, staleness 0 / 1 / 2)"
+  $PY benchmarks/async_pipeline.py --steps 5
+
   stage "CPU engine decode: SGLang's per-request loop vs our batched decode (one engine each)"
   $PY benchmarks/engine_decode.py --reps 3
 

@@ -24,7 +24,7 @@ from megatron_matpo.train import preemption
 from megatron_matpo.train import stats as S
 from megatron_matpo.train.preemption import Preempted
 from megatron_matpo.train.config import TrainConfig
-from megatron_matpo.train.pipeline import ReadyRollout, rollouts_for
+from megatron_matpo.train.pipeline import ReadyRollout, refill, rollouts_for
 from megatron_matpo.train.rows import apply_gae
 from megatron_matpo.train.tasks import MatpoTask, RolloutTask
 from megatron_matpo.orchestrate.bringup import policy_stacks
@@ -229,12 +229,22 @@ class Trainer:
     def _produce(self, step: int, version: int) -> ReadyRollout:
         """Step `step`'s rollout on the engines' current weights (those after step `version`): generation,
         tools, reward and advantages (MAPoRL: also the verifier)."""
-        batch = self.loader.next_batch()
-        data_state = self.loader.state_dict()
-        seed = derive_seed(self.cfg.seed, "step", step) if self.cfg.deterministic else None
-        t0 = time.perf_counter()
-        out = self.task.rollout(batch, self.log.transcript_path(step), f"{step}:", seed)
-        return ReadyRollout(step, out, version, data_state, time.perf_counter() - t0)
+        cfg, t0 = self.cfg, time.perf_counter()
+        ds = cfg.dynamic_sampling
+        draws, extra = [], {}
+        while True:  # one batch; with dynamic sampling, more until enough prompts carry a GRPO signal
+            k = len(draws)
+            seed = derive_seed(cfg.seed, "step", step, *([k] if k else [])) if cfg.deterministic else None
+            path = self.log.transcript_path(step, prefix="step" if not k else f"step_draw{k}")
+            draws.append(self.task.rollout(self.loader.next_batch(), path, f"{step}:" if not k else f"{step}.{k}:",
+                                           seed))
+            if not ds.enabled:
+                break
+            out, extra = refill(draws, cfg.prompts_per_step, cfg.actor.mini_batches)
+            if extra["dynamic/kept_prompts"] >= cfg.prompts_per_step or len(draws) >= ds.max_draws:
+                break
+        out = draws[0] if not ds.enabled else dataclasses.replace(out, metrics={**out.metrics, **extra})
+        return ReadyRollout(step, out, version, self.loader.state_dict(), time.perf_counter() - t0)
 
     def train_step(self, step: int) -> dict[str, float]:
         """rollout (ready, or waited for) → each policy's update → one weight sync of every engine."""

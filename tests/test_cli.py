@@ -64,6 +64,7 @@ BAD_TRAIN_CONFIGS = [
      "needs engines on their own devices"),
     (["async.max_staleness=-1"], "async.max_staleness", "must be >= 0"),
     (["loss.off_policy.mode=is"], "loss.off_policy", "mode must be one of"),
+    (["dynamic_sampling.max_draws=0"], "dynamic_sampling.max_draws", "must be > 0"),
 ]
 
 

@@ -33,12 +33,22 @@ def test_distinct_models_learn_the_toy(maporl_inputs, tmp_path):
     """configs/maporl_toy_learnable_cpu.yaml: an actor and an engine per agent; every gold answer is 3
     and every turn a constrained `\\boxed{<digit>}`. Both policies are trained on their own agent's
     turns, and the final-round accuracy must rise. Asynchronously (async.max_staleness=1): each step's
-    discussions are rolled out while the step before trains, on the weights from two steps back."""
+    discussions are rolled out while the step before trains, on the weights from two steps back; with
+    dynamic sampling, questions whose discussions all scored alike are dropped and more rolled out."""
     run = tmp_path / "run"
-    out = train("configs/maporl_toy_learnable_cpu.yaml", run, maporl_inputs + ["async.max_staleness=1"])
+    out = train("configs/maporl_toy_learnable_cpu.yaml", run, maporl_inputs + [
+        "async.max_staleness=1", "dynamic_sampling.enabled=true", "dynamic_sampling.max_draws=2"])
     m = metrics(run)
     steps = sorted(m)
     assert steps == list(range(1, 11)), out[-3000:]
+    for s in steps:  # a second batch was rolled out exactly when the first left fewer than 4 informative questions
+        d = m[s]
+        assert 0.0 <= d["dynamic/dropped_fraction"] <= 1.0 and 1 <= d["dynamic/kept_prompts"] <= PROMPTS, d
+        assert (d["dynamic/draws"] == 2) == (run / "rollouts" / f"step_draw1_{s:06d}.jsonl").exists(), s
+        assert d["dynamic/draws"] == 2 or d["dynamic/dropped_fraction"] == 0.0, d
+        assert d["dynamic/draws"] == 1 or d["dynamic/dropped_fraction"] > 0.0, d
+    print("dropped fraction per step:", [round(m[s]["dynamic/dropped_fraction"], 3) for s in steps],
+          "kept:", [int(m[s]["dynamic/kept_prompts"]) for s in steps])
     # one policy version behind from step 2 on: both engines synced together, between rollouts
     assert [m[s]["async/staleness"] for s in steps] == [0.0] + [1.0] * 9, [m[s]["async/staleness"] for s in steps]
     assert [m[s]["async/policy_version"] for s in steps] == [0.0] + [float(s - 2) for s in steps[1:]]

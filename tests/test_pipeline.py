@@ -136,3 +136,36 @@ def test_a_failed_rollout_reaches_the_loop_and_stops_the_producer():
 def test_bad_staleness():
     with pytest.raises(ValueError, match="max_staleness must be >= 1"):
         AheadRollouts(Producer(), 0, 1, 2, max_staleness=0)
+
+
+def _draw(advantages: list[list[float]], tag: str) -> StepRollout:
+    """One policy; a prompt per entry, a row per advantage."""
+    from megatron_matpo.train.packing import Row
+
+    groups = [[[Row([1, 2], [0, 1], [0.0, 0.0], a, role=f"{tag}{p}") for a in prompt]
+               for p, prompt in enumerate(advantages)]]
+    return StepRollout(groups, {"reward/mean": float(len(tag))})
+
+
+def test_dynamic_sampling_drops_zero_variance_prompts_and_refills_in_order():
+    from megatron_matpo.train.pipeline import informative_prompts, refill
+
+    a = _draw([[0.0, 0.0], [1.0, -1.0], [0.0, 0.0], [0.5, -0.5]], "a")  # prompts 0 and 2: all alike
+    b = _draw([[0.7, -0.7], [0.0, 0.0], [0.2, -0.2], [0.0, 0.0]], "bb")
+    assert informative_prompts(a.groups) == [False, True, False, True]
+    out, m = refill([a, b], prompts=3)
+    assert [p[0].role for p in out.groups[0]] == ["a1", "a3", "bb0"]  # informative ones, in draw order
+    assert m == {"dynamic/dropped_fraction": 4 / 8, "dynamic/kept_prompts": 3.0, "dynamic/draws": 2.0}
+    assert out.metrics == {"reward/mean": 1.0}  # the batch as sampled: the first draw's
+    # per-token advantages (GAE-shaped rows) count too; several policies: informative in any
+    assert informative_prompts([[[_draw([[0.0]], "x").groups[0][0][0]]], [[_draw([[0.3]], "y").groups[0][0][0]]]]) \
+        == [True]
+
+
+def test_dynamic_sampling_tops_up_so_every_mini_batch_has_a_prompt():
+    from megatron_matpo.train.pipeline import refill
+
+    flat = _draw([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]], "a")
+    out, m = refill([flat, flat], prompts=3, min_prompts=2)
+    assert [p[0].role for p in out.groups[0]] == ["a0", "a1"] and m["dynamic/kept_prompts"] == 0.0
+    assert m["dynamic/dropped_fraction"] == 1.0

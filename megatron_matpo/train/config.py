@@ -93,6 +93,14 @@ class AsyncSection:
 
 
 @dataclass
+class DynamicSamplingSection:
+    # drop prompts whose samples all scored alike (GRPO advantages 0) and roll out more prompts to refill
+    # the batch, up to max_draws batches a step (train/pipeline.py)
+    enabled: bool = False
+    max_draws: int = 3
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/matpo"
     model: str = ""  # HF directory: initial weights, tokenizer
@@ -118,6 +126,7 @@ class TrainConfig:
     orchestrate: OrchestrateSection = field(default_factory=OrchestrateSection)
     bootstrap: BootstrapSection = field(default_factory=BootstrapSection)
     async_: AsyncSection = field(default_factory=AsyncSection, metadata={"key": "async"})
+    dynamic_sampling: DynamicSamplingSection = field(default_factory=DynamicSamplingSection)
 
     def validate(self) -> "TrainConfig":
         """Every check that needs only the config; `train.preflight` adds those that need the inputs
@@ -132,6 +141,10 @@ class TrainConfig:
         need(bool(self.model), "model", "the HF directory of the initial policy is required")
         need(bool(self.data), "data", "a MATPO-data parquet file or directory is required")
         positive("async.max_staleness", self.async_.max_staleness, strict=False)
+        positive("dynamic_sampling.max_draws", self.dynamic_sampling.max_draws)
+        need(not (self.dynamic_sampling.enabled and self.advantage.estimator == "gae"), "dynamic_sampling.enabled",
+             "drops prompts whose GRPO advantages are all 0; with advantage.estimator=gae the critic's baseline gives "
+             "such prompts advantages too")
         need(not (self.async_.max_staleness and self.orchestrate.colocate), "async.max_staleness",
              "> 0 overlaps rollouts with training, which needs engines on their own devices: colocated engines "
              "(orchestrate.colocate=true) give the GPUs to the actor while it trains")

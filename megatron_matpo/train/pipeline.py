@@ -139,3 +139,41 @@ def rollouts_for(max_staleness: int, produce: Produce, version: int, first_step:
         return SyncRollouts(produce, version)
     return AheadRollouts(produce, version, first_step, last_step, max_staleness)
 
+
+
+# ---- dynamic sampling ------------------------------------------------------------------------------
+# A GRPO group whose samples all got the same reward has advantages 0 on every row: it carries no
+# gradient, only cost, and it dilutes the token-mean of the informative ones (DAPO). With
+# `dynamic_sampling.enabled`, such prompts are dropped and the batch is refilled by rolling out more
+# prompts (up to `max_draws` batches in all); the step trains on the first `prompts_per_step` kept.
+
+def informative_prompts(groups: list[list[list]]) -> list[bool]:
+    """Per prompt: whether any of its rows, of any policy, has a non-zero advantage."""
+    def nonzero(a) -> bool:
+        return any(x != 0.0 for x in a) if isinstance(a, list) else a != 0.0
+
+    return [any(nonzero(r.advantage) for policy in groups for r in policy[p]) for p in range(len(groups[0]))]
+
+
+def refill(draws: list[StepRollout], prompts: int, min_prompts: int = 1) -> tuple[StepRollout, dict[str, float]]:
+    """The first `prompts` informative prompts of the draws, in order, as one step's rollout (the first
+    draw's metrics: the batch as sampled). Fewer than `min_prompts` informative ones (each mini-batch
+    needs a prompt) are topped up with the first draw's others: a step of less gradient rather than
+    none. Metrics: dynamic/dropped_fraction of the prompts rolled out, dynamic/kept_prompts (informative
+    ones trained), dynamic/draws."""
+    kept: list[list[list]] = [[] for _ in draws[0].groups]
+    rolled = dropped = 0
+    for d in draws:
+        for p, ok in enumerate(informative_prompts(d.groups)):
+            rolled += 1
+            dropped += not ok
+            if ok and len(kept[0]) < prompts:
+                for policy, groups in zip(kept, d.groups):
+                    policy.append(groups[p])
+    stats = {"dynamic/dropped_fraction": dropped / max(rolled, 1), "dynamic/kept_prompts": float(len(kept[0])),
+             "dynamic/draws": float(len(draws))}
+    first = informative_prompts(draws[0].groups)
+    for p in [p for p, ok in enumerate(first) if not ok][:max(0, min_prompts - len(kept[0]))]:
+        for policy, groups in zip(kept, draws[0].groups):
+            policy.append(groups[p])
+    return StepRollout(kept, dict(draws[0].metrics)), stats
