@@ -197,10 +197,11 @@ def slurm_why(slurm_env: dict, job: str, out: Path, info: dict[str, str]) -> str
 
 
 def preempted_tiny_job(slurm_env: dict, config_path: str, run_dir: Path, overrides: list[str], preempt_once: Path,
-                       out: Path, timeout: float = 1800) -> dict[str, str]:
+                       out: Path, timeout: float = 2700) -> dict[str, str]:
     """slurm/tiny_cpu.sbatch with `config_path` (two nodes, `--resume` always), sent what
     `#SBATCH --signal=B:USR1@60` sends before a time limit (checkpoint after this step, requeue) once
-    `preempt_once` exists, then followed to its end; its final job record (the output is in `out`)."""
+    `preempt_once` exists, then followed to its end; its final job record (the output is in `out`). The
+    limit leaves room for the rest of the suite sharing the cores (the world runs beside it)."""
     job_env = {**env(), "SLURM_CONF": slurm_env["SLURM_CONF"], "MATPO_RUN_DIR": str(run_dir), "MATPO_HOME": str(REPO),
                "MATPO_CONFIG": config_path, "PATH": f"{REPO}/.venv/bin:{os.environ['PATH']}"}
     p = subprocess.run(["sbatch", "--parsable", f"--output={out}", "slurm/tiny_cpu.sbatch", *overrides],
