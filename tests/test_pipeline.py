@@ -142,7 +142,8 @@ def _draw(advantages: list[list[float]], tag: str) -> StepRollout:
     """One policy; a prompt per entry, a row per advantage."""
     from megatron_matpo.train.packing import Row
 
-    groups = [[[Row([1, 2], [0, 1], [0.0, 0.0], a, role=f"{tag}{p}") for a in prompt]
+    ids = iter(range(100))  # numbered within the draw, as train.rows.build_rows does
+    groups = [[[Row([1, 2], [0, 1], [0.0, 0.0], a, role=f"{tag}{p}", row_id=next(ids)) for a in prompt]
                for p, prompt in enumerate(advantages)]]
     return StepRollout(groups, {"reward/mean": float(len(tag))})
 
@@ -157,6 +158,12 @@ def test_dynamic_sampling_drops_zero_variance_prompts_and_refills_in_order():
     assert [p[0].role for p in out.groups[0]] == ["a1", "a3", "bb0"]  # informative ones, in draw order
     assert m == {"dynamic/dropped_fraction": 4 / 8, "dynamic/kept_prompts": 3.0, "dynamic/draws": 2.0}
     assert out.metrics == {"reward/mean": 1.0}  # the batch as sampled: the first draw's
+    assert [r.row_id for p in out.groups[0] for r in p] == list(range(6))  # unique across the draws (pack_rows)
+    assert a.groups[0][1][0].row_id == 2  # the draws themselves are left as they were
+    from megatron_matpo.train.packing import pack_rows
+
+    (mbs,) = pack_rows([r for p in out.groups[0] for r in p], max_tokens_per_micro_batch=64, dp_size=1)
+    assert sorted(set(mbs[0].row_ids[0].tolist()) - {-1}) == list(range(6))
     # per-token advantages (GAE-shaped rows) count too; several policies: informative in any
     assert informative_prompts([[[_draw([[0.0]], "x").groups[0][0][0]]], [[_draw([[0.3]], "y").groups[0][0][0]]]]) \
         == [True]

@@ -14,6 +14,7 @@ out again the steps that were in flight or buffered: no prompt is trained twice 
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -176,4 +177,8 @@ def refill(draws: list[StepRollout], prompts: int, min_prompts: int = 1) -> tupl
     for p in [p for p, ok in enumerate(first) if not ok][:max(0, min_prompts - len(kept[0]))]:
         for policy, groups in zip(kept, draws[0].groups):
             policy.append(groups[p])
+    # each draw numbered its rows from 0 (a row id names a row within one packed batch): renumber
+    for policy in kept:
+        ids = iter(range(sum(len(g) for g in policy)))
+        policy[:] = [[dataclasses.replace(r, row_id=next(ids)) for r in group] for group in policy]
     return StepRollout(kept, dict(draws[0].metrics)), stats
