@@ -234,3 +234,16 @@ def engine_memory_release_supported() -> bool:
     from megatron_matpo import platform
 
     return platform.capabilities().cuda
+
+
+# sglang 0.5.23: a request whose grammar (regex / JSON schema) is not compiled within
+# SGLANG_GRAMMAR_MAX_POLL_ITERATIONS scheduler polls (10,000 x >= 5 ms, ~50 s) is aborted, and the
+# client gets an empty, unconstrained-looking answer. On 2 shared CPU cores under load a compile can
+# take that long (a forced-answer discussion came back empty in CI); CPU engines wait ~10 min instead.
+GRAMMAR_POLL_ITERATIONS_CPU = "120000"
+
+
+def sglang_engine_env(env: dict, cpu: bool) -> dict:
+    if cpu:
+        env.setdefault("SGLANG_GRAMMAR_MAX_POLL_ITERATIONS", GRAMMAR_POLL_ITERATIONS_CPU)
+    return env

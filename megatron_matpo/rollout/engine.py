@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from megatron_matpo import platform
-from megatron_matpo.compat import sglang_cpu_pythonpath
+from megatron_matpo.compat import sglang_cpu_pythonpath, sglang_engine_env
 from megatron_matpo.dist import free_port
 
 
@@ -104,6 +104,7 @@ class EngineServer:
         if not platform.capabilities().cuda:
             env["PYTHONPATH"] = os.pathsep.join([sglang_cpu_pythonpath(), env.get("PYTHONPATH", "")])
             env["OMP_NUM_THREADS"] = str(self.cfg.cpu_threads or os.cpu_count() or 1)
+        sglang_engine_env(env, cpu=not platform.capabilities().cuda)
         if self.gpu_ids is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.gpu_ids))
         log_dir = Path(self.cfg.log_dir) if self.cfg.log_dir else None
