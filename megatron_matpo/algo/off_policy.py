@@ -71,18 +71,14 @@ def importance_weights(prox_logprobs: Tensor, behaviour_logprobs: Tensor, mask: 
         if segment_ids is not None:  # padding tokens of a packed stream are never corrected
             m = m & (segment_ids.to(m.device) >= 0).expand_as(m)
         log_w = torch.where(m, (prox_logprobs.float() - behaviour_logprobs.float()), 0.0)
-        if cfg.level == "sequence":
-            if segment_ids is None:
-                if log_w.dim() != 2:
-                    raise ValueError("level 'sequence' on a packed stream needs segment_ids")
-                log_w = log_w.sum(-1, keepdim=True).expand_as(log_w)
-            else:
-                seg = segment_ids.to(device=log_w.device, dtype=torch.long).expand_as(log_w)
-                keep = seg >= 0
-                n = int(seg.max()) + 1 if bool(keep.any()) else 0
-                sums = torch.zeros(n, dtype=log_w.dtype, device=log_w.device).index_add(
-                    0, seg[keep], log_w[keep])
-                log_w = torch.where(keep, sums[seg.clamp_min(0)], 0.0)
+        if cfg.level == "sequence":  # each token carries its sequence's summed log-weight
+            from megatron_matpo.algo.loss import _segments, per_sequence_sums  # loss.py imports this module
+
+            seg = None if segment_ids is None else segment_ids.to(log_w.device).expand_as(log_w).reshape(-1)
+            x = log_w if seg is None else log_w.reshape(-1)  # [B, S]: a sequence per row; else packed by `seg`
+            sums, _ = per_sequence_sums(x, m.reshape(x.shape), segment_ids=seg)
+            _, _, owner = _segments(x, m.reshape(x.shape), None, seg)
+            log_w = torch.where(m, sums[owner].reshape(log_w.shape), 0.0)
         raw = torch.exp(log_w.clamp(-_MAX_LOG_W, _MAX_LOG_W))
         zero = torch.zeros((), dtype=raw.dtype, device=raw.device)
         count = m.sum().clamp_min(1).to(raw.dtype)
