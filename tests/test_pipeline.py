@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from megatron_matpo.train.packing import Row
 from megatron_matpo.train.pipeline import AheadRollouts, ReadyRollout, SyncRollouts, rollouts_for
 from megatron_matpo.train.tasks import StepRollout
 
@@ -36,7 +37,7 @@ class Producer:
                 assert self.release[step].wait(WAIT)
             if step == self.fail_at:
                 raise RuntimeError(f"engine died in step {step}")
-            rows = [[[[0] * 5, [0] * 5, [0] * 5]]]  # one policy, one prompt, three rows of 5 tokens
+            rows = [[[Row([0] * 5, [1] * 5, [0.0] * 5, 1.0) for _ in range(3)]]]  # 1 policy, 1 prompt, 3 rows of 5
             return ReadyRollout(step, StepRollout(rows, {}), version, {"index": step}, 0.0)
         finally:
             self.in_flight.clear()
@@ -82,6 +83,9 @@ def test_staleness_one_rolls_out_the_next_step_while_this_one_trains():
     assert p.calls == [(1, 0), (2, 0), (3, 1), (4, 2), (5, 3)]
     assert [g.staleness for g in got] == [0, 1, 1, 1, 1]
     assert got[2].metrics()["async/tokens_staleness_1"] == 15.0 and got[2].metrics()["async/policy_version"] == 1.0
+    # every row (each of its tokens) carries the version that sampled it
+    versions = [sorted({r.policy_version for p in g.out.groups for q in p for r in q}) for g in got]
+    assert versions == [[0], [0], [1], [2], [3]]
 
 
 def test_the_bound_holds_at_staleness_two_and_a_resume_starts_from_its_version():

@@ -6,7 +6,8 @@ One world for all of it (bring-up is most of a short run's cost on 2 cores): the
 (configs/toy_learnable_cpu.yaml) with a checkpoint every step, eval and the HF export switched on. It
 starts on this machine, colocated (engine synced by tensors) with the frozen reference (KL), and is
 SIGKILLed while it writes its step-3 checkpoint. It is resumed as slurm/tiny_cpu.sbatch on a real
-local Slurm across two nodes (engine on its own bundle, synced by broadcast), preempted there with
+local Slurm across two nodes (engine on its own bundle, synced by broadcast, each step rolled out
+while the one before trains: async.max_staleness=1), preempted there with
 SIGUSR1 after step 5's checkpoint, requeued by the script and resumed once more to step 10. The
 learning test, the end-to-end checks, the crash/resume checks and the Slurm checks all read that one
 run. Without a local Slurm (it needs root) the second half is a plain `matpo train --resume` and the
@@ -32,6 +33,10 @@ WORLD = ["bootstrap.toy_answer=c", "checkpoint.every=1", "checkpoint.keep_last=2
 # the first start (steps 1-2): colocated and synced by tensors, with the frozen reference (its forward costs
 # ~6 s a step here, so the Slurm half runs without it, in the toy's own broadcast mode)
 HERE = ["orchestrate.colocate=true", "sync.mode=tensor", "loss.kl_coef=0.001"]
+# the second half (steps 3-10, engines on their own bundles): each step rolled out while the one before
+# trains, on the weights from two steps back (async is refused with colocated engines), its tokens
+# reweighted by truncated importance sampling (engine logprobs as the behaviour policy)
+THERE = ["async.max_staleness=1", "loss.off_policy.mode=tis"]
 
 
 def _planners(run: Path, step: int) -> list[dict]:
@@ -73,10 +78,10 @@ def run_matpo_world(inputs, slurm_or_none, tmp_path_factory) -> dict:
               "latest_file": (ckpts / LATEST_FILE).read_text().strip(),
               "latest": latest_checkpoint(run).name, "stdout": (run / "stdout.txt").read_text()}
     if slurm_or_none is None:
-        job, out = None, train(TOY, run, ov, resume=True)  # as the Slurm half: broadcast, no reference
+        job, out = None, train(TOY, run, ov + THERE, resume=True)  # as the Slurm half: broadcast, no reference
     else:
         log = run / "slurm-job.out"  # inside run_dir: the no-secret test reads it too
-        job = preempted_tiny_job(slurm_or_none, TOY, run, ov, ckpts / f"step_{PREEMPT_AFTER:06d}", log)
+        job = preempted_tiny_job(slurm_or_none, TOY, run, ov + THERE, ckpts / f"step_{PREEMPT_AFTER:06d}", log)
         out = log.read_text()
     return {"run": run, "out": out, "killed": killed, "m": metrics(run), "inputs": inputs, "job": job}
 
@@ -84,7 +89,8 @@ def run_matpo_world(inputs, slurm_or_none, tmp_path_factory) -> dict:
 def test_reward_rises_on_the_learnable_toy(matpo_world):
     """The planner's answer is one constrained letter and the gold answer is always "c" (a random
     policy is right 1/8 of the time). GRPO must raise the reward over 10 steps (a kill and resume
-    included); planner and worker tokens both carry policy-gradient terms."""
+    included, steps 4-10 but a resume's first on rollouts one policy version behind); planner and
+    worker tokens both carry policy-gradient terms."""
     run, m = matpo_world["run"], matpo_world["m"]
     steps = sorted(m)
     acc = [m[s]["reward/accuracy"] for s in steps]
@@ -117,6 +123,19 @@ def test_matpo_end_to_end(matpo_world):
         assert step["planner/workers_per_planner"] >= 1.0
         assert step["actor/steps_skipped"] == 0 and step["actor/grad_norm"] >= 0.0
         assert step["sync/tensors"] > 0 and "time/rollout_s" in step
+    # steps 3-10 were rolled out one step ahead (THERE), except each process's first step: a start rolls
+    # out on the weights it restored; the steps before the kill ran synchronously (colocated)
+    starts = [s for s in sorted(m) if "bringup/total_s" in m[s]]
+    assert starts[:2] == [1, KILL_AT], starts
+    for s in m:
+        lag = 0 if s < KILL_AT or s in starts else 1
+        assert (m[s]["async/staleness"], m[s]["async/policy_version"]) == (lag, s - 1 - lag), (s, starts)
+        assert m[s][f"async/tokens_staleness_{lag}"] > 0 and f"async/tokens_staleness_{1 - lag}" not in m[s]
+        if s >= KILL_AT:  # TIS on the unconstrained trained tokens (the regex-constrained letter keeps w = 1)
+            assert m[s]["actor/is_tokens"] > 0 and 0 < m[s]["actor/is_ratio_mean"] < 10, (s, m[s])
+            assert 0 <= m[s]["actor/is_truncated_frac"] < 1, (s, m[s])
+    print("TIS ratio mean per step:", [round(m[s].get("actor/is_ratio_mean", float("nan")), 4) for s in sorted(m)],
+          "truncated:", [round(m[s].get("actor/is_truncated_frac", float("nan")), 4) for s in sorted(m)])
     assert any(k.startswith("eval/") and k.endswith("accuracy") for k in m[10]), sorted(m[10])
     assert not any(k.startswith("eval/") for s in range(1, 10) for k in m[s])
     assert (run / "rollouts" / "eval_000010.jsonl").exists()

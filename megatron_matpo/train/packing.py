@@ -46,6 +46,9 @@ class Row:
     reward: float | list[float] | None = None
     returns: list[float] | None = None  # per token: the critic's regression target (GAE)
     old_values: list[float] | None = None  # per token: the critic's value before this step's update
+    # the engines' weights that sampled every generated token of the row: those after step `policy_version`
+    # (train/pipeline.py; a sync never overlaps a rollout, so one version holds for the whole row)
+    policy_version: int | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -25,20 +25,36 @@ from megatron_matpo.train.tasks import StepRollout
 
 @dataclass
 class ReadyRollout:
+    """One step's rollout, every row tagged with the policy version that sampled it."""
     step: int
     out: StepRollout
     version: int  # the engines' weights for all of it: those after step `version`
     data_state: dict  # the prompt loader's state right after this step's batch was drawn
     rollout_s: float  # the rollout's own duration (the loop may have waited less)
 
+    def __post_init__(self):
+        self.out = dataclasses.replace(self.out, groups=[
+            [[dataclasses.replace(r, policy_version=self.version) for r in prompt] for prompt in policy]
+            for policy in self.out.groups])
+
     @property
     def staleness(self) -> int:
-        return self.step - 1 - self.version
+        """The oldest token's: (step - 1) - its version."""
+        return self.step - 1 - min(self.versions(), default=self.version)
+
+    def versions(self) -> list[int]:
+        return [r.policy_version for policy in self.out.groups for prompt in policy for r in prompt]
 
     def metrics(self) -> dict[str, float]:
-        tokens = sum(len(r) for policy in self.out.groups for prompt in policy for r in prompt)
-        return {"async/staleness": float(self.staleness), "async/policy_version": float(self.version),
-                f"async/tokens_staleness_{self.staleness}": float(tokens), "async/rollout_s": self.rollout_s}
+        """Staleness, the version, the rollout's duration, and the tokens trained per staleness."""
+        m = {"async/staleness": float(self.staleness), "async/policy_version": float(self.version),
+             "async/rollout_s": self.rollout_s}
+        for policy in self.out.groups:
+            for prompt in policy:
+                for r in prompt:
+                    key = f"async/tokens_staleness_{self.step - 1 - r.policy_version}"
+                    m[key] = m.get(key, 0.0) + len(r)
+        return m
 
 
 Produce = Callable[[int, int], ReadyRollout]  # (step, version) -> that step's rollout on those weights
