@@ -42,18 +42,19 @@ class ReadyRollout:
         """The oldest token's: (step - 1) - its version."""
         return self.step - 1 - min(self.versions(), default=self.version)
 
+    def rows(self):
+        return (r for policy in self.out.groups for prompt in policy for r in prompt)
+
     def versions(self) -> list[int]:
-        return [r.policy_version for policy in self.out.groups for prompt in policy for r in prompt]
+        return [r.policy_version for r in self.rows()]
 
     def metrics(self) -> dict[str, float]:
         """Staleness, the version, the rollout's duration, and the tokens trained per staleness."""
         m = {"async/staleness": float(self.staleness), "async/policy_version": float(self.version),
              "async/rollout_s": self.rollout_s}
-        for policy in self.out.groups:
-            for prompt in policy:
-                for r in prompt:
-                    key = f"async/tokens_staleness_{self.step - 1 - r.policy_version}"
-                    m[key] = m.get(key, 0.0) + len(r)
+        for r in self.rows():
+            key = f"async/tokens_staleness_{self.step - 1 - r.policy_version}"
+            m[key] = m.get(key, 0.0) + len(r)
         return m
 
 
