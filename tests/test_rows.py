@@ -76,6 +76,21 @@ def test_train_stats_reduce_over_dp_and_mini_batches():
     assert out["actor/ratio_max"] == pytest.approx(1.3) and out["actor/grad_norm"] == 2.0
 
 
+def test_train_stats_off_policy_correction_over_corrected_tokens():
+    # two DP ranks, two mini-batches on rank 0: IS metrics weighted by is_tokens (not the loss tokens)
+    base = {"grad_norm": 1.0, "step_skipped": 0.0, "lr": 1e-4, "loss_tokens_planner": 10.0}
+    r0 = [{**base, "is_tokens": 2.0, "is_ratio_mean": 1.5, "is_ratio_max": 2.0, "is_truncated_frac": 0.5},
+          {**base, "is_tokens": 6.0, "is_ratio_mean": 1.0, "is_ratio_max": 1.0, "is_truncated_frac": 0.0}]
+    r1 = [{**base, "is_tokens": 0.0, "is_ratio_mean": 0.0, "is_ratio_max": 0.0, "is_truncated_frac": 0.0},
+          {**base, "is_tokens": 2.0, "is_ratio_mean": 3.0, "is_ratio_max": 4.0, "is_truncated_frac": 1.0}]
+    out = S.train_stats([r0, r1], [True, True])
+    assert out["actor/is_tokens"] == 10.0 and out["actor/is_ratio_max"] == 4.0
+    assert out["actor/is_ratio_mean"] == pytest.approx((2 * 1.5 + 6 * 1.0 + 2 * 3.0) / 10)
+    assert out["actor/is_truncated_frac"] == pytest.approx((2 * 0.5 + 2 * 1.0) / 10)
+    assert "actor/is_masked_frac" not in out  # token TIS reports no masking
+    assert not any(k.startswith("actor/is_") for k in S.train_stats([[base]], [True]))  # correction off
+
+
 def test_train_stats_per_role_terms_for_any_role():
     # MAPoRL rows carry roles agent0/agent1: their terms are summed over ranks and weight the token means
     r0 = [{"grad_norm": 1.0, "step_skipped": 0.0, "lr": 1e-4, "clip_frac": 1.0, "pg_term_agent0": -0.25,

@@ -34,8 +34,9 @@ WORLD = ["bootstrap.toy_answer=c", "checkpoint.every=1", "checkpoint.keep_last=2
 # ~6 s a step here, so the Slurm half runs without it, in the toy's own broadcast mode)
 HERE = ["orchestrate.colocate=true", "sync.mode=tensor", "loss.kl_coef=0.001"]
 # the second half (steps 3-10, engines on their own bundles): each step rolled out while the one before
-# trains, on the weights from two steps back (async is refused with colocated engines)
-THERE = ["async.max_staleness=1"]
+# trains, on the weights from two steps back (async is refused with colocated engines), corrected by
+# token-level TIS from the engine's logprobs to the recomputed ones
+THERE = ["async.max_staleness=1", "loss.off_policy.mode=tis"]
 
 
 def _planners(run: Path, step: int) -> list[dict]:
@@ -130,6 +131,13 @@ def test_matpo_end_to_end(matpo_world):
         lag = 0 if s < KILL_AT or s in starts else 1
         assert (m[s]["async/staleness"], m[s]["async/policy_version"]) == (lag, s - 1 - lag), (s, starts)
         assert m[s][f"async/tokens_staleness_{lag}"] > 0 and f"async/tokens_staleness_{1 - lag}" not in m[s]
+        # TIS (THERE only): the IS ratio engine -> trainer is ~1 on the synchronous steps, moved on lagged ones
+        if s < KILL_AT:
+            assert not any(k.startswith("actor/is_") for k in m[s]), s
+        else:
+            assert m[s]["actor/is_tokens"] > 0 and m[s]["actor/is_ratio_max"] >= m[s]["actor/is_ratio_mean"] > 0
+            assert 0.0 <= m[s]["actor/is_truncated_frac"] <= 1.0 and "actor/is_masked_frac" not in m[s]
+            assert (m[s]["actor/is_ratio_max"] < 1.01) == (lag == 0), (s, lag, m[s]["actor/is_ratio_max"])
     assert any(k.startswith("eval/") and k.endswith("accuracy") for k in m[10]), sorted(m[10])
     assert not any(k.startswith("eval/") for s in range(1, 10) for k in m[s])
     assert (run / "rollouts" / "eval_000010.jsonl").exists()

@@ -64,6 +64,20 @@ def train_stats(per_rank: list[list[dict]], reports: list[bool]) -> dict[str, fl
     ratio_max = [s["ratio_max"] for _, s in tok if "ratio_max" in s]
     if ratio_max:
         out["actor/ratio_max"] = max(ratio_max)
+    out.update(_is_stats([s for _, s in tok if "is_tokens" in s]))
+    return out
+
+
+def _is_stats(reps: list[dict]) -> dict[str, float]:
+    """Off-policy correction (loss.off_policy): weighted by the corrected tokens each report saw, which
+    are not the loss tokens (constrained tokens keep weight 1 and are not counted)."""
+    if not reps:
+        return {}
+    n = sum(s["is_tokens"] for s in reps)
+    out = {"actor/is_tokens": n, "actor/is_ratio_max": max(s["is_ratio_max"] for s in reps)}
+    for k in ("is_ratio_mean", "is_truncated_frac", "is_masked_frac"):
+        if any(k in s for s in reps):
+            out[f"actor/{k}"] = sum(s.get(k, 0.0) * s["is_tokens"] for s in reps) / max(n, 1.0)
     return out
 
 
