@@ -7,7 +7,7 @@ One world for all of it (bring-up is most of a short run's cost on 2 cores): the
 starts on this machine, colocated (engine synced by tensors) with the frozen reference (KL), and is
 SIGKILLed while it writes its step-3 checkpoint. It is resumed as slurm/tiny_cpu.sbatch on a real
 local Slurm across two nodes (engine on its own bundle, synced by broadcast, each step rolled out
-while the one before trains: async.max_staleness=1), preempted there with
+while the one before trains: async.max_staleness=1, corrected by TIS), preempted there with
 SIGUSR1 after step 5's checkpoint, requeued by the script and resumed once more to step 10. The
 learning test, the end-to-end checks, the crash/resume checks and the Slurm checks all read that one
 run. Without a local Slurm (it needs root) the second half is a plain `matpo train --resume` and the
