@@ -19,7 +19,7 @@ import yaml
 from megatron_matpo.agents.workflow import derive_seed
 from megatron_matpo.config import ConfigError, redacted, to_dict
 from megatron_matpo.data.loader import PromptLoader
-from megatron_matpo.train.packing import Row, pack_rows, packing_stats
+from megatron_matpo.train.packing import Row, pack_rows, packing_stats, set_loss_weights
 from megatron_matpo.train import preemption
 from megatron_matpo.train import stats as S
 from megatron_matpo.train.preemption import Preempted
@@ -290,6 +290,9 @@ class Trainer:
         with t("advantage_pack"):
             # mini-batches split whole prompts (GRPO groups)
             chunks = S.split_even(per_prompt, cfg.actor.mini_batches)
+            if cfg.loss.agg != "token-mean":  # token-mean divides by each mini-batch's global token count instead
+                for c in chunks:
+                    set_loss_weights([r for group in c for r in group], cfg.loss.agg)
             packed = [pack_rows([r for group in c for r in group], cfg.actor.max_tokens_per_micro_batch,
                                 cfg.actor.dp, pad_to_multiple=cfg.actor.tp) for c in chunks]
             actors.load_batch(packed)

@@ -283,6 +283,30 @@ def actor_step(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
         want_mean = sum(sum(r.loss_mask) * math.exp(shift[r.row_id]) for r in rows) / n_tok
         out["tis_ratio_mean_err"] = abs(tis["is_ratio_mean"] - want_mean)
         out["tis_tokens_off"] = abs(tis["is_tokens"] - n_tok)
+    # the paper's normalization (loss.agg=rollout-mean-token-mean) through the loss weights the trainer sets:
+    # rows 0 and 1 one rollout (a planner and its worker), the others one each; at ratio 1 (the update's own
+    # forward) the loss is -mean over rollouts of (sum_r A_r n_r / the rollout's tokens), whatever the weights
+    from megatron_matpo.train.packing import set_loss_weights
+
+    owner = {r.row_id: max(r.row_id - 1, 0) for r in rows}
+    paper_rows = [Row(r.token_ids, r.loss_mask, r.old_logprobs, r.advantage, row_id=r.row_id,
+                      rollout_id=owner[r.row_id]) for r in rows]
+    set_loss_weights(paper_rows, "rollout-mean-token-mean")
+    (mbs4,) = pack_rows(paper_rows, max_tokens_per_micro_batch=64, dp_size=1)
+    paper = train_step(built3.chunks, build_optimizer(built3.chunks, optim), mbs4,
+                       LossConfig(agg="rollout-mean-token-mean"), global_token_count=n_tok, device=dev,
+                       old_from_forward=True)
+    out.update(paper_loss_err=0.0, paper_reported=0.0)
+    if parallel_state.is_pipeline_last_stage() and "loss" in paper:
+        out["paper_reported"] = 1.0
+        per: dict[int, list[float]] = {}
+        for r in rows:
+            n = sum(r.loss_mask[1:])
+            got = per.setdefault(owner[r.row_id], [0.0, 0.0])
+            got[0] += r.advantage * n
+            got[1] += n
+        want = -sum(a / n for a, n in per.values()) / len(per)
+        out["paper_loss_err"] = abs(paper["loss"] - want)
     return _max_over_world(out)
 
 

@@ -206,6 +206,32 @@ def test_aggregation_packed_padding_tail_and_global_counts():
         aggregate_loss(PACKED, PACKED_MASK, "sum")
 
 
+def test_row_loss_weights_by_hand():
+    # the three sequences above as rows with 2, 1, 2 loss tokens; rows 0 and 1 are one rollout (a planner
+    # and its worker), row 2 another. Paper form: each rollout's token mean, then the mean over rollouts
+    #   rollout 0: (1 + 2 + 4) / 3 = 7/3, rollout 1: (5 + 6) / 2 = 11/2  ->  (7/3 + 11/2) / 2 = 47/12
+    # (the token mean over all rows, 3.6, weighs rollout 0's three tokens against rollout 1's two)
+    from megatron_matpo.algo.loss import row_loss_weights
+
+    n, rollouts = [2, 1, 2], [0, 0, 1]
+    w = row_loss_weights(n, "rollout-mean-token-mean", rollouts)
+    assert w == pytest.approx([1 / 6, 1 / 6, 1 / 4])
+    owner = [0, 0, 0, 1, 2, 2]  # each packed token's row
+    weighted = aggregate_loss(PACKED, PACKED_MASK, "rollout-mean-token-mean",
+                              token_weights=torch.tensor([w[k] for k in owner]))
+    assert close(weighted, 47 / 12)
+    for agg, want in EXPECTED.items():  # the other modes as weights give their own aggregates
+        ws = row_loss_weights(n, agg)
+        tok = torch.tensor([ws[k] for k in owner])
+        assert close(aggregate_loss(PACKED, PACKED_MASK, agg, token_weights=tok), want), agg
+    assert row_loss_weights([3, 0], "seq-mean-token-mean") == [pytest.approx(1 / 3), 0.0]  # empty rows not counted
+    assert row_loss_weights([0, 0, 4], "rollout-mean-token-mean", [0, 0, 1]) == [0.0, 0.0, 0.25]
+    with pytest.raises(ValueError, match="rollout of every row"):
+        row_loss_weights(n, "rollout-mean-token-mean", [0, None, 1])
+    with pytest.raises(ValueError, match="needs token_weights"):
+        aggregate_loss(PACKED, PACKED_MASK, "rollout-mean-token-mean", cu_seqlens=CU)
+
+
 def test_ppo_seq_level_packed_matches_padded():
     # same tokens packed vs padded give the same seq-mean-token-mean loss and gradient
     torch.manual_seed(0)

@@ -65,6 +65,8 @@ BAD_TRAIN_CONFIGS = [
     (["async.max_staleness=-1"], "async.max_staleness", "must be >= 0"),
     (["loss.off_policy.mode=is"], "loss.off_policy", "mode must be one of"),
     (["dynamic_sampling.max_draws=0"], "dynamic_sampling.max_draws", "must be > 0"),
+    (["algorithm=maporl", "loss.agg=rollout-mean-token-mean"], "loss.agg", "MAPoRL rows are per agent turn"),
+    (["loss.agg=rollout-mean"], "loss", "unknown loss aggregation"),
 ]
 
 

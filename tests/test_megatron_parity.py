@@ -107,6 +107,7 @@ def test_actor_logprobs_and_first_ppo_step(request, world, key):
     # TIS against an engine 0.3 / 1.0 / -0.2 nats off on each row: the loss as computed by hand
     assert res["tis_loss_err"] <= 1e-5 and res["tis_ratio_mean_err"] <= 1e-4, res
     assert res["tis_reported"] == 1.0 and res["tis_truncated_off"] <= 1e-6 and res["tis_tokens_off"] == 0.0, res
+    assert res["paper_reported"] == 1.0 and res["paper_loss_err"] <= 1e-5, res  # loss.agg=rollout-mean-token-mean
 
 
 @pytest.mark.parametrize("key", ["critic@tp1pp1dp1", "critic@tp2pp1dp1", "critic@tp1pp2dp1"])

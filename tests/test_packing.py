@@ -238,3 +238,26 @@ def test_packing_stats_counts_padding():
     assert stats["tokens_per_rank"] in ([3, 0], [0, 3]) and stats["dp_imbalance"] == pytest.approx(2.0)
     assert stats["micro_batches_per_rank"] == [1, 1]
     assert torch.is_tensor(pack_rows(rows, 16, 1)[0][0].labels)
+
+
+def test_loss_weights_add_up_to_the_rollout_mean_over_ranks_and_micro_batches():
+    # rows (advantage, trained tokens after the shift): planner (1, 2) + its worker (2, 1) are rollout 0,
+    # a planner (5, 2) is rollout 1. With the advantage as the per-token loss, the paper form is
+    # ((2*1 + 1*2) / 3 + 5) / 2 = 19/6 wherever the rows were packed: 2 DP ranks, a 4-token budget
+    from megatron_matpo.algo.loss import aggregate_loss
+    from megatron_matpo.train.packing import set_loss_weights
+
+    rows = [Row(token_ids=[1, 2, 3, 4], loss_mask=[0, 0, 1, 1], old_logprobs=[0.0] * 4, advantage=1.0, rollout_id=0),
+            Row(token_ids=[1, 2, 3], loss_mask=[0, 0, 1], old_logprobs=[0.0] * 3, advantage=2.0, rollout_id=0),
+            Row(token_ids=[5, 6, 7, 8], loss_mask=[0, 0, 1, 1], old_logprobs=[0.0] * 4, advantage=5.0, rollout_id=1)]
+    set_loss_weights(rows, "rollout-mean-token-mean")
+    assert [r.loss_weight for r in rows] == pytest.approx([1 / 6, 1 / 6, 1 / 4])
+    packed = pack_rows(rows, max_tokens_per_micro_batch=4, dp_size=2, pad_to_multiple=2)
+    assert sum(len(rank) for rank in packed) >= 3  # one row per micro-batch, padding micro-batches included
+    total = sum(float(aggregate_loss(p.advantages, p.loss_mask, "rollout-mean-token-mean",
+                                     token_weights=p.loss_weights)) for rank in packed for p in rank)
+    assert total == pytest.approx(19 / 6)
+    assert all(float(p.loss_weights[p.row_ids == PAD_ROW_ID].abs().sum()) == 0.0 for rank in packed for p in rank)
+    rows[1].loss_weight = None
+    with pytest.raises(ValueError, match="loss weight"):
+        pack_rows(rows, max_tokens_per_micro_batch=16, dp_size=1)

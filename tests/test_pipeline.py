@@ -146,9 +146,9 @@ def _draw(advantages: list[list[float]], tag: str) -> StepRollout:
     """One policy; a prompt per entry, a row per advantage."""
     from megatron_matpo.train.packing import Row
 
-    ids = iter(range(100))  # numbered within the draw, as train.rows.build_rows does
-    groups = [[[Row([1, 2], [0, 1], [0.0, 0.0], a, role=f"{tag}{p}", row_id=next(ids)) for a in prompt]
-               for p, prompt in enumerate(advantages)]]
+    ids = iter(range(100))  # rows and rollouts (one row each here) numbered within the draw, as build_rows does
+    groups = [[[Row([1, 2], [0, 1], [0.0, 0.0], a, role=f"{tag}{p}", row_id=(i := next(ids)), rollout_id=i)
+                for a in prompt] for p, prompt in enumerate(advantages)]]
     return StepRollout(groups, {"reward/mean": float(len(tag))})
 
 
@@ -163,6 +163,7 @@ def test_dynamic_sampling_drops_zero_variance_prompts_and_refills_in_order():
     assert m == {"dynamic/dropped_fraction": 4 / 8, "dynamic/kept_prompts": 3.0, "dynamic/draws": 2.0}
     assert out.metrics == {"reward/mean": 1.0}  # the batch as sampled: the first draw's
     assert [r.row_id for p in out.groups[0] for r in p] == list(range(6))  # unique across the draws (pack_rows)
+    assert [r.rollout_id for p in out.groups[0] for r in p] == list(range(6))  # what loss.agg rollout-mean counts
     assert a.groups[0][1][0].row_id == 2  # the draws themselves are left as they were
     from megatron_matpo.train.packing import pack_rows
 

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from megatron_matpo.algo.off_policy import OffPolicyConfig
 
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "rollout-mean-token-mean")
 KL_KINDS = ("k1", "k3", "abs", "mse")
 _MAX_LOG_RATIO = 20.0  # keeps exp() finite; such tokens are far in the clipped region anyway
 
@@ -68,7 +68,7 @@ def per_sequence_sums(x: Tensor, mask: Tensor, cu_seqlens: Tensor | None = None,
 
 def aggregate_loss(per_token: Tensor, mask: Tensor, agg: str = "token-mean", cu_seqlens: Tensor | None = None,
                    segment_ids: Tensor | None = None, global_token_count: float | Tensor | None = None,
-                   global_seq_count: float | Tensor | None = None) -> Tensor:
+                   global_seq_count: float | Tensor | None = None, token_weights: Tensor | None = None) -> Tensor:
     """Reduce a per-token loss to a scalar.
 
     token-mean: sum over masked tokens / masked-token count (or `global_token_count`, so that data
@@ -76,7 +76,15 @@ def aggregate_loss(per_token: Tensor, mask: Tensor, agg: str = "token-mean", cu_
     seq-mean-token-sum / seq-mean-token-mean: mean over sequences of the per-sequence token sum /
     token mean. Sequences without any masked token (padding rows) are not counted, unless
     `global_seq_count` gives the divisor.
+    `token_weights` (from `row_loss_weights`, any `agg`): the masked weighted sum Σ w·loss, the form a
+    packed batch split over micro-batches and DP ranks uses: the weights already hold each token's share
+    of its mini-batch's mean, so the parts add up to it wherever the rows landed.
     """
+    if token_weights is not None:
+        return (per_token * mask.to(per_token.dtype) * token_weights.to(per_token.dtype)).sum()
+    if agg == "rollout-mean-token-mean":
+        raise ValueError("rollout-mean-token-mean needs token_weights (row_loss_weights): a rollout's rows are "
+                         "not one sequence")
     if agg == "token-mean":
         return masked_mean(per_token, mask, denom=global_token_count)
     if agg not in AGG_MODES:
@@ -88,12 +96,42 @@ def aggregate_loss(per_token: Tensor, mask: Tensor, agg: str = "token-mean", cu_
     return per_seq.sum() / n.clamp_min(1.0)
 
 
+def row_loss_weights(loss_tokens: list[int], agg: str, rollout_ids: list[int | None] | None = None) -> list[float]:
+    """Per row of one mini-batch (all its DP ranks): the weight of each of its loss tokens such that
+    Σ over the mini-batch's tokens of weight·loss is `agg`'s mean. `loss_tokens`: each row's trained
+    tokens; `rollout_ids`: the rollout each row belongs to (rollout-mean: a MATPO planner sample and its
+    workers share one). Rows without loss tokens, and rollouts without any, are not counted.
+
+    token-mean 1/N (N: the mini-batch's loss tokens) · seq-mean-token-sum 1/S · seq-mean-token-mean
+    1/(S·n_row) (S: rows with loss tokens) · rollout-mean-token-mean 1/(R·n_rollout) (R: rollouts with
+    loss tokens, n_rollout: the loss tokens of all its rows), i.e. each full rollout's token mean,
+    averaged over the rollouts (equal-sized GRPO groups: the mean over groups of the group mean).
+    """
+    if agg not in AGG_MODES:
+        raise ValueError(f"unknown loss aggregation {agg!r}; expected one of {AGG_MODES}")
+    if agg == "token-mean":
+        n = sum(loss_tokens)
+        return [1.0 / n if n else 0.0 for _ in loss_tokens]
+    if agg != "rollout-mean-token-mean":
+        s = sum(1 for n in loss_tokens if n > 0)
+        return [0.0 if n == 0 else 1.0 / s if agg == "seq-mean-token-sum" else 1.0 / (s * n) for n in loss_tokens]
+    if rollout_ids is None or any(r is None for r in rollout_ids) or len(rollout_ids) != len(loss_tokens):
+        raise ValueError("loss.agg=rollout-mean-token-mean needs the rollout of every row (MATPO / single-agent "
+                         "rows carry it)")
+    per: dict[int, int] = {}
+    for n, r in zip(loss_tokens, rollout_ids):
+        per[r] = per.get(r, 0) + n
+    big_r = sum(1 for v in per.values() if v > 0)
+    return [1.0 / (big_r * per[r]) if per[r] else 0.0 for r in rollout_ids]
+
+
 def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, loss_mask: Tensor,
                     clip_low: float = 0.2, clip_high: float = 0.2, dual_clip_c: float | None = 3.0,
                     agg: str = "token-mean", cu_seqlens: Tensor | None = None, segment_ids: Tensor | None = None,
                     global_token_count: float | Tensor | None = None,
                     global_seq_count: float | Tensor | None = None,
-                    is_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                    is_weights: Tensor | None = None, token_weights: Tensor | None = None
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate with dual clip; returns (loss, metrics of detached 0-dim tensors).
 
     pg1 = -A·r, pg2 = -A·clip(r, 1-clip_low, 1+clip_high), loss = max(pg1, pg2); for A < 0 the
@@ -122,7 +160,8 @@ def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
         per_token = pg_clip
     if is_weights is not None:
         per_token = per_token * is_weights.detach()
-    loss = aggregate_loss(per_token, mask, agg, cu_seqlens, segment_ids, global_token_count, global_seq_count)
+    loss = aggregate_loss(per_token, mask, agg, cu_seqlens, segment_ids, global_token_count, global_seq_count,
+                          token_weights)
 
     with torch.no_grad():
         m = mask != 0
@@ -207,7 +246,8 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, loss
                 cu_seqlens: Tensor | None = None, segment_ids: Tensor | None = None,
                 global_token_count: float | Tensor | None = None,
                 global_seq_count: float | Tensor | None = None,
-                is_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                is_weights: Tensor | None = None,
+                token_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO loss (each token's surrogate times its `is_weights`, if given) + kl_coef·KL (when kl_as ==
     "loss") - entropy_coef·entropy, all aggregated alike.
 
@@ -216,7 +256,8 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, loss
     """
     cfg = cfg or LossConfig()
     agg_kw = dict(agg=cfg.agg, cu_seqlens=cu_seqlens, segment_ids=segment_ids,
-                  global_token_count=global_token_count, global_seq_count=global_seq_count)
+                  global_token_count=global_token_count, global_seq_count=global_seq_count,
+                  token_weights=token_weights)
     loss, metrics = ppo_policy_loss(logprobs, old_logprobs, advantages, loss_mask, cfg.clip_low, cfg.clip_high,
                                     cfg.dual_clip_c, **agg_kw, is_weights=is_weights)
     if ref_logprobs is not None:

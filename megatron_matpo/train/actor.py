@@ -118,7 +118,8 @@ def train_step(chunks: list, optimizer, mbs: list[PackedMicroBatch], cfg: LossCo
                                                      segment_ids=p.row_ids.to(lp.device))
             is_metrics["is_tokens"] = m.sum().to(lp.device)
         loss, metrics = policy_loss(lp, old, p.advantages.to(lp.device), p.loss_mask.to(lp.device), cfg,
-                                    ref_logprobs=ref, global_token_count=global_token_count, is_weights=weights)
+                                    ref_logprobs=ref, global_token_count=global_token_count, is_weights=weights,
+                                    token_weights=None if p.loss_weights is None else p.loss_weights.to(lp.device))
         metrics = {k: v.detach().float() for k, v in {**metrics, **parity, **is_metrics}.items()}
         metrics["entropy_sum"] = (ent * p.loss_mask.to(ent.device)).sum()
         metrics["tokens"] = p.loss_mask.sum().to(lp.device)

@@ -155,6 +155,9 @@ class TrainConfig:
         need(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         need(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
         need(self.algorithm in ("matpo", "maporl"), "algorithm", f"matpo | maporl, got {self.algorithm!r}")
+        need(not (self.algorithm == "maporl" and self.loss.agg == "rollout-mean-token-mean"), "loss.agg",
+             "rollout-mean-token-mean averages over MATPO rollouts (a planner and its workers); MAPoRL rows are "
+             "per agent turn: use token-mean or a seq-mean mode")
         ro, a = self.rollout, self.actor
         need(ro.n_samples >= 1, "rollout.n_samples", f"must be >= 1, got {ro.n_samples}")
         need(ro.max_concurrent >= 1, "rollout.max_concurrent", f"must be >= 1, got {ro.max_concurrent}")

@@ -49,6 +49,11 @@ class Row:
     # the engines' weights that sampled every generated token of the row: those after step `policy_version`
     # (train/pipeline.py; a sync never overlaps a rollout, so one version holds for the whole row)
     policy_version: int | None = None
+    # the rollout the row belongs to (a MATPO planner sample and its workers share one; loss.agg rollout-mean)
+    rollout_id: int | None = None
+    # the weight of each of its loss tokens in its mini-batch's loss (algo.loss.row_loss_weights); None: the
+    # token mean over the mini-batch's global token count
+    loss_weight: float | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -76,6 +81,7 @@ class PackedMicroBatch:
     # the engine's sampling logprobs once `old_logprobs` were recomputed by the actor (the behaviour
     # policy of the off-policy correction); None: `old_logprobs` still are the engine's
     rollout_logprobs: torch.Tensor | None = None
+    loss_weights: torch.Tensor | None = None  # float32; the row's `loss_weight` on each of its positions
 
     @property
     def behaviour_logprobs(self) -> torch.Tensor:
@@ -227,10 +233,10 @@ def _shifted(values: list, fill) -> list:
 
 
 def _build(rows: list[Row], ids: list[int], pad_to_multiple: int, pad_token_id: int,
-           with_ref: bool) -> PackedMicroBatch:
+           with_ref: bool, with_weights: bool) -> PackedMicroBatch:
     seqs, labels, mask, old, ref, adv, owner, parity = [], [], [], [], [], [], [], []
     with_values = any(r.returns is not None for r in rows)
-    ret, val = [], []
+    ret, val, wts = [], [], []
     for r, rid in zip(rows, ids):
         n = len(r.token_ids)
         seqs.append(torch.tensor(r.token_ids, dtype=torch.long))
@@ -245,6 +251,10 @@ def _build(rows: list[Row], ids: list[int], pad_to_multiple: int, pad_token_id: 
                 raise ValueError(f"row {rid}: a batch with critic targets needs returns and old_values on every row")
             ret += _shifted(r.returns, 0.0)
             val += _shifted(r.old_values, 0.0)
+        if with_weights:
+            if r.loss_weight is None:
+                raise ValueError(f"row {rid}: a batch with loss weights needs one on every row")
+            wts += [float(r.loss_weight)] * n
         owner += [rid] * n
     total = len(owner)
     # Dummy segment (own cu_seqlens entry so it attends to nothing real): rounds the packed length
@@ -259,6 +269,7 @@ def _build(rows: list[Row], ids: list[int], pad_to_multiple: int, pad_token_id: 
         adv += [0.0] * pad
         ret += [0.0] * pad if with_values else []
         val += [0.0] * pad if with_values else []
+        wts += [0.0] * pad if with_weights else []
         owner += [PAD_ROW_ID] * pad
         parity += [0] * pad
     mb = pack_sequences(seqs)
@@ -274,10 +285,11 @@ def _build(rows: list[Row], ids: list[int], pad_to_multiple: int, pad_token_id: 
         num_loss_tokens=int(loss_mask.sum()), parity_mask=t(parity, torch.float32),
         roles={rid: r.role or "policy" for r, rid in zip(rows, ids)},
         returns=t(ret, torch.float32) if with_values else None,
-        old_values=t(val, torch.float32) if with_values else None)
+        old_values=t(val, torch.float32) if with_values else None,
+        loss_weights=t(wts, torch.float32) if with_weights else None)
     mb.extras = {"labels": pmb.labels, "loss_mask": pmb.loss_mask, "old_logprobs": pmb.old_logprobs,
                  "advantages": pmb.advantages, "ref_logprobs": pmb.ref_logprobs, "row_ids": pmb.row_ids,
-                 "num_loss_tokens": pmb.num_loss_tokens}
+                 "num_loss_tokens": pmb.num_loss_tokens, "loss_weights": pmb.loss_weights}
     return pmb
 
 
@@ -305,13 +317,24 @@ def pack_rows(rows: list[Row], max_tokens_per_micro_batch: int, dp_size: int, pa
     sizes = [len(r) for r in rows]
     ids = [r.row_id if r.row_id is not None else i for i, r in enumerate(rows)]
     with_ref = any(r.ref_logprobs is not None for r in rows)
+    with_weights = any(r.loss_weight is not None for r in rows)  # then padding micro-batches carry zeros too
 
     ranks = balance_ranks(sizes, dp_size)
     rank_bins = [first_fit_decreasing(ix, sizes, capacity) for ix in ranks]
     if equalize_micro_batches:
         rank_bins = equalize_bins(rank_bins, sizes)
     return [[_build([rows[i] for i in b or []], [ids[i] for i in b or []], pad_to_multiple,
-                    pad_token_id, with_ref) for b in bins] for bins in rank_bins]
+                    pad_token_id, with_ref, with_weights) for b in bins] for bins in rank_bins]
+
+
+def set_loss_weights(rows: list[Row], agg: str) -> None:
+    """Each row's `loss_weight` for one mini-batch's `rows` under `loss.agg` (algo.loss.row_loss_weights),
+    counted over the tokens packing trains (a row's first token is never predicted)."""
+    from megatron_matpo.algo.loss import row_loss_weights
+
+    weights = row_loss_weights([sum(r.loss_mask[1:]) for r in rows], agg, [r.rollout_id for r in rows])
+    for r, w in zip(rows, weights):
+        r.loss_weight = w
 
 
 def packing_stats(packed: list[list[PackedMicroBatch]]) -> dict:

@@ -15,6 +15,7 @@ out again the steps that were in flight or buffered: no prompt is trained twice 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -194,8 +195,11 @@ def refill(draws: list[StepRollout], prompts: int, min_prompts: int = 1) -> tupl
     for p in [p for p, ok in enumerate(first) if not ok][:max(0, min_prompts - len(kept[0]))]:
         for policy, groups in zip(kept, draws[0].groups):
             policy.append(groups[p])
-    # each draw numbered its rows from 0 (a row id names a row within one packed batch): renumber
+    # each draw numbered its rows and rollouts from 0 (a row id names a row within one packed batch; a
+    # rollout, within one prompt's group, is what loss.agg rollout-mean averages over): renumber both
     for policy in kept:
-        ids = iter(range(sum(len(g) for g in policy)))
-        policy[:] = [[dataclasses.replace(r, row_id=next(ids)) for r in group] for group in policy]
+        ids, rollouts = itertools.count(), itertools.count()
+        for g, group in enumerate(policy):
+            own = {r.rollout_id: next(rollouts) for r in group if r.rollout_id is not None}
+            policy[g] = [dataclasses.replace(r, row_id=next(ids), rollout_id=own.get(r.rollout_id)) for r in group]
     return StepRollout(kept, dict(draws[0].metrics)), stats

@@ -27,12 +27,14 @@ def parity_mask(t: Trajectory) -> list[int]:
 
 
 def build_rows(rollouts: list[list[Trajectory]], eps: float = 1e-6, norm_by_std: bool = True) -> list[Row]:
-    """One row per trajectory, row_id = position in `flatten(rollouts)`, engine logprobs as old logprobs."""
+    """One row per trajectory, row_id = position in `flatten(rollouts)`, rollout_id = its rollout's index
+    (the planner and its workers), engine logprobs as old logprobs."""
     trajs = flatten(rollouts)
+    owner = [k for k, r in enumerate(rollouts) for _ in r]
     adv = matpo_advantages_from_rows(trajs, eps=eps, norm_by_std=norm_by_std)
     return [Row(token_ids=list(t.token_ids), loss_mask=list(t.loss_mask), old_logprobs=list(t.logprobs),
-                advantage=float(a), row_id=i, role=t.role, parity_mask=parity_mask(t))
-            for i, (t, a) in enumerate(zip(trajs, adv.tolist()))]
+                advantage=float(a), row_id=i, role=t.role, parity_mask=parity_mask(t), rollout_id=k)
+            for i, (t, a, k) in enumerate(zip(trajs, adv.tolist(), owner))]
 
 
 def build_rows_by_prompt(by_prompt: list[list[list[Trajectory]]], eps: float = 1e-6,

@@ -171,7 +171,8 @@ class ActorWorker:
 
     def _role_terms(self, mbs: list[PackedMicroBatch], global_token_count: int) -> dict[str, float]:
         """Each role's share of the policy-gradient surrogate at the pre-update policy (ratio 1):
-        -Σ A over its loss tokens / the global token count, and its loss tokens. Non-zero for every role
+        -Σ A over its loss tokens / the global token count (or weighted by the rows' loss weights: the
+        loss.agg modes other than token-mean), and its loss tokens. Non-zero for every role
         (planner and worker; each MAPoRL agent) means each receives gradient (∂loss/∂logp = -A/N)."""
         out: dict[str, float] = {}
         for p in mbs:
@@ -179,7 +180,7 @@ class ActorWorker:
                 ids = torch.tensor([rid for rid, r in p.roles.items() if r == role], dtype=p.row_ids.dtype)
                 m = p.loss_mask * torch.isin(p.row_ids, ids).float()
                 term, _ = ppo_policy_loss(p.old_logprobs, p.old_logprobs, p.advantages, m, dual_clip_c=None,
-                                          global_token_count=global_token_count)
+                                          global_token_count=global_token_count, token_weights=p.loss_weights)
                 out[f"pg_term_{role}"] = out.get(f"pg_term_{role}", 0.0) + float(term)
                 out[f"loss_tokens_{role}"] = out.get(f"loss_tokens_{role}", 0.0) + float(m.sum())
         return out
