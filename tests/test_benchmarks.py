@@ -49,8 +49,10 @@ def test_step_breakdown_overhead_is_step_minus_stages():
 
 
 def test_async_pipeline_summary_by_hand():
-    # steps logged at t = 0, 10, 18, 28: intervals 10, 8, 10 (median 10); rollouts waited 1, 2, 0 s of them
-    recs = [{"time": 0.0, "time/rollout_s": 6.0, "async/staleness": 0},
+    # steps logged at t = 0, 10, 18, 28 (step 1 began at -8): intervals 10, 8, 10 (median 10); rollouts waited
+    # 1, 2, 0 s of them; busy over the 36 s from step 1's start: rollouts 6 + 7 + 6 + 8, actor 2 + 7 + 6 + 8
+    recs = [{"time": 0.0, "time/step_s": 8.0, "time/rollout_s": 6.0, "time/train_s": 1.5, "time/sync_s": 0.5,
+             "async/staleness": 0},
             {"time": 10.0, "time/rollout_s": 1.0, "async/rollout_s": 7.0, "time/train_s": 6.0, "time/sync_s": 1.0,
              "async/staleness": 1},
             {"time": 18.0, "time/rollout_s": 2.0, "async/rollout_s": 6.0, "time/train_s": 5.0, "time/sync_s": 1.0,
@@ -59,7 +61,7 @@ def test_async_pipeline_summary_by_hand():
              "async/staleness": 1}]
     s = summarize(recs)
     assert s["step_s"] == 10.0 and s["rollout_s"] == 1.0 and s["rest_s"] == 9.0  # 9, 6, 10
-    assert s["engine_busy"] == pytest.approx(21 / 28) and s["actor_busy"] == pytest.approx(21 / 28)
+    assert s["engine_busy"] == pytest.approx(27 / 36) and s["actor_busy"] == pytest.approx(23 / 36)
     assert s["staleness"] == [0, 1, 1, 1]
 
 
