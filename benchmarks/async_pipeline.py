@@ -14,7 +14,8 @@ latency: R = its rollout time, T = the rest of its step (train + sync + logging)
     overlap_efficiency = (R + T - async step) / min(R, T)   (1: the shorter phase fully hidden)
 
 Busy fractions: engine = rollout seconds / wall (the producer's own `async/rollout_s`), actor = train +
-sync seconds / wall, over the whole run from step 1's start (one rollout in flight at a time: each ≤ 1). Also the staleness actually observed per step.
+sync seconds / wall, over the whole run from step 1's start (one rollout in flight at a time: each
+≤ 1). Also the staleness actually observed per step.
 
     .venv/bin/python benchmarks/async_pipeline.py [--steps 5] [--reps 1] [--latencies 0 1] [--staleness 0 1 2]
 """

@@ -289,12 +289,12 @@ class Trainer:
                 m.update(apply_gae(rows, values, ad.gamma, ad.lam, ad.whiten))
         with t("advantage_pack"):
             # mini-batches split whole prompts (GRPO groups)
-            chunks = S.split_even(per_prompt, cfg.actor.mini_batches)
+            minis = [[r for group in c for r in group] for c in S.split_even(per_prompt, cfg.actor.mini_batches)]
             if cfg.loss.agg != "token-mean":  # token-mean divides by each mini-batch's global token count instead
-                for c in chunks:
-                    set_loss_weights([r for group in c for r in group], cfg.loss.agg)
-            packed = [pack_rows([r for group in c for r in group], cfg.actor.max_tokens_per_micro_batch,
-                                cfg.actor.dp, pad_to_multiple=cfg.actor.tp) for c in chunks]
+                for mini in minis:
+                    set_loss_weights(mini, cfg.loss.agg)
+            packed = [pack_rows(mini, cfg.actor.max_tokens_per_micro_batch, cfg.actor.dp,
+                                pad_to_multiple=cfg.actor.tp) for mini in minis]
             actors.load_batch(packed)
         m.update(S.prefixed("pack", packing_stats(packed[0])))
         # one on-policy update: its own forward gives the old logprobs (and the parity with the engine). A KL

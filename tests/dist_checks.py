@@ -286,11 +286,12 @@ def actor_step(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
     # the paper's normalization (loss.agg=rollout-mean-token-mean) through the loss weights the trainer sets:
     # rows 0 and 1 one rollout (a planner and its worker), the others one each; at ratio 1 (the update's own
     # forward) the loss is -mean over rollouts of (sum_r A_r n_r / the rollout's tokens), whatever the weights
+    import dataclasses
+
     from megatron_matpo.train.packing import set_loss_weights
 
     owner = {r.row_id: max(r.row_id - 1, 0) for r in rows}
-    paper_rows = [Row(r.token_ids, r.loss_mask, r.old_logprobs, r.advantage, row_id=r.row_id,
-                      rollout_id=owner[r.row_id]) for r in rows]
+    paper_rows = [dataclasses.replace(r, rollout_id=owner[r.row_id]) for r in rows]
     set_loss_weights(paper_rows, "rollout-mean-token-mean")
     (mbs4,) = pack_rows(paper_rows, max_tokens_per_micro_batch=64, dp_size=1)
     paper = train_step(built3.chunks, build_optimizer(built3.chunks, optim), mbs4,

@@ -12,6 +12,7 @@ import torch
 from megatron_matpo.algo.loss import LossConfig, policy_loss
 from megatron_matpo.algo.off_policy import importance_weights
 from megatron_matpo.train.packing import PackedMicroBatch
+from megatron_matpo.train.stats import is_stats
 from megatron_matpo.model.forward import run_schedule
 
 
@@ -140,11 +141,5 @@ def train_step(chunks: list, optimizer, mbs: list[PackedMicroBatch], cfg: LossCo
             if k in reported[0]:
                 stats[k] = max(float(r[k]) for r in reported) if k == "ratio_max" else \
                     sum(float(r[k]) * float(r["tokens"]) for r in reported) / max(tokens, 1.0)
-        if "is_tokens" in reported[0]:  # over the corrected tokens (unconstrained, trained)
-            n = sum(float(r["is_tokens"]) for r in reported)
-            stats["is_tokens"] = n
-            stats["is_ratio_max"] = max(float(r["is_ratio_max"]) for r in reported)
-            for k in ("is_ratio_mean", "is_truncated_frac", "is_masked_frac"):
-                if k in reported[0]:
-                    stats[k] = sum(float(r[k]) * float(r["is_tokens"]) for r in reported) / max(n, 1.0)
+        stats.update(is_stats([r for r in reported if "is_tokens" in r]))  # over the corrected tokens
     return stats

@@ -64,20 +64,21 @@ def train_stats(per_rank: list[list[dict]], reports: list[bool]) -> dict[str, fl
     ratio_max = [s["ratio_max"] for _, s in tok if "ratio_max" in s]
     if ratio_max:
         out["actor/ratio_max"] = max(ratio_max)
-    out.update(_is_stats([s for _, s in tok if "is_tokens" in s]))
+    out.update(prefixed("actor", is_stats([s for _, s in tok if "is_tokens" in s])))
     return out
 
 
-def _is_stats(reps: list[dict]) -> dict[str, float]:
-    """Off-policy correction (loss.off_policy): weighted by the corrected tokens each report saw, which
-    are not the loss tokens (constrained tokens keep weight 1 and are not counted)."""
-    if not reps:
+def is_stats(reports: list[dict]) -> dict[str, float]:
+    """The off-policy correction's metrics (loss.off_policy) over several reports (micro-batches on a rank,
+    then mini-batches and DP ranks): weighted by the corrected tokens each saw, which are not the loss
+    tokens (constrained tokens keep weight 1 and are not counted); the ratio's max is the max."""
+    if not reports:
         return {}
-    n = sum(s["is_tokens"] for s in reps)
-    out = {"actor/is_tokens": n, "actor/is_ratio_max": max(s["is_ratio_max"] for s in reps)}
+    n = sum(float(r["is_tokens"]) for r in reports)
+    out = {"is_tokens": n, "is_ratio_max": max(float(r["is_ratio_max"]) for r in reports)}
     for k in ("is_ratio_mean", "is_truncated_frac", "is_masked_frac"):
-        if any(k in s for s in reps):
-            out[f"actor/{k}"] = sum(s.get(k, 0.0) * s["is_tokens"] for s in reps) / max(n, 1.0)
+        if any(k in r for r in reports):
+            out[k] = sum(float(r.get(k, 0.0)) * float(r["is_tokens"]) for r in reports) / max(n, 1.0)
     return out
 
 
