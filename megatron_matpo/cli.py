@@ -12,9 +12,9 @@ DEFAULT_WORK_DIR = Path(os.environ.get("MATPO_WORK_DIR", "runs"))
 
 
 def _quiet_libraries() -> None:
-    from megatron_matpo.dist import quiet_known_noise
+    from megatron_matpo.compat import quiet_library_noise
 
-    quiet_known_noise()
+    quiet_library_noise()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
+import re
 import sys
 import types
 from pathlib import Path
@@ -247,3 +249,75 @@ def sglang_engine_env(env: dict, cpu: bool) -> dict:
     if cpu:
         env.setdefault("SGLANG_GRAMMAR_MAX_POLL_ITERATIONS", GRAMMAR_POLL_ITERATIONS_CPU)
     return env
+
+
+# ---- start-up chatter of library probes ------------------------------------------------------------
+class _DropMessages(logging.Filter):
+    def __init__(self, pattern: str, without_cuda_only: bool = False):
+        super().__init__()
+        self.pattern, self.without_cuda_only = re.compile(pattern), without_cuda_only
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.pattern.search(record.getMessage()):
+            return True
+        if self.without_cuda_only:  # asked here, not at install: the hook must not import torch itself
+            import torch
+
+            return torch.cuda.is_available()
+        return False
+
+
+# (logger, message): each filter sits on the library's own logger, so it holds whatever level or
+# handler the library gives that logger when it is imported later, and drops only these messages.
+_PROBE_LOGS = (
+    # megatron-bridge 0.6.2 (utils/import_utils.py) forces this logger to INFO with a handler of its own
+    # and logs a full traceback for every optional TE / FP8 symbol it probes (FP8GlobalStateManager,
+    # GroupedLinear), also where TE is present but older; nothing it then needs is missing silently:
+    # a symbol it uses unguarded fails at use
+    ("megatron.bridge.utils.import_utils", r"^Import of .* failed with: "),
+    # transformers 5.19.0 warns when `config.torch_dtype` is read; megatron-bridge 0.6.2 reads it
+    ("transformers.configuration_utils", r"`torch_dtype` is deprecated"),
+    ("transformers.modeling_utils", r"`torch_dtype` is deprecated"),
+    # megatron-core 0.19.2 warns on every GPTModel built; megatron-bridge 0.6.2 builds GPTModel for
+    # the dense families we train (its HybridModel is not what the bridge's providers build)
+    ("megatron.core.models.gpt.gpt_model", r"^GPTModel IS DEPRECATED"),
+)
+_NO_CUDA_LOGS = (  # said only where there is no CUDA device: where there is one they are real
+    # flashinfer 0.7.2 (compilation_context.py, imported under sglang) asks each CUDA device for its
+    # capability at import
+    ("flashinfer.compilation_context", r"^Failed to get device capability"),
+    # torch 2.14.1 utils/cpp_extension.py at import, where no CUDA toolkit is found
+    ("torch.utils.cpp_extension", r"^No CUDA runtime is found"),
+    # megatron-bridge 0.6.2 (utils/fusions.py) at each model build: gradient-accumulation fusion needs TE
+    # or Apex, neither of which exists without CUDA
+    ("megatron.bridge.utils.fusions", r"^gradient_accumulation_fusion requires"),
+)
+_PROBE_WARNINGS = (
+    # megatron-core 0.19.2: megatron/core/models/hybrid/hybrid_layer_specs.py builds a TE MoE spec at
+    # import (whenever megatron.training.models is imported), which warns where TE is absent or < 1.7
+    r"Only transformer-engine>=1\.7\.0 supports MoE experts",
+    r".*(Apex|Transformer Engine).*(not installed|Falling back).*",  # megatron-core: the local spec is chosen
+    r"MimoModelConfig is experimental", r".*CUDA_DEVICE_MAX_CONNECTIONS",
+    r"The \.grad attribute of a Tensor that is not a leaf", r"full scope is deprecated",
+    r".*torch_dtype. is deprecated", r".*(reduce_scatter_tensor|all_gather_into_tensor). is deprecated",
+)
+
+
+def quiet_library_noise() -> None:
+    """Silence start-up chatter that says nothing actionable, at its source, in every process that
+    imports the stack (the CLI, each Ray worker through `worker_process_setup_hook`, local ranks):
+    the probes above, megatron-core's per-parameter DDP/optimizer INFO logs, httpx's line per request.
+    Idempotent and cheap: it imports no library (Ray workers that never use torch stay without it)."""
+    import warnings
+
+    logging.getLogger("megatron.bridge").setLevel(logging.WARNING)
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)  # every DDP bucket's parameters at INFO
+    # a deprecation notice on every checkpoint save (we use the synchronous save)
+    logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").setLevel(logging.ERROR)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for (name, pattern), no_cuda in [(x, False) for x in _PROBE_LOGS] + [(x, True) for x in _NO_CUDA_LOGS]:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) and f.pattern.pattern == pattern for f in log.filters):
+            log.addFilter(_DropMessages(pattern, without_cuda_only=no_cuda))
+    for msg in _PROBE_WARNINGS:
+        warnings.filterwarnings("ignore", message=msg)

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from megatron_matpo import platform
+from megatron_matpo.compat import quiet_library_noise
 from megatron_matpo.model.layout import ParallelLayout
 
 
@@ -52,32 +53,12 @@ def shutdown_megatron() -> None:
         torch.distributed.destroy_process_group()
 
 
-def quiet_known_noise() -> None:
-    """Silence start-up chatter that says nothing actionable: megatron-bridge logs every optional
-    import it could not make (TE, FP8) at INFO, megatron-core warns once per module that TE/Apex
-    are absent (the platform layer already chose the local spec)."""
-    import logging
-    import warnings
-
-    logging.getLogger("megatron.bridge").setLevel(logging.WARNING)
-    # megatron-core logs every parameter of every DDP bucket and the whole optimizer config at INFO
-    logging.getLogger("megatron.core").setLevel(logging.WARNING)
-    # a deprecation notice on every checkpoint save (we use the synchronous save)
-    logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").setLevel(logging.ERROR)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per engine request
-    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*(not installed|Falling back).*")
-    for msg in (r"MimoModelConfig is experimental", r".*CUDA_DEVICE_MAX_CONNECTIONS",
-                r"The \.grad attribute of a Tensor that is not a leaf", r"full scope is deprecated",
-                r".*torch_dtype. is deprecated", r".*(reduce_scatter_tensor|all_gather_into_tensor). is deprecated"):
-        warnings.filterwarnings("ignore", message=msg)
-
-
 def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # oversubscribed CPU ranks slow down ~40x without it
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    quiet_known_noise()
+    quiet_library_noise()
     try:
         result = fn(*args)
         queue.put((rank, "ok", result if rank == 0 else None))

@@ -132,7 +132,7 @@ class Trainer:
         if cfg.bootstrap.toy_answer is not None:
             samples = [dataclasses.replace(s, ground_truth=cfg.bootstrap.toy_answer) for s in samples]
         self.loader = PromptLoader(samples, cfg.prompts_per_step, cfg.seed)
-        self.log = RunLogger(self.run_dir)
+        self.log = RunLogger(self.run_dir, wandb=cfg.logger.wandb, config=redacted(to_dict(cfg)))
         self._teardown.callback(_quietly, "log", self.log.close)
         self.cluster = Cluster()
         self._teardown.callback(_quietly, "cluster", self.cluster.close)  # also after a start that failed part way

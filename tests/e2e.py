@@ -51,9 +51,43 @@ def train(config_path: str, run_dir: Path, overrides: list[str], resume: bool = 
     return stdout + stderr
 
 
+# what the console of a run that went well must not show: library probes are quieted where they start
+# (megatron_matpo/compat.py: quiet_library_noise), Ray's token-auth notice by naming the mode (start_ray)
+CONSOLE_NOISE = re.compile(r"Traceback|\b[A-Z]\w*Error\b|Failed to get device capability|No CUDA runtime|"
+                           r"Token authentication is enabled|IS DEPRECATED|UserWarning")
+
+
+def assert_quiet_console(out: str) -> None:
+    bad = [ln for ln in out.splitlines() if CONSOLE_NOISE.search(ln)]
+    assert not bad, "noise on the console of a run that went well:\n" + "\n".join(bad[:20])
+
+
 def metrics(run_dir: Path) -> dict[int, dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return {d["step"]: d for d in map(json.loads, lines)}
+
+
+def wandb_history(run_dir: Path) -> tuple[dict[int, dict], dict]:
+    """Each logged step's scalars (wandb's own `_`-keys dropped) and the run's config, read back from the
+    offline run files the way `wandb sync` reads them (one offline run per `matpo train` start)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb.sdk.internal import datastore
+
+    history: dict[int, dict] = {}
+    config: dict = {}
+    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        ds = datastore.DataStore()
+        ds.open_for_scan(str(path))
+        while (data := ds.scan_data()) is not None:
+            rec = pb.Record()
+            rec.ParseFromString(data)
+            kind = rec.WhichOneof("record_type")
+            if kind == "history":
+                row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+                history[int(row["_step"])] = {k: v for k, v in row.items() if not k.startswith("_")}
+            elif kind == "run":
+                config.update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
+    return history, config
 
 
 def rollouts(run_dir: Path, step: int, prefix: str = "step") -> list[dict]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e import REPO, assert_engines_gone, kill_tree, metrics, rollouts, start, train, wait_for
+from tests.e2e import (REPO, assert_engines_gone, assert_quiet_console, kill_tree, metrics, rollouts, start, train,
+                       wait_for, wandb_history)
 
 pytestmark = pytest.mark.slow
 AGENTS, ROUNDS = 2, 3
@@ -37,10 +38,16 @@ def test_distinct_models_learn_the_toy(maporl_inputs, tmp_path):
     dynamic sampling, questions whose discussions all scored alike are dropped and more rolled out."""
     run = tmp_path / "run"
     out = train("configs/maporl_toy_learnable_cpu.yaml", run, maporl_inputs + [
-        "async.max_staleness=1", "dynamic_sampling.enabled=true", "dynamic_sampling.max_draws=2"])
+        "async.max_staleness=1", "dynamic_sampling.enabled=true", "dynamic_sampling.max_draws=2",
+        "logger.wandb.enabled=true"])  # offline: files under run_dir/wandb
     m = metrics(run)
     steps = sorted(m)
     assert steps == list(range(1, 11)), out[-3000:]
+    assert_quiet_console(out)
+    # wandb got every step's scalars, as metrics.jsonl has them, and the run's redacted config
+    history, wb_config = wandb_history(run)
+    assert history == {s: {k: v for k, v in m[s].items() if k not in ("step", "time")} for s in steps}
+    assert wb_config["algorithm"] == "maporl" and wb_config["async"]["max_staleness"] == 1
     for s in steps:  # a second batch was rolled out exactly when the first left fewer than 4 informative questions
         d = m[s]
         assert 0.0 <= d["dynamic/dropped_fraction"] <= 1.0 and 1 <= d["dynamic/kept_prompts"] <= PROMPTS, d
@@ -105,6 +112,8 @@ def test_shared_model_with_a_critic_learns_the_toy(critic_world):
     run, m, out = critic_world["run"], critic_world["m"], critic_world["out"]
     assert "resumed from" in out and "step_000005" in out, out[-2000:]
     assert_engines_gone(critic_world["killed_stdout"])
+    assert_quiet_console(critic_world["killed_stdout"])
+    assert_quiet_console(out)
     steps = sorted(m)
     assert steps == list(range(1, 11))
     # killed with step 6 rolled out ahead (or in flight): the checkpoint kept the cursor of the steps

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import (PLANTED_SECRET, REPO, assert_engines_gone, check_invariants, kill_tree, metrics,
-                       preempted_tiny_job, rollouts, start, train, wait_for)
+from tests.e2e import (PLANTED_SECRET, REPO, assert_engines_gone, assert_quiet_console, check_invariants, kill_tree,
+                       metrics, preempted_tiny_job, rollouts, start, train, wait_for)
 
 pytestmark = pytest.mark.slow
 TOY = "configs/toy_learnable_cpu.yaml"
@@ -154,6 +154,10 @@ def test_matpo_end_to_end(matpo_world):
     assert "matpo train: algorithm  MATPO (planner + workers); 10 steps x 8 prompts x 8 samples" in out, out[:3000]
     assert f"matpo train: run dir    {run} (full config: {run / 'config.yaml'})" in out, out[:3000]
     assert "rollout:\n" not in out and m[1]["bringup/first_sync_s"] > 0 and m[KILL_AT]["bringup/first_sync_s"] > 0
+    # ... and nothing else that reads as a failure: no traceback, error or library probe (the first start's
+    # console up to its kill; the Slurm job's log, which also holds Ray's and the job script's own lines)
+    assert_quiet_console(matpo_world["killed"]["stdout"])
+    assert "Traceback" not in out, out[-6000:]
     # the HF export of the final policy has the initial model's tensors and loads in transformers
     from safetensors.torch import load_file
 

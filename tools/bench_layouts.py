@@ -9,10 +9,10 @@
 import os
 import sys
 
-from megatron_matpo.dist import quiet_known_noise
+from megatron_matpo.compat import quiet_library_noise
 from megatron_matpo.planner.command import main
 
 if __name__ == "__main__":
-    quiet_known_noise()
+    quiet_library_noise()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.exit(main(sys.argv[1:]))

@@ -128,8 +128,8 @@ class Cluster:
             self.pg = placement_group(plan.bundles, cfg.orchestrate.placement_timeout_s, "matpo")
         where = placement_nodes(self.pg)
         print(f"placement: {len(plan.bundles)} bundles on {len(set(where))} Ray node(s): actor ranks on "
-              f"{sorted(set(where[:plan.ranks]))}, engines/tools on {sorted(set(where[plan.ranks:plan.sizes[0]]))}",
-              flush=True)
+              f"{', '.join(sorted(set(where[:plan.ranks])))}, engines/tools on "
+              f"{', '.join(sorted(set(where[plan.ranks:plan.sizes[0]])))}", flush=True)
         # seeded, batch-invariant sampling; cached prefixes would change numerics
         extra = ["--enable-deterministic-inference", "--disable-radix-cache"] if cfg.deterministic else []
         if cfg.orchestrate.colocate and engine_memory_release_supported():

@@ -3,6 +3,7 @@ own bundles (disaggregated) or share the actor's GPUs (colocated)."""
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 from megatron_matpo import platform
@@ -29,6 +30,12 @@ _WORKER_ENV = ("OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "PYTHONPATH", "MATPO
 
 
 def start_ray(cfg: OrchestrateSection, needed_cpus: int) -> None:
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if not address and "ray" not in sys.modules:
+        # ray 2.60 turns token authentication on for a new local cluster and warns on the console that it
+        # did, unless RAY_AUTH_MODE names the mode: we name the same mode. Ray reads it when it is imported,
+        # hence only before that; a cluster we join keeps the mode it was started with.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     if ray.is_initialized():
@@ -36,9 +43,10 @@ def start_ray(cfg: OrchestrateSection, needed_cpus: int) -> None:
     env = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    kw: dict = dict(runtime_env={"env_vars": env}, log_to_driver=True, include_dashboard=False,
+    # the hook runs in each worker process before it imports anything: library probes stay quiet at import
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": "megatron_matpo.compat.quiet_library_noise"}
+    kw: dict = dict(runtime_env=runtime_env, log_to_driver=True, include_dashboard=False,
                     configure_logging=True, logging_level="warning")
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kw)
         return
@@ -69,11 +77,17 @@ def placement_group(bundles: list[dict], timeout_s: float, name: str):
 
 
 def placement_nodes(pg) -> list[str]:
-    """Node id of each bundle, in bundle order."""
+    """Node of each bundle, in bundle order, by its address (what a user sees in `ray status` and
+    Slurm's node list; two Ray nodes on one host, as the local Slurm's, also have one id each)."""
+    import ray
     from ray.util.placement_group import placement_group_table
 
     table = placement_group_table(pg)["bundles_to_node_id"]
-    return [table[i] for i in sorted(table)]
+    addr = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    names = {nid: addr.get(nid, nid[:8]) for nid in table.values()}
+    if len(set(names.values())) < len(names):  # several nodes on one address: tell them apart
+        names = {nid: f"{names[nid]}/{nid[:6]}" for nid in names}
+    return [names[table[i]] for i in sorted(table)]
 
 
 def wait_for_cluster(address: str, nodes: int, gpus: int = 0, timeout_s: float = 300.0,

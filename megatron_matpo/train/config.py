@@ -101,6 +101,21 @@ class DynamicSamplingSection:
 
 
 @dataclass
+class WandbSection:
+    """Weights & Biases beside tensorboard and metrics.jsonl (always written): the same scalars at the
+    same steps, the run's redacted config. One wandb run per `matpo train` start, grouped by run_dir."""
+    enabled: bool = False
+    mode: str = "offline"  # offline: files under run_dir/wandb, no network (`wandb sync` uploads them) | online
+    project: str = "megatron-matpo"
+    entity: str | None = None
+
+
+@dataclass
+class LoggerSection:
+    wandb: WandbSection = field(default_factory=WandbSection)
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/matpo"
     model: str = ""  # HF directory: initial weights, tokenizer
@@ -127,6 +142,7 @@ class TrainConfig:
     bootstrap: BootstrapSection = field(default_factory=BootstrapSection)
     async_: AsyncSection = field(default_factory=AsyncSection, metadata={"key": "async"})
     dynamic_sampling: DynamicSamplingSection = field(default_factory=DynamicSamplingSection)
+    logger: LoggerSection = field(default_factory=LoggerSection)
 
     def validate(self) -> "TrainConfig":
         """Every check that needs only the config; `train.preflight` adds those that need the inputs
@@ -211,6 +227,16 @@ class TrainConfig:
                  "backends (fa3/flashinfer/triton), not the CPU torch_native backend")
             need(wf.top_p == 1.0, "rollout.workflow.top_p",
                  "deterministic=true needs 1 (SGLang's seeded sampling path)")
+        wb = self.logger.wandb
+        if wb.enabled:
+            need(wb.mode in ("offline", "online"), "logger.wandb.mode", f"must be offline or online, got {wb.mode!r}")
+            import importlib.util
+            import os
+
+            need(importlib.util.find_spec("wandb") is not None, "logger.wandb.enabled",
+                 "the wandb package is not installed (pip install wandb; requirements/cpu.txt pins it)")
+            need(wb.mode == "offline" or bool(os.environ.get("WANDB_API_KEY")) or _wandb_logged_in(),
+                 "logger.wandb.mode", "online needs WANDB_API_KEY or `wandb login`; offline needs neither")
         self._check_cluster_shape(need)
         return self
 
@@ -309,3 +335,14 @@ class TrainConfig:
         if self.actor.dtype != "auto":
             return self.actor.dtype
         return "bfloat16" if platform.capabilities().cuda else "float32"
+
+
+def _wandb_logged_in() -> bool:
+    """`wandb login` stored a key for api.wandb.ai in ~/.netrc (wandb 0.29)."""
+    import netrc
+
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+

@@ -1,5 +1,6 @@
-"""Run logging: tensorboard scalars, a metrics.jsonl mirror (easy to diff and test), NVML GPU
-utilization and memory when a GPU is present, per-step rollout transcripts."""
+"""Run logging: tensorboard scalars, a metrics.jsonl mirror (easy to diff and test), optionally
+Weights & Biases (`logger.wandb`), NVML GPU utilization and memory when a GPU is present, per-step
+rollout transcripts."""
 from __future__ import annotations
 
 import json
@@ -29,8 +30,22 @@ class _Nvml:
         return out
 
 
+def _wandb_run(run_dir: Path, cfg, config: dict | None):
+    """One wandb run for this process's start of the run, grouped (and named) by the run directory, so
+    a resumed run's starts sit together and no start logs a step below one already logged."""
+    import wandb
+
+    (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+    # console="off": wandb would otherwise wrap this process's stdout/stderr to mirror it
+    settings = wandb.Settings(console="off", silent=True, x_disable_stats=True)
+    return wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, dir=str(run_dir),
+                      group=run_dir.name, name=run_dir.name, job_type="train", config=config or {},
+                      settings=settings)
+
+
 class RunLogger:
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, wandb=None, config: dict | None = None):
+        """`wandb`: a WandbSection (logged to when enabled); `config`: what the wandb run records (redacted)."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.dir = Path(run_dir)
@@ -39,6 +54,7 @@ class RunLogger:
         self.jsonl = open(self.jsonl_path, "a")
         self.nvml = _Nvml()
         (self.dir / "rollouts").mkdir(parents=True, exist_ok=True)
+        self.wandb = _wandb_run(self.dir, wandb, config) if wandb is not None and wandb.enabled else None
 
     def transcript_path(self, step: int, prefix: str = "step") -> Path:
         return self.dir / "rollouts" / f"{prefix}_{step:06d}.jsonl"
@@ -48,6 +64,8 @@ class RunLogger:
         for k, v in sorted(metrics.items()):
             self.tb.add_scalar(k, v, step)
         self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
         self.jsonl.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
         self.jsonl.flush()
 
@@ -63,3 +81,6 @@ class RunLogger:
     def close(self) -> None:
         self.tb.close()
         self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None

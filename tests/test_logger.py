@@ -1,0 +1,51 @@
+"""RunLogger: the same scalars at the same steps in metrics.jsonl, tensorboard and (offline, no network)
+Weights & Biases; wandb settings refused before anything starts."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from megatron_matpo.train.config import WandbSection
+from tests.e2e import wandb_history
+
+
+def test_wandb_offline_gets_the_scalars_of_metrics_jsonl_and_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_matpo.train.logger import RunLogger
+
+    run = tmp_path / "run"
+    log = RunLogger(run, wandb=WandbSection(enabled=True),
+                    config={"loss": {"agg": "token-mean"}, "api_key": "<redacted>"})
+    steps = {1: {"reward/mean": 0.25, "actor/grad_norm": 1.5}, 2: {"reward/mean": 0.75, "actor/grad_norm": 0.5}}
+    for step, m in steps.items():
+        log.log(step, m)
+    log.close()
+    jsonl = {d["step"]: {k: v for k, v in d.items() if k not in ("step", "time")}
+             for d in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    history, config = wandb_history(run)
+    assert jsonl == steps and history == steps
+    assert config["loss"] == {"agg": "token-mean"} and config["api_key"] == "<redacted>", config
+    tb = EventAccumulator(str(run / "tensorboard"))
+    tb.Reload()
+    assert {s: tb.Scalars("reward/mean")[i].value for i, s in enumerate(steps)} == {1: 0.25, 2: 0.75}
+
+
+def test_wandb_settings_refused_before_anything_starts(tmp_path, monkeypatch):
+    from megatron_matpo import config
+    from megatron_matpo.config import ConfigError
+    from megatron_matpo.train.config import TrainConfig
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc from a `wandb login`
+    for ov, why in ((["logger.wandb.mode=cloud"], "logger.wandb.mode: must be offline or online, got 'cloud'"),
+                    (["logger.wandb.mode=online"], "logger.wandb.mode: online needs WANDB_API_KEY or `wandb login`")):
+        with pytest.raises(ConfigError, match="^" + why.replace("(", r"\(").replace(")", r"\)")):
+            config.load(TrainConfig, root / "configs/tiny_cpu.yaml",
+                        [f"run_dir={tmp_path}/run", "logger.wandb.enabled=true", *ov]).validate()
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    config.load(TrainConfig, root / "configs/tiny_cpu.yaml",
+                [f"run_dir={tmp_path}/run", "logger.wandb.enabled=true", "logger.wandb.mode=online"]).validate()
