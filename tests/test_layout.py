@@ -67,3 +67,51 @@ def test_placement_larger_than_the_ray_cluster_is_refused_at_once(tmp_path):
             _check_fits(plan_for(cfg, 0.0))
     finally:
         ray.shutdown()
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("config,error", [
+    ({"rope_theta": 1e6}, None),  # plain RoPE, as older configs write it
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}, None),  # ... and transformers 5
+    ({"rope_scaling": LLAMA3}, None),  # Llama-3.1 (the tiny llama's: equal logits, tests/test_megatron_parity.py)
+    ({"rope_parameters": dict(LLAMA3, original_max_position_embeddings=4096)},
+     "rope_parameters.original_max_position_embeddings: 4096 is not supported with rope_type 'llama3'"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.rope_type: 'linear' is not supported"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling.rope_type: 'yarn' is not supported"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling.rope_type: 'dynamic' is not supported"),
+])
+def test_rope_variants_equal_transformers_or_are_refused_by_field(config, error):
+    from megatron_matpo.model.rope import check_rope
+
+    if error is None:
+        check_rope(config)
+    else:
+        with pytest.raises(LayoutError, match="^" + error.replace("(", r"\(")):
+            check_rope(config, "m")
+
+
+def test_unsupported_rope_refused_before_anything_starts(tiny_models, tmp_path, capsys):
+    """`matpo train` on a Llama whose rope scaling megatron-core does not reproduce: one line, exit 2."""
+    import json
+    import shutil
+
+    from megatron_matpo.cli import main
+
+    model = tmp_path / "llama-rope4096"
+    shutil.copytree(tiny_models["llama"], model)
+    cfg = json.loads((model / "config.json").read_text())
+    for key in ("rope_scaling", "rope_parameters"):
+        if isinstance(cfg.get(key), dict):
+            cfg[key]["original_max_position_embeddings"] = 4096
+    (model / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "data.parquet").write_bytes(b"")
+    (tmp_path / "corpus.jsonl").write_text("")
+    rc = main(["train", f"model={model}", f"data={tmp_path}/data.parquet", f"corpus={tmp_path}/corpus.jsonl",
+               f"run_dir={tmp_path}/run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("matpo train: error: rope_"), err
+    assert "original_max_position_embeddings: 4096" in err, err
+    assert f"(model: {model})" in err and not (tmp_path / "run").exists()

@@ -15,6 +15,7 @@ import torch
 
 from megatron_matpo import platform
 from megatron_matpo.model.layout import LayoutError, ParallelLayout
+from megatron_matpo.model.rope import check_rope
 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 
@@ -90,6 +91,7 @@ def build_model(hf_dir: str | Path, layout: ParallelLayout, *, load_weights: boo
 
     hf_config = load_hf_config(hf_dir)
     layout.validate(hf_config)
+    check_rope(hf_config, str(hf_dir))
     bridge = bridge or make_bridge(hf_dir, hf_config)
     if (parallel_state.get_tensor_model_parallel_world_size() != layout.tp
             or parallel_state.get_pipeline_model_parallel_world_size() != layout.pp):

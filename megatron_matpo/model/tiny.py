@@ -111,7 +111,10 @@ def _hf_config(arch: str, vocab_size: int, shape: TinyShape, tok) -> dict:
         return dict(common, architectures=["Qwen2ForCausalLM"], model_type="qwen2", tie_word_embeddings=True)
     if arch == "llama":
         return dict(common, architectures=["LlamaForCausalLM"], model_type="llama", head_dim=shape.head_dim,
-                    attention_bias=False, mlp_bias=False, tie_word_embeddings=False, rope_theta=500000.0)
+                    attention_bias=False, mlp_bias=False, tie_word_embeddings=False, rope_theta=500000.0,
+                    # Llama-3.1's frequency scaling (what megatron-core reproduces: model/rope.py)
+                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": 8192})
     raise ValueError(f"unknown tiny architecture {arch!r}; choose qwen3, qwen2 or llama")
 
 

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 from megatron_matpo.config import ConfigError
 from megatron_matpo.model.layout import LayoutError
+from megatron_matpo.model.rope import check_rope
 from megatron_matpo.train.config import TrainConfig
 
 
@@ -55,6 +56,7 @@ def preflight(cfg: TrainConfig) -> None:
         hf = read_hf_config(key, path)
         try:
             cfg.actor.layout.validate(hf, section="actor")
+            check_rope(vars(hf))
         except LayoutError as e:
             raise ConfigError(f"{e} (model: {path})") from None
     if not Path(cfg.data).exists():
