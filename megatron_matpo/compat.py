@@ -270,10 +270,10 @@ class _DropMessages(logging.Filter):
 # (logger, message): each filter sits on the library's own logger, so it holds whatever level or
 # handler the library gives that logger when it is imported later, and drops only these messages.
 _PROBE_LOGS = (
-    # megatron-bridge 0.6.2 (utils/import_utils.py) forces this logger to INFO with a handler of its own
-    # and logs a full traceback for every optional TE / FP8 symbol it probes (FP8GlobalStateManager,
-    # GroupedLinear), also where TE is present but older; nothing it then needs is missing silently:
-    # a symbol it uses unguarded fails at use
+    # megatron-bridge 0.6.2 (utils/import_utils.py `safe_import_from`) forces this logger to INFO with a
+    # handler of its own and logs a full traceback for every optional TE / FP8 symbol it probes and does
+    # not find (FP8GlobalStateManager, GroupedLinear); it falls back without them, and a symbol it needs
+    # fails where it is used
     ("megatron.bridge.utils.import_utils", r"^Import of .* failed with: "),
     # transformers 5.19.0 warns when `config.torch_dtype` is read; megatron-bridge 0.6.2 reads it
     ("transformers.configuration_utils", r"`torch_dtype` is deprecated"),

@@ -54,7 +54,10 @@ def engine(tiny_models, tmp_path_factory):
     """One real SGLang server on the tiny Qwen3 for the whole session (start-up dominates)."""
     from megatron_matpo.rollout.engine import EngineConfig, launch_engines
 
-    cfg = EngineConfig(model_path=tiny_models["qwen3"], log_dir=str(tmp_path_factory.mktemp("engine-logs")))
+    # a fixed KV pool, as the CPU configs have: sized from the free host memory it failed ("Loaded weights leave
+    # no GPU memory for the KV cache") while the MATPO world, starting beside it, took memory during the profile
+    cfg = EngineConfig(model_path=tiny_models["qwen3"], log_dir=str(tmp_path_factory.mktemp("engine-logs")),
+                       mem_fraction_static=0.5, max_total_tokens=262144)
     (server,) = launch_engines(cfg, 1)
     yield server
     server.stop()
