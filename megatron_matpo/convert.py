@@ -88,13 +88,17 @@ def hf_tensors(built, show_progress: bool = False):
     Collective: every rank of the model's world must iterate it to the end (megatron-bridge gathers
     each tensor over TP and PP); every rank receives every full tensor, on CPU. A tied model's
     lm_head is the embedding: HF checkpoints omit it (as save_pretrained does) and engines tie it
-    themselves, so it is skipped.
+    themselves, so it is skipped. Vocabulary padding rows (model/vocab.py) are cut off: what leaves has
+    the HF model's shapes.
     """
+    from megatron_matpo.model.vocab import trim_hf_tensor
+
     rank0 = torch.distributed.get_rank() == 0
     tied = bool(getattr(built.provider, "share_embeddings_and_output_weights", False))
+    vocab = built.provider.vocab_size
     for name, tensor in built.bridge.export_hf_weights(built.chunks, cpu=True, show_progress=show_progress and rank0):
         if not (tied and name == "lm_head.weight"):
-            yield name, tensor
+            yield name, trim_hf_tensor(name, tensor, vocab)
 
 
 class SafetensorsShardWriter:

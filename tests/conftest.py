@@ -24,6 +24,22 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def odd_vocab_model(tiny_models, tmp_path_factory) -> str:
+    """The tiny Qwen3 after `resize_token_embeddings` to an odd size (one token added), as after SFT with
+    an added token: no TP > 1 divides its vocabulary."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, out = tiny_models["qwen3"], tmp_path_factory.mktemp("odd-vocab")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    size = model.config.vocab_size + (1 if model.config.vocab_size % 2 == 0 else 2)
+    model.resize_token_embeddings(size, mean_resizing=False)
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def slurm_or_none():
     """A real local Slurm for the session (its env), shared by tests/test_slurm.py and the MATPO world
     of tests/test_train.py; None where it cannot run (no root, no packages)."""
@@ -71,7 +87,8 @@ def inputs(tmp_path_factory) -> list[str]:
     from megatron_matpo.train.config import TrainConfig
 
     root = tmp_path_factory.mktemp("train-inputs")
-    ov = [f"model={root}/tiny-qwen3", f"data={root}/multihop/matpo_train_multihop", f"corpus={root}/multihop/corpus.jsonl",
+    ov = [f"model={root}/tiny-qwen3", f"data={root}/multihop/matpo_train_multihop",
+          f"corpus={root}/multihop/corpus.jsonl",
           f"eval.data={root}/multihop/matpo_val_multihop_repeat_2"]
     ensure_inputs(config.load(TrainConfig, REPO / "configs/tiny_cpu.yaml", ov))
     return ov

@@ -111,6 +111,96 @@ def packed_backward(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
                             "grad_sq_norm": grad_norm})
 
 
+def vocab_padding(hf_dir: str, layout: ParallelLayout, work_dir: str) -> dict[str, float]:
+    """A vocabulary TP does not divide (model/vocab.py): logits, log-probabilities and entropy equal
+    transformers' over the original vocabulary, the padding columns are masked and get no gradient,
+    and the HF tensors leaving the model (in memory, as the weight sync streams them, and through a
+    Megatron checkpoint on disk) are the HF model's, bit for bit."""
+    from megatron.core import parallel_state
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from megatron_matpo import platform
+    from megatron_matpo.convert import hf_tensors, hf_to_megatron_on_ranks, megatron_to_hf_on_ranks
+    from megatron_matpo.model.builder import build_model
+    from megatron_matpo.model.forward import full_logits, pack_sequences, run_schedule
+    from megatron_matpo.train.actor import token_logprobs, vocab_parallel_entropy
+    from megatron_matpo.train.optim import OptimConfig, ddp_config
+
+    built = build_model(hf_dir, layout, load_weights=True, ddp_config=ddp_config(OptimConfig()))
+    vocab = built.provider.vocab_size
+    seqs = _sequences(vocab, seed=2)
+    mb = pack_sequences(seqs)
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.cat([hf(s.unsqueeze(0)).logits[0] for s in seqs])  # packed order
+    ref_lp = torch.log_softmax(ref, -1)
+    labels = torch.roll(mb.input_ids, -1, dims=1)
+    ref_tok = ref_lp.gather(-1, labels[0].unsqueeze(-1)).squeeze(-1)
+    ref_ent = -(ref_lp.exp() * ref_lp).sum(-1)
+    device = platform.device()
+    out = {"logits": 0.0, "pad_logit_max": -float("inf"), "logprobs": 0.0, "entropy": 0.0, "pad_grad": 0.0}
+    logits = full_logits(built.chunks, [mb], device)
+    if logits is not None:
+        got = logits[0][0]
+        out["logits"] = (got[:, :vocab] - ref).abs().max().item()
+        out["pad_logit_max"] = got[:, vocab:].max().item()
+        out["padded_width"] = float(got.shape[-1])
+
+    def lp_and_entropy(o, m):  # the actor's own shard-wise functions, then a loss to backpropagate
+        ent = vocab_parallel_entropy(o)
+        lp = token_logprobs(o, labels.to(o.device))
+        return -lp.sum(), {"lp": lp.detach().cpu(), "ent": ent.detach().cpu()}
+
+    for c in built.chunks:
+        c.train()
+        c.zero_grad_buffer()
+    reported = run_schedule(built.chunks, [mb], lp_and_entropy, forward_only=False, device=device)
+    if reported:
+        out["logprobs"] = (reported[0]["lp"][0] - ref_tok).abs().max().item()
+        out["entropy"] = (reported[0]["ent"][0] - ref_ent).abs().max().item()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    for c in built.chunks:
+        for name, p in c.named_parameters():
+            if name.endswith(("output_layer.weight", "word_embeddings.weight")):
+                width = p.shape[0]
+                pad = torch.arange(rank * width, (rank + 1) * width) >= vocab
+                out["pad_grad"] = max(out["pad_grad"], p.main_grad[pad].abs().max().item() if pad.any() else 0.0)
+    # out of the model: what the weight sync streams, then HF -> Megatron checkpoint -> HF on disk
+    src = load_file(f"{hf_dir}/model.safetensors")
+    streamed = dict(hf_tensors(built))
+    out["export_mismatch"] = float(set(streamed) != set(src) or any(
+        streamed[k].shape != src[k].shape or not torch.equal(streamed[k], src[k]) for k in src))
+    ckpt, back = f"{work_dir}/odd-mcore", f"{work_dir}/odd-hf"
+    hf_to_megatron_on_ranks(hf_dir, ckpt, layout)
+    megatron_to_hf_on_ranks(ckpt, back, layout)
+    if torch.distributed.get_rank() == 0:
+        again = load_file(f"{back}/model.safetensors")
+        out["roundtrip_mismatch"] = float(set(again) != set(src) or any(
+            again[k].shape != src[k].shape or not torch.equal(again[k], src[k]) for k in src))
+    else:
+        out["roundtrip_mismatch"] = 0.0
+    out.setdefault("padded_width", 0.0)
+    return _max_over_world(out)
+
+
+def vocab_padding_reshard(hf_dir: str, layout: ParallelLayout, work_dir: str) -> dict[str, float]:
+    """The TP=2 checkpoint of `vocab_padding` (one padding row) loaded at another layout (no padding:
+    megatron-core loads embedding and output rows across shapes) and exported: the HF model again."""
+    from safetensors.torch import load_file
+
+    from megatron_matpo.convert import megatron_to_hf_on_ranks
+
+    back = f"{work_dir}/odd-hf-tp{layout.tp}pp{layout.pp}"
+    megatron_to_hf_on_ranks(f"{work_dir}/odd-mcore", back, layout)
+    mismatch = 0.0
+    if torch.distributed.get_rank() == 0:
+        src, again = load_file(f"{hf_dir}/model.safetensors"), load_file(f"{back}/model.safetensors")
+        mismatch = float(set(again) != set(src) or any(
+            again[k].shape != src[k].shape or not torch.equal(again[k], src[k]) for k in src))
+    return _max_over_world({"roundtrip_mismatch": mismatch})
+
+
 def train_losses(hf_dir: str, layout: ParallelLayout, steps: int = 3,
                  dtype: torch.dtype = torch.float32, recompute: str = "none") -> dict[str, float]:
     """Losses of `steps` optimizer steps (DDP + distributed Adam) on one fixed global batch."""
@@ -411,6 +501,10 @@ def world_checks(hf_dirs: dict[str, str], phases: list[tuple[str, ParallelLayout
                 hf_to_megatron_on_ranks(hf_dir, ckpt, layout)
                 megatron_to_hf_on_ranks(ckpt, back, layout)
             res = {}
+        elif name == "vocab_padding":
+            res = vocab_padding(hf_dirs["qwen3-odd"], layout, work_dir)
+        elif name == "vocab_padding_reshard":  # after vocab_padding
+            res = vocab_padding_reshard(hf_dirs["qwen3-odd"], layout, work_dir)
         elif name == "train":
             res = train_losses(hf_dirs["qwen3"], layout)
         elif name == "train_recompute":  # full activation recompute: same losses, less memory

@@ -61,6 +61,9 @@ def test_qwen3_14b_param_count(qwen3_14b):
         shards = [stage_params(qwen3_14b, tp, pp, s) for s in range(pp)]
         replicated_per_rank = 40 // pp * (2 * 5120 + 2 * 128)  # norms on every TP rank
         assert sum(shards) * tp - (tp - 1) * (pp * replicated_per_rank + 5120) == n
+    # one token more: at TP=8 each rank's embedding and output shard grow by one (padded) row
+    odd = replace(qwen3_14b, vocab=151_937)
+    assert stage_params(odd, 8, 1, 0) - stage_params(qwen3_14b, 8, 1, 0) == 2 * 5120
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -158,7 +161,7 @@ def test_step_time_terms(qwen3_14b):
 def test_invalid_layouts_rejected_with_reasons(qwen3_14b):
     assert parallel_problems(qwen3_14b, A800, tp=3, pp=1, cp=1) == [
         "tp=3 does not divide num_attention_heads=40", "tp=3 does not divide num_key_value_heads=8",
-        "tp=3 does not divide intermediate_size=17408", "tp=3 does not divide vocab_size=151936"]
+        "tp=3 does not divide intermediate_size=17408"]  # the vocabulary is padded to a multiple of TP
     assert "tp=16 spans nodes (gpus_per_node=8)" in parallel_problems(qwen3_14b, A800, 16, 1, 1)
     assert parallel_problems(qwen3_14b, A800, 8, 3, 1) == ["pp=3 does not divide num_hidden_layers=40"]
     assert parallel_problems(qwen3_14b, PRESETS["cpu-tiny"], 1, 1, 2)[0].startswith("cp=2 needs TransformerEngine")

@@ -21,11 +21,13 @@ def world1(tiny_models):
 
 
 @pytest.fixture(scope="module")
-def world2(tiny_models):
+def world2(tiny_models, odd_vocab_model, tmp_path_factory):
     phases = [("logits", L(tp=2)), ("logits", L(pp=2)), ("packed_backward", L(tp=2)),
-              ("train", L(tp=2)), ("train", L(dp=2)), ("train_recompute", L(tp=2)), ("output_lr", L(tp=2)), ("actor", L(tp=2)),
-              ("critic", L(tp=2)), ("critic", L(pp=2))]
-    return launch_local(world_checks, 2, tiny_models, phases)
+              ("train", L(tp=2)), ("train", L(dp=2)), ("train_recompute", L(tp=2)), ("output_lr", L(tp=2)),
+              ("actor", L(tp=2)), ("critic", L(tp=2)), ("critic", L(pp=2)), ("vocab_padding", L(tp=2)),
+              ("vocab_padding_reshard", L(pp=2))]
+    return launch_local(world_checks, 2, {**tiny_models, "qwen3-odd": odd_vocab_model}, phases,
+                        str(tmp_path_factory.mktemp("world2")))
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +124,23 @@ def test_critic_values_and_value_steps(world1, world2, key):
         assert abs(got[f"value_loss{step}"] - ref[f"value_loss{step}"]) <= 1e-6, (step, got, ref)
     assert ref["value_loss2"] < ref["value_loss0"]
     assert got["trained_vs_initial"] > 1e-4 and got["resume_diff"] == 0.0  # the critic's checkpoint restores it
+
+
+def test_vocabulary_tp_does_not_divide_is_padded_and_masked(world2, odd_vocab_model):
+    """An odd vocabulary at TP=2 (model/vocab.py): one padding column, masked to the lowest float; logits,
+    log-probabilities and entropy equal transformers' over the real vocabulary; the padding rows get no
+    gradient; the exported tensors (streamed as the sync sends them, and HF -> Megatron -> HF on disk,
+    at TP=2 and resharded to PP=2) are the original's, shapes included."""
+    import json
+    from pathlib import Path
+
+    vocab = json.loads((Path(odd_vocab_model) / "config.json").read_text())["vocab_size"]
+    res = world2["vocab_padding@tp2pp1dp1"]
+    assert vocab % 2 == 1 and res["padded_width"] == vocab + 1, (vocab, res)
+    assert res["pad_logit_max"] == torch.finfo(torch.float32).min, res
+    assert res["logits"] <= LOGIT_TOL and res["logprobs"] <= LOGIT_TOL and res["entropy"] <= LOGIT_TOL, res
+    assert res["pad_grad"] == 0.0, res
+    assert res["export_mismatch"] == 0.0 and res["roundtrip_mismatch"] == 0.0, res
+    assert world2["vocab_padding_reshard@tp1pp2dp1"]["roundtrip_mismatch"] == 0.0  # that checkpoint at PP=2
+    for key in ("logits@tp2pp1dp1", "logits@tp1pp2dp1"):  # padded (TP=2) and not (PP=2), batches of both kinds
+        assert max(world2[key]["qwen3-odd/padded"], world2[key]["qwen3-odd/packed"]) <= LOGIT_TOL, (key, world2[key])

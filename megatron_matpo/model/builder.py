@@ -104,6 +104,8 @@ def build_model(hf_dir: str | Path, layout: ParallelLayout, *, load_weights: boo
     provider.params_dtype = provider.pipeline_dtype = dtype
     provider.bf16, provider.fp16 = dtype == torch.bfloat16, dtype == torch.float16
     provider.seq_length = seq_length
+    # a vocabulary TP does not divide gets padding rows, and only then (model/vocab.py)
+    provider.should_pad_vocab, provider.make_vocab_size_divisible_by = True, 1
     if recompute == "full":
         provider.recompute_granularity, provider.recompute_method, provider.recompute_num_layers = "full", "uniform", 1
     elif recompute != "none":
@@ -133,7 +135,11 @@ def build_model(hf_dir: str | Path, layout: ParallelLayout, *, load_weights: boo
         from megatron_matpo.model.value_head import attach_value_heads
 
         hooks.append(attach_value_heads)
-    elif head != "lm":
+    elif head == "lm":
+        from megatron_matpo.model.vocab import mask_padded_logits
+
+        hooks.append(lambda chunks: mask_padded_logits(chunks, provider.vocab_size, layout.tp))
+    else:
         raise LayoutError(f"head={head!r}: expected 'lm' or 'value'")
     chunks = provider.provide_distributed_model(
         ddp_config=ddp_config, wrap_with_ddp=ddp_config is not None,

@@ -1,4 +1,5 @@
-"""Parallel layout (TP × PP × DP) and its validation against a HuggingFace model config.
+"""Parallel layout (TP × PP × DP) and its validation against a HuggingFace model config (a vocabulary
+TP does not divide is padded: model/vocab.py).
 
 Validation runs in the launching process, before any worker starts, so a bad layout costs nothing
 and the message names the field and the numbers.
@@ -40,8 +41,4 @@ class ParallelLayout:
                               f"{hf_config.intermediate_size} of {arch}")
         if layers % self.pp:
             raise LayoutError(f"{section}.pp: {self.pp} does not divide num_hidden_layers={layers} of {arch}")
-        vocab = getattr(hf_config, "vocab_size", None)
-        if vocab and vocab % self.tp:  # megatron-core splits the embedding and output rows evenly over TP
-            raise LayoutError(f"{section}.tp: {self.tp} does not divide vocab_size={vocab} of {arch} (padding the "
-                              "vocabulary to a multiple of TP is not supported yet)")
         return self

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from megatron_matpo.model.vocab import padded_vocab_size
 from megatron_matpo.planner.cluster import GIB, Cluster
 from megatron_matpo.planner.model_stats import (
     ModelSpec, attention_flops, linear_flops_per_token, output_layer_flops_per_token, stage_params, train_flops)
@@ -146,7 +147,7 @@ def stage_memory(spec: ModelSpec, cluster: Cluster, layout: Layout, workload: Wo
     logits = 0.0
     if stage == layout.pp - 1:
         logits = tokens * (2 * pb * spec.hidden / hidden_div
-                           + assumptions.logits_bytes_per_vocab * spec.vocab / layout.tp)
+                           + assumptions.logits_bytes_per_vocab * padded_vocab_size(spec.vocab, layout.tp) / layout.tp)
     return MemoryEstimate(
         stage=stage, params=params, weights=pb * params, grads=4.0 * params,
         optimizer=(master + 8) * params / shard, activations=acts, logits=logits,

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from megatron_matpo.model.vocab import padded_vocab_size
+
 QKV_BIAS_ALWAYS = ("Qwen2ForCausalLM",)  # Qwen2's q/k/v projections carry a bias whatever the config says
 QK_NORM = ("Qwen3ForCausalLM",)
 
@@ -125,7 +127,7 @@ def stage_params(spec: ModelSpec, tp: int, pp: int, stage: int) -> int:
     if not 0 <= stage < pp:
         raise ValueError(f"stage {stage} outside 0..{pp - 1}")
     n = spec.layers // pp * layer_params(spec, tp)
-    vocab_shard = spec.vocab // tp * spec.hidden
+    vocab_shard = padded_vocab_size(spec.vocab, tp) // tp * spec.hidden  # padded to a multiple of TP
     if stage == 0:
         n += vocab_shard
     if stage == pp - 1:

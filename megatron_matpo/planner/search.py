@@ -25,8 +25,6 @@ def parallel_problems(spec: ModelSpec, cluster: Cluster, tp: int, pp: int, cp: i
                         ("intermediate_size", spec.intermediate)):
         if value % tp:
             why.append(f"tp={tp} does not divide {name}={value}")
-    if spec.vocab % tp:  # megatron-bridge keeps the HF vocabulary unpadded
-        why.append(f"tp={tp} does not divide vocab_size={spec.vocab}")
     if tp > cluster.gpus_per_node and not allow_cross_node_tp:
         why.append(f"tp={tp} spans nodes (gpus_per_node={cluster.gpus_per_node})")
     if spec.layers % pp:
