@@ -1,4 +1,4 @@
-"""`matpo` command line: `train` (the RL loop; the embedded default is configs/tiny_cpu.yaml), `demo`,
+"""`matpo` command line: `train` (the RL loop; the embedded default is configs/tiny_cpu.yaml), `sft`, `demo`,
 `convert`, `rollout`, `eval`, `transcript`, `make-tiny`."""
 from __future__ import annotations
 
@@ -106,6 +106,21 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_sft(args) -> int:
+    from megatron_matpo import config
+    from megatron_matpo.sft.config import SftConfig
+    from megatron_matpo.sft.train import run_sft
+
+    overrides = list(args.overrides)
+    cfg = config.load(SftConfig, args.config, overrides)
+    cfg.bootstrap = cfg.bootstrap.for_command_line({o.split("=", 1)[0] for o in overrides})
+    out = run_sft(cfg)
+    print(f"matpo sft: {out['steps']} steps on {out['rows']} demonstration rows in {out['seconds']:.0f}s: loss "
+          f"{out['first_loss']:.3f} -> {out['last_loss']:.3f}; checkpoint {out['checkpoint']}"
+          + (f"; HF model {out['hf']}" if out["hf"] else ""), flush=True)
+    return 0
+
+
 def cmd_bench_layouts(args) -> int:
     from megatron_matpo.planner.command import run
 
@@ -180,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from the run_dir's latest checkpoint")
     tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=10 actor.tp=1 actor.pp=2")
     tr.set_defaults(fn=cmd_train)
+
+    f = sub.add_parser("sft", help="supervised fine-tuning on scripted-oracle demonstrations of the multi-hop task")
+    f.add_argument("--config", default="configs/sft_tiny_cpu.yaml", help="YAML SftConfig")
+    f.add_argument("overrides", nargs="*", help="dotted overrides, e.g. epochs=3 actor.tp=2 mode=single")
+    f.set_defaults(fn=cmd_sft)
 
     d = sub.add_parser("demo", help="embedded default: tiny Qwen3 HF -> Megatron TP2xPP2 -> HF, verified")
     d.add_argument("--work-dir", default=str(DEFAULT_WORK_DIR))

@@ -105,7 +105,8 @@ def build_model(hf_dir: str | Path, layout: ParallelLayout, *, load_weights: boo
     provider.bf16, provider.fp16 = dtype == torch.bfloat16, dtype == torch.float16
     provider.seq_length = seq_length
     # a vocabulary TP does not divide gets padding rows, and only then (model/vocab.py)
-    provider.should_pad_vocab, provider.make_vocab_size_divisible_by = True, 1
+    provider.should_pad_vocab = provider.vocab_size % layout.tp != 0
+    provider.make_vocab_size_divisible_by = 1
     if recompute == "full":
         provider.recompute_granularity, provider.recompute_method, provider.recompute_num_layers = "full", "uniform", 1
     elif recompute != "none":

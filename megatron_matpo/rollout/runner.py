@@ -136,9 +136,12 @@ def toolbox_server_config(tb: ToolboxSection, corpus: str | None = None) -> dict
 class RolloutSession:
     """Engines, tool server and workflow, started once and reused for many batches."""
 
-    def __init__(self, cfg: RolloutConfig, tokenizer=None):
+    def __init__(self, cfg: RolloutConfig, tokenizer=None, generator=None):
+        """`generator`: what writes the agents' messages instead of engines (none are started), e.g. the
+        scripted oracle of sft/oracle.py; the tools, prompts, scoring and traces stay the real ones."""
         self.cfg = cfg
         self.tokenizer = tokenizer  # None: loaded from cfg.model on enter
+        self.generator = generator
         self._stack = contextlib.ExitStack()
         self.servers = []
 
@@ -151,7 +154,7 @@ class RolloutSession:
         if self.tokenizer is None:
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         urls = list(cfg.engine.urls)
-        if not urls:
+        if not urls and self.generator is None:
             ecfg = cfg.engine.engine_config(cfg.model, cfg.engine.num_engines, cfg.log_dir)
             self.servers = launch_engines(ecfg, cfg.engine.num_engines)
             self._stack.callback(lambda: [s.stop() for s in self.servers])
@@ -194,7 +197,7 @@ class RolloutSession:
 
         cfg = self.cfg
         n_per = n_samples or cfg.n_samples
-        router = EngineRouter([EngineClient(u) for u in self.engine_urls])
+        router = self.generator or EngineRouter([EngineClient(u) for u in self.engine_urls])
         scorer = make_scorer(cfg.reward)
         sem = asyncio.Semaphore(cfg.max_concurrent)
         out = open(out_path, "w") if out_path else None
