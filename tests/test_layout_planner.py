@@ -20,7 +20,8 @@ from megatron_matpo.planner.model_stats import (
 from megatron_matpo.planner.search import enumerate_layouts, parallel_problems, plan
 from tests.conftest import ARCHS
 
-QWEN3_14B = Path(__file__).resolve().parents[1] / "configs/models/qwen3-14b"
+REPO = Path(__file__).resolve().parents[1]
+QWEN3_14B = REPO / "configs/models/qwen3-14b"
 A800 = PRESETS["a800x128"]
 LONG = Workload(seq_len=40960, global_batch_tokens=128 * 40960)
 
@@ -245,6 +246,32 @@ def test_cli_ranks_qwen3_14b_on_a800(tmp_path, capsys):
         assert out_png.stat().st_size > 0
     else:
         assert not out_png.exists() and "matplotlib is not installed" in text
+
+
+@pytest.mark.parametrize("name", ["qwen3_14b_matpo", "qwen3_14b_single_agent"])
+def test_qwen3_14b_configs_use_the_best_layout_the_trainer_runs(tmp_path, capsys, name):
+    """The cluster configs' actor layout is the planner's first among layouts the builder supports (no CP,
+    no sequence parallelism), and the memory and step time their comment states are its predictions."""
+    import re
+
+    import yaml
+
+    from megatron_matpo.planner.command import main
+
+    text = (REPO / "configs" / f"{name}.yaml").read_text()
+    actor = yaml.safe_load(text)["actor"]
+    out = tmp_path / "layouts.json"
+    assert main(["--model", str(QWEN3_14B / "config.json"), "--cluster", "a800x128", "--seq-len", "40960", "--cp", "1",
+                 "--no-sequence-parallel", "--plain", "--json", str(out)]) == 0
+    capsys.readouterr()
+    best = json.loads(out.read_text())["ranked"][0]
+    lay = best["layout"]
+    assert (lay["tp"], lay["pp"], 128 // (lay["tp"] * lay["pp"])) == (actor["tp"], actor["pp"], lay["dp"]), best
+    assert lay["recompute"] == (actor["recompute"] == "full") and lay["micro_batch_tokens"] == actor[
+        "max_tokens_per_micro_batch"]
+    stated = re.search(r"predicts ([\d.]+) GiB per GPU and\n# ([\d.]+) s per optimizer step", text)
+    assert stated and float(stated.group(1)) == round(best["memory"]["total_gib"], 1), best["memory"]
+    assert float(stated.group(2)) == round(best["step_time_s"], 1)
 
 
 # ---------------------------------------------------------------- measured mode
