@@ -109,12 +109,16 @@ def cmd_train(args) -> int:
 def cmd_sft(args) -> int:
     from megatron_matpo import config
     from megatron_matpo.sft.config import SftConfig
-    from megatron_matpo.sft.train import run_sft
+    from megatron_matpo.sft.train import NoDemonstrations, run_sft
 
     overrides = list(args.overrides)
     cfg = config.load(SftConfig, args.config, overrides)
     cfg.bootstrap = cfg.bootstrap.for_command_line({o.split("=", 1)[0] for o in overrides})
-    out = run_sft(cfg)
+    try:
+        out = run_sft(cfg)
+    except NoDemonstrations as e:
+        print(f"matpo sft: error: {e}", file=sys.stderr)
+        return 1
     print(f"matpo sft: {out['steps']} steps on {out['rows']} demonstration rows in {out['seconds']:.0f}s: loss "
           f"{out['first_loss']:.3f} -> {out['last_loss']:.3f}; checkpoint {out['checkpoint']}"
           + (f"; HF model {out['hf']}" if out["hf"] else ""), flush=True)

@@ -48,7 +48,7 @@ class SftConfig:
     rows_per_step: int = 32  # demonstration rows (a planner or worker conversation) per optimizer step
     seed: int = 0
     actor: SftActorSection = field(default_factory=SftActorSection)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, lr_decay_style="cosine"))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr_decay_style="cosine"))  # lr 1e-5
     export_hf: bool = True  # run_dir/hf: the fine-tuned model in HF format (what RL starts from)
     bootstrap: BootstrapSection = field(default_factory=BootstrapSection)
 

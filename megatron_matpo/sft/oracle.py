@@ -137,4 +137,4 @@ class OracleGenerator:
             raise OracleMiss(f"the page {s.hops[k - 1].url} does not state {s.hops[k - 1].fact!r}")
         if k == len(s.hops):
             return f"The answer is \\boxed{{{s.answer}}}."
-        return self._browse(s.hops[k], step, obs, finished="")
+        return self._browse(s.hops[k], step, obs, finished="")  # step is 0 or 1: no closing message

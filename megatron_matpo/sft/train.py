@@ -21,6 +21,10 @@ from megatron_matpo.sft.config import SftConfig
 SFT_DONE = "sft.json"  # written last in run_dir: the run's summary
 
 
+class NoDemonstrations(RuntimeError):
+    pass
+
+
 def demo_rows(demos: list[dict]):
     from megatron_matpo.train.packing import Row
 
@@ -139,7 +143,7 @@ def run_sft(cfg: SftConfig, log=print) -> dict:
     stats = write_demonstrations(cfg, demos)
     log(f"matpo sft: {stats.line()} -> {demos}")
     if not stats.kept:
-        raise RuntimeError("matpo sft: no demonstration was kept; see the drop reasons above")
+        raise NoDemonstrations(f"no demonstration was kept ({stats.line()})")
     summary = launch_local(sft_on_ranks, cfg.actor.layout.world_size, asdict(cfg), str(demos))
     summary["demos"] = {"kept": stats.kept, "questions": stats.questions, "rows": dict(stats.rows),
                         "excluded": stats.excluded, "dropped": dict(stats.dropped)}
