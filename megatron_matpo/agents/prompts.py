@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Literal
 
 from megatron_matpo.agents.toolcall import render_tool_call
 from megatron_matpo.toolbox.specs import AGENT_SERVER, ToolSpec

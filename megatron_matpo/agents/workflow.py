@@ -169,8 +169,8 @@ class Workflow:
         ids = gen.output_ids
         body = ids[:-1] if ids and ids[-1] == self.template.eos_id else ids
         text = self.tok.decode(body, skip_special_tokens=False)
-        conv.add_generated(ids, gen.logprobs, text, constrained=bool(extra and ("regex" in extra or "json_schema" in extra
-                                                                             or "ebnf" in extra)))
+        constrained = bool(extra and any(k in extra for k in ("regex", "json_schema", "ebnf")))
+        conv.add_generated(ids, gen.logprobs, text, constrained=constrained)
         return text, gen.finish_reason
 
     async def _run_tools(self, text: str, allowed: tuple[ToolSpec, ...], traj: Trajectory, limits: AgentLimits,

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from megatron_matpo.agents.workflow import Trajectory
 from megatron_matpo.algo import matpo_advantages_from_rows
 from megatron_matpo.train.packing import Row
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def flatten(rollouts: list[list[Trajectory]]) -> list[Trajectory]:
@@ -128,7 +132,8 @@ def apply_gae(rows: list[Row], values: dict[int, "np.ndarray"], gamma: float, la
             f[p] = x
         r.advantage, r.returns, r.old_values = (f.tolist() for f in full)
     ret_all, v_all = np.concatenate([*rets, np.zeros(0)]), np.concatenate([*vals, np.zeros(0)])
-    ev = 1.0 - float(np.var(ret_all - v_all)) / float(np.var(ret_all)) if ret_all.size > 1 and np.var(ret_all) > 0 else 0.0
+    ev = (1.0 - float(np.var(ret_all - v_all)) / float(np.var(ret_all))
+          if ret_all.size > 1 and np.var(ret_all) > 0 else 0.0)
     return {"gae/advantage_mean": _mean(raw.tolist()), "gae/advantage_abs_mean": _mean(np.abs(raw).tolist()),
             "gae/return_mean": _mean(ret_all.tolist()), "gae/value_mean": _mean(v_all.tolist()),
             "gae/explained_variance": ev}
