@@ -98,6 +98,13 @@ def test_sft_config_errors_name_the_field(inputs, tmp_path):
                     (["optim.lr=-1"], "optim.lr: -1.0 must be >= 0")):
         with pytest.raises(ConfigError, match="^" + re.escape(why)):
             _cfg(inputs, tmp_path, *ov)
+    from megatron_matpo.sft.train import SFT_DONE, run_sft
+
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / SFT_DONE).write_text("{}")
+    with pytest.raises(ConfigError, match=f"^run_dir: {re.escape(str(used))} already holds an SFT run"):
+        run_sft(_cfg(inputs, used))
 
 
 def test_step_batches_cover_every_row_each_epoch():

@@ -60,6 +60,7 @@ def sft_on_ranks(cfg_dict: dict, demos_path: str) -> dict:
     """Every rank of a launched world (`dist.launch_local`): fine-tune, checkpoint, export; rank 0's
     summary is returned."""
     from megatron.core import parallel_state as ps
+    from tqdm.auto import tqdm
 
     from megatron_matpo import config, platform
     from megatron_matpo.dist import init_megatron
@@ -81,8 +82,6 @@ def sft_on_ranks(cfg_dict: dict, demos_path: str) -> dict:
     worker.build()
     rank0 = torch.distributed.get_rank() == 0
     log = RunLogger(cfg.run_dir) if rank0 else None
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=len(batches), desc="sft", unit="step", disable=not rank0)
     history, t0 = [], time.time()
     for step, idx in enumerate(batches, 1):
@@ -90,6 +89,7 @@ def sft_on_ranks(cfg_dict: dict, demos_path: str) -> dict:
         tokens = sum(sum(r.loss_mask[1:]) for r in batch)  # what packing trains: a row's first token is never predicted
         packed = pack_rows(batch, a.max_tokens_per_micro_batch, a.dp, pad_to_multiple=a.tp)
         mine = packed[ps.get_data_parallel_rank()]
+        lr = worker._lrs()["lr"]  # this step's
         reported, stats = optimizer_step(worker.built.chunks, worker.optimizer, mine, sft_loss(tokens), worker.device)
         worker.scheduler.step(1)
         # the last stage's micro-batch sums, added over DP ranks (zeros on ranks that hold none)
@@ -99,7 +99,7 @@ def sft_on_ranks(cfg_dict: dict, demos_path: str) -> dict:
             sums.zero_()  # TP ranks report the same sums
         torch.distributed.all_reduce(sums)
         m = {"sft/loss": float(sums[0] / max(sums[1], 1.0)), "sft/tokens": float(sums[1]),
-             "sft/rows": float(len(batch)), "sft/grad_norm": stats["grad_norm"], "sft/lr": worker._lrs()["lr"]}
+             "sft/rows": float(len(batch)), "sft/grad_norm": stats["grad_norm"], "sft/lr": lr}
         if not math.isfinite(m["sft/loss"]):
             raise FloatingPointError(f"sft step {step}: loss {m['sft/loss']} (lower optim.lr)")
         history.append(m)
@@ -137,6 +137,8 @@ def run_sft(cfg: SftConfig, log=print) -> dict:
             raise config.ConfigError(f"{key}: {path} does not exist")
     check_layout(cfg.model, cfg.actor.layout)
     run = Path(cfg.run_dir)
+    if (run / "checkpoints").exists() or (run / SFT_DONE).exists():
+        raise config.ConfigError(f"run_dir: {run} already holds an SFT run; give a new run_dir")
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(yaml.safe_dump(config.redacted(config.to_dict(cfg)), sort_keys=False))
     demos = run / "demos.jsonl"
