@@ -111,6 +111,12 @@ def packed_backward(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
                             "grad_sq_norm": grad_norm})
 
 
+def _differ(got: dict, want: dict) -> float:
+    """1.0 unless the two name -> tensor maps hold the same names, shapes and values."""
+    return float(set(got) != set(want) or any(
+        got[k].shape != want[k].shape or not torch.equal(got[k], want[k]) for k in want))
+
+
 def vocab_padding(hf_dir: str, layout: ParallelLayout, work_dir: str) -> dict[str, float]:
     """A vocabulary TP does not divide (model/vocab.py): logits, log-probabilities and entropy equal
     transformers' over the original vocabulary, the padding columns are masked and get no gradient,
@@ -139,7 +145,8 @@ def vocab_padding(hf_dir: str, layout: ParallelLayout, work_dir: str) -> dict[st
     ref_tok = ref_lp.gather(-1, labels[0].unsqueeze(-1)).squeeze(-1)
     ref_ent = -(ref_lp.exp() * ref_lp).sum(-1)
     device = platform.device()
-    out = {"logits": 0.0, "pad_logit_max": -float("inf"), "logprobs": 0.0, "entropy": 0.0, "pad_grad": 0.0}
+    out = {"logits": 0.0, "pad_logit_max": -float("inf"), "padded_width": 0.0, "logprobs": 0.0, "entropy": 0.0,
+           "pad_grad": 0.0}
     logits = full_logits(built.chunks, [mb], device)
     if logits is not None:
         got = logits[0][0]
@@ -168,19 +175,12 @@ def vocab_padding(hf_dir: str, layout: ParallelLayout, work_dir: str) -> dict[st
                 out["pad_grad"] = max(out["pad_grad"], p.main_grad[pad].abs().max().item() if pad.any() else 0.0)
     # out of the model: what the weight sync streams, then HF -> Megatron checkpoint -> HF on disk
     src = load_file(f"{hf_dir}/model.safetensors")
-    streamed = dict(hf_tensors(built))
-    out["export_mismatch"] = float(set(streamed) != set(src) or any(
-        streamed[k].shape != src[k].shape or not torch.equal(streamed[k], src[k]) for k in src))
+    out["export_mismatch"] = _differ(dict(hf_tensors(built)), src)
     ckpt, back = f"{work_dir}/odd-mcore", f"{work_dir}/odd-hf"
     hf_to_megatron_on_ranks(hf_dir, ckpt, layout)
     megatron_to_hf_on_ranks(ckpt, back, layout)
-    if torch.distributed.get_rank() == 0:
-        again = load_file(f"{back}/model.safetensors")
-        out["roundtrip_mismatch"] = float(set(again) != set(src) or any(
-            again[k].shape != src[k].shape or not torch.equal(again[k], src[k]) for k in src))
-    else:
-        out["roundtrip_mismatch"] = 0.0
-    out.setdefault("padded_width", 0.0)
+    rank0 = torch.distributed.get_rank() == 0
+    out["roundtrip_mismatch"] = _differ(load_file(f"{back}/model.safetensors"), src) if rank0 else 0.0
     return _max_over_world(out)
 
 
@@ -193,11 +193,8 @@ def vocab_padding_reshard(hf_dir: str, layout: ParallelLayout, work_dir: str) ->
 
     back = f"{work_dir}/odd-hf-tp{layout.tp}pp{layout.pp}"
     megatron_to_hf_on_ranks(f"{work_dir}/odd-mcore", back, layout)
-    mismatch = 0.0
-    if torch.distributed.get_rank() == 0:
-        src, again = load_file(f"{hf_dir}/model.safetensors"), load_file(f"{back}/model.safetensors")
-        mismatch = float(set(again) != set(src) or any(
-            again[k].shape != src[k].shape or not torch.equal(again[k], src[k]) for k in src))
+    mismatch = (_differ(load_file(f"{back}/model.safetensors"), load_file(f"{hf_dir}/model.safetensors"))
+                if torch.distributed.get_rank() == 0 else 0.0)
     return _max_over_world({"roundtrip_mismatch": mismatch})
 
 

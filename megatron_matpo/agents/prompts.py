@@ -143,6 +143,16 @@ def worker_user_prompt(main_task: str, subtask: str) -> str:
         "factual, cite source URLs and mention anything else you found that helps the main task.")
 
 
+# the worker report's sections (heading, what goes there), in order
+SUMMARY_SECTIONS: tuple[tuple[str, str], ...] = (
+    ("## Conclusion", "The direct answer to the subtask, or a clear statement that it was not found."),
+    ("## Supporting Information", "The facts behind the conclusion, each with its source URL."),
+    ("## Observations", "Uncertainties, conflicting sources, and what remains unverified."),
+    ("## Contribution to Main Task", "How this result helps answer the main task, and what the planner could "
+                                     "check next."),
+)
+
+
 def worker_summary_prompt(main_task: str, subtask: str) -> str:
     """Last worker turn: no tools, a structured report the planner can rely on."""
     main_task, subtask = _need("main_task", main_task), _need("subtask", subtask)
@@ -152,11 +162,7 @@ def worker_summary_prompt(main_task: str, subtask: str) -> str:
         f"Main task: {main_task}\n"
         f"Your subtask: {subtask}\n\n"
         "Use exactly these sections:\n"
-        "## Conclusion\nThe direct answer to the subtask, or a clear statement that it was not found.\n"
-        "## Supporting Information\nThe facts behind the conclusion, each with its source URL.\n"
-        "## Observations\nUncertainties, conflicting sources, and what remains unverified.\n"
-        "## Contribution to Main Task\nHow this result helps answer the main task, and what the "
-        "planner could check next.")
+        + "\n".join(f"{heading}\n{what}" for heading, what in SUMMARY_SECTIONS))
 
 
 # Tolerant of case and inner spaces, like the tool-call parser: a sloppy block must not leak through.

@@ -35,14 +35,20 @@ def mask_padded_logits(chunks: list, vocab: int, tp: int) -> None:
     if padded == vocab:
         return
     rank = parallel_state.get_tensor_model_parallel_rank()
+    masks: dict = {}  # (width, device) -> the padding columns of a shard that holds some (else None)
+
+    def pad_mask(width: int, device):
+        if (width, device) not in masks:
+            start = 0 if width == padded else rank * width  # gathered logits, or this rank's shard
+            cols = torch.arange(start, start + width, device=device)
+            masks[width, device] = cols >= vocab if start + width > vocab else None
+        return masks[width, device]
 
     def hook(module, args, output):
         logits, bias = output if isinstance(output, tuple) else (output, None)
-        width = logits.shape[-1]
-        start = 0 if width == padded else rank * width
-        if start + width <= vocab:  # this shard holds only real tokens
+        pad = pad_mask(logits.shape[-1], logits.device)
+        if pad is None:
             return output
-        pad = torch.arange(start, start + width, device=logits.device) >= vocab
         logits = logits.masked_fill(pad, torch.finfo(logits.dtype).min)
         return (logits, bias) if isinstance(output, tuple) else logits
 

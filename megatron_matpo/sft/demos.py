@@ -15,10 +15,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_matpo.agents.prompts import SUMMARY_SECTIONS
 from megatron_matpo.agents.workflow import Trajectory, WorkflowConfig
 from megatron_matpo.sft.config import SftConfig
-
-REPORT_SECTIONS = ("## Conclusion", "## Supporting Information", "## Observations", "## Contribution to Main Task")
 
 
 @dataclass
@@ -48,7 +47,7 @@ def problems(trajs: list[Trajectory]) -> list[str]:
             why.append(f"{t.role} stopped by {t.finish}")
         if t.tool_errors:
             why.append(f"{t.role} tool errors")
-        if t.role == "worker" and not all(s in t.final_text for s in REPORT_SECTIONS):
+        if t.role == "worker" and not all(heading in t.final_text for heading, _ in SUMMARY_SECTIONS):
             why.append("worker report without its four sections")
     return why
 
@@ -83,27 +82,25 @@ def write_demonstrations(cfg: SftConfig, out_path: str | Path, progress: bool = 
     bar = tqdm(total=len(samples), desc="demonstrations", unit="question", disable=not progress)
     kept: list[tuple[int, list[Trajectory]]] = []
 
-    async def one(session, i: int, sample) -> None:
-        try:
-            (trajs,) = await session.run([sample], progress=False, uid_prefix=f"demo{i}/")
-        except OracleMiss as e:
-            stats.dropped[f"oracle: {str(e).split(':')[0]}"] += 1
-        else:
-            why = problems(trajs)
-            if why:
-                stats.dropped[why[0]] += 1
-            else:
-                kept.append((i, trajs))
-        bar.update(1)
-
     async def run_all(session) -> None:
         sem = asyncio.Semaphore(16)
 
-        async def bounded(i, s):
+        async def one(i: int, sample) -> None:
+            # one session call per question: an OracleMiss drops that question, not the batch
             async with sem:
-                await one(session, i, s)
+                try:
+                    (trajs,) = await session.run([sample], progress=False, uid_prefix=f"demo{i}/")
+                except OracleMiss as e:
+                    stats.dropped[f"oracle: {e}"] += 1
+                else:
+                    why = problems(trajs)
+                    if why:
+                        stats.dropped[why[0]] += 1
+                    else:
+                        kept.append((i, trajs))
+            bar.update(1)
 
-        await asyncio.gather(*(bounded(i, s) for i, s in enumerate(samples)))
+        await asyncio.gather(*(one(i, s) for i, s in enumerate(samples)))
 
     try:
         with RolloutSession(rcfg, tokenizer=tok, generator=OracleGenerator(samples, tok)) as session:

@@ -40,10 +40,9 @@ def subtask_text(hop: Hop) -> str:
 
 def worker_report(hop: Hop) -> str:
     """The worker's final summary, in the summary prompt's four sections."""
-    return (f"## Conclusion\n{hop.fact}\n"
-            f"## Supporting Information\n{hop.fact} Source: {hop.url}\n"
-            f"## Observations\nStated on the page of {hop.subject}.\n"
-            f"## Contribution to Main Task\nThe answer to this subtask is {hop.object}.")
+    said = (hop.fact, f"{hop.fact} Source: {hop.url}", f"Stated on the page of {hop.subject}.",
+            f"The answer to this subtask is {hop.object}.")
+    return "\n".join(f"{heading}\n{text}" for (heading, _), text in zip(prompts.SUMMARY_SECTIONS, said))
 
 
 @dataclass

@@ -62,10 +62,11 @@ def sft_on_ranks(cfg_dict: dict, demos_path: str) -> dict:
     from megatron.core import parallel_state as ps
     from tqdm.auto import tqdm
 
-    from megatron_matpo import config, platform
+    from megatron_matpo import config
     from megatron_matpo.dist import init_megatron
     from megatron_matpo.sft.demos import read_demonstrations
     from megatron_matpo.train.actor import optimizer_step
+    from megatron_matpo.train.config import resolve_dtype
     from megatron_matpo.train.logger import RunLogger
     from megatron_matpo.train.packing import pack_rows
     from megatron_matpo.train.worker import ActorWorker, WorkerSpec
@@ -74,9 +75,9 @@ def sft_on_ranks(cfg_dict: dict, demos_path: str) -> dict:
     a = cfg.actor
     rows = demo_rows(read_demonstrations(demos_path))
     batches = step_batches(len(rows), cfg.rows_per_step, cfg.epochs, cfg.seed)
-    dtype = a.dtype if a.dtype != "auto" else ("bfloat16" if platform.capabilities().cuda else "float32")
-    spec = WorkerSpec(model=cfg.model, layout=a.layout, dtype=dtype, recompute=a.recompute, optim=cfg.optim,
-                      max_tokens_per_micro_batch=a.max_tokens_per_micro_batch, seed=cfg.seed, total_steps=len(batches))
+    spec = WorkerSpec(model=cfg.model, layout=a.layout, dtype=resolve_dtype(a.dtype), recompute=a.recompute,
+                      optim=cfg.optim, max_tokens_per_micro_batch=a.max_tokens_per_micro_batch, seed=cfg.seed,
+                      total_steps=len(batches))
     worker = ActorWorker(spec)
     init_megatron(a.layout, seed=cfg.seed)
     worker.build()
@@ -92,11 +93,9 @@ def sft_on_ranks(cfg_dict: dict, demos_path: str) -> dict:
         lr = worker._lrs()["lr"]  # this step's
         reported, stats = optimizer_step(worker.built.chunks, worker.optimizer, mine, sft_loss(tokens), worker.device)
         worker.scheduler.step(1)
-        # the last stage's micro-batch sums, added over DP ranks (zeros on ranks that hold none)
-        sums = torch.tensor([sum(float(r["nll_sum"]) for r in reported), sum(float(r["tokens"]) for r in reported)],
-                            dtype=torch.float64, device=worker.device)
-        if ps.get_tensor_model_parallel_rank() != 0:
-            sums.zero_()  # TP ranks report the same sums
+        # each DP replica's reporting rank (last stage, TP rank 0) adds its micro-batch sums; the others add 0
+        sums = torch.tensor([sum(float(r["nll_sum"]) for r in reported), sum(float(r["tokens"]) for r in reported)]
+                            if worker.reports else [0.0, 0.0], dtype=torch.float64, device=worker.device)
         torch.distributed.all_reduce(sums)
         m = {"sft/loss": float(sums[0] / max(sums[1], 1.0)), "sft/tokens": float(sums[1]),
              "sft/rows": float(len(batch)), "sft/grad_norm": stats["grad_norm"], "sft/lr": lr}

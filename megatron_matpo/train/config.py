@@ -330,11 +330,16 @@ class TrainConfig:
              "allocation")
 
     def resolved_dtype(self) -> str:
-        from megatron_matpo import platform
+        return resolve_dtype(self.actor.dtype)
 
-        if self.actor.dtype != "auto":
-            return self.actor.dtype
-        return "bfloat16" if platform.capabilities().cuda else "float32"
+
+def resolve_dtype(dtype: str) -> str:
+    """An actor's `dtype`, with `auto` made concrete: bfloat16 on CUDA, float32 on CPU."""
+    from megatron_matpo import platform
+
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if platform.capabilities().cuda else "float32"
 
 
 def _wandb_logged_in() -> bool:
