@@ -1,4 +1,5 @@
-"""`matpo` command line: `train` (the RL loop; the embedded default is configs/tiny_cpu.yaml), `sft`, `demo`,
+"""`matpo` command line: `train` (the RL loop; the embedded default is configs/tiny_cpu.yaml), `sft`,
+`train-verifier`, `demo`,
 `convert`, `rollout`, `eval`, `transcript`, `make-tiny`."""
 from __future__ import annotations
 
@@ -125,6 +126,29 @@ def cmd_sft(args) -> int:
     return 0
 
 
+def cmd_train_verifier(args) -> int:
+    from megatron_matpo import config
+    from megatron_matpo.verifier.answers import VerifierDataError
+    from megatron_matpo.verifier.config import VerifierTrainConfig
+    from megatron_matpo.verifier.train import run_train_verifier
+
+    overrides = list(args.overrides)
+    cfg = config.load(VerifierTrainConfig, args.config, overrides)
+    cfg.bootstrap = cfg.bootstrap.for_command_line({o.split("=", 1)[0] for o in overrides})
+    try:
+        out = run_train_verifier(cfg)
+    except VerifierDataError as e:
+        print(f"matpo train-verifier: error: {e}", file=sys.stderr)
+        return 2
+    b, a = out["before"], out["after"]
+    print(f"matpo train-verifier: {out['steps']} steps on {out['train_answers']} answers in {out['seconds']:.0f}s; "
+          f"held out ({out['heldout_answers']} answers): AUC {b['verifier/heldout_auc']:.3f} -> "
+          f"{a['verifier/heldout_auc']:.3f}, accuracy {b['verifier/heldout_accuracy']:.3f} -> "
+          f"{a['verifier/heldout_accuracy']:.3f}; checkpoint {out['checkpoint']}"
+          + (f"; HF model {out['hf']}" if out["hf"] else ""), flush=True)
+    return 0
+
+
 def cmd_bench_layouts(args) -> int:
     from megatron_matpo.planner.command import run
 
@@ -204,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--config", default="configs/sft_tiny_cpu.yaml", help="YAML SftConfig")
     f.add_argument("overrides", nargs="*", help="dotted overrides, e.g. epochs=3 actor.tp=2 mode=single")
     f.set_defaults(fn=cmd_sft)
+
+    rv = sub.add_parser("train-verifier", help="MAPoRL verifier: a score-head model trained on the agents' answers, "
+                                               "labelled by the gold answer (HF sequence-classification export)")
+    rv.add_argument("--config", default="configs/verifier_tiny_cpu.yaml", help="YAML VerifierTrainConfig")
+    rv.add_argument("overrides", nargs="*", help="dotted overrides, e.g. transcripts=[runs/x/rollouts] epochs=5")
+    rv.set_defaults(fn=cmd_train_verifier)
 
     d = sub.add_parser("demo", help="embedded default: tiny Qwen3 HF -> Megatron TP2xPP2 -> HF, verified")
     d.add_argument("--work-dir", default=str(DEFAULT_WORK_DIR))

@@ -27,6 +27,16 @@ from megatron_matpo.maporl.answers import Tolerance, final_answer, matches_any
 from megatron_matpo.reward.judge import AccuracyItem, AccuracyResult, AccuracyScorer, JudgeConfig, LLMJudgeScorer
 
 
+def verifier_input_ids(tok, question: str, response: str, enable_thinking: bool | None = None) -> list[int]:
+    """A reward model's token ids for one answer: its chat template over the user question and the
+    assistant response (no generation prompt: the last token closes the answer; its score is the
+    model's). What `matpo train-verifier` trains on and what is served are the same ids."""
+    kw = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    text = tok.apply_chat_template([{"role": "user", "content": question}, {"role": "assistant", "content": response}],
+                                   tokenize=False, **kw)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
 class NumericMatchVerifier:
     """1.0 when the final answer equals a gold alias (numbers within `tol`), else 0.0."""
 
@@ -88,13 +98,7 @@ class RewardModelVerifier:
         self._counts: Counter[str] = Counter()
 
     def input_ids(self, item: AccuracyItem) -> list[int]:
-        """The reward model's token ids for one answer: its chat template over the user question
-        and the assistant response (no generation prompt: the last token closes the answer)."""
-        kw = {} if self.config.enable_thinking is None else {"enable_thinking": self.config.enable_thinking}
-        text = self.tok.apply_chat_template(
-            [{"role": "user", "content": item.question}, {"role": "assistant", "content": item.response}],
-            tokenize=False, **kw)
-        return self.tok(text, add_special_tokens=False)["input_ids"]
+        return verifier_input_ids(self.tok, item.question, item.response, self.config.enable_thinking)
 
     async def score(self, items: Sequence[AccuracyItem]) -> list[AccuracyResult]:
         cfg = self.config

@@ -85,7 +85,8 @@ def build_model(hf_dir: str | Path, layout: ParallelLayout, *, load_weights: boo
     without, they are bare modules (inference, reference model, conversion). `recompute="full"`
     checkpoints every transformer layer (inputs kept, activations recomputed in backward): what lets
     40k-token micro-batches of a 14B model fit in 80 GB. `head="value"` swaps the LM head for a
-    zero-initialized scalar value head after loading the weights (the PPO critic).
+    zero-initialized scalar value head after loading the weights (the PPO critic); `head="score"` for
+    the same head without a bias (a verifier: an HF sequence-classification score head).
     """
     from megatron.core import parallel_state
 
@@ -132,16 +133,16 @@ def build_model(hf_dir: str | Path, layout: ParallelLayout, *, load_weights: boo
         provider.attention_backend = AttnBackend.auto  # `local` would swap our attention back out
     provider.finalize()
     hooks = [bridge.load_hf_weights] if load_weights else []
-    if head == "value":
+    if head in ("value", "score"):  # the critic's value head; a verifier's bias-free score head
         from megatron_matpo.model.value_head import attach_value_heads
 
-        hooks.append(attach_value_heads)
+        hooks.append(lambda chunks: attach_value_heads(chunks, bias=head == "value"))
     elif head == "lm":
         from megatron_matpo.model.vocab import mask_padded_logits
 
         hooks.append(lambda chunks: mask_padded_logits(chunks, provider.vocab_size, layout.tp))
     else:
-        raise LayoutError(f"head={head!r}: expected 'lm' or 'value'")
+        raise LayoutError(f"head={head!r}: expected 'lm', 'value' or 'score'")
     chunks = provider.provide_distributed_model(
         ddp_config=ddp_config, wrap_with_ddp=ddp_config is not None,
         use_cpu_initialization=not platform.capabilities().cuda,
