@@ -67,15 +67,20 @@ def load_tokenizer(model: str):
 
 
 def make_task(cfg, models: list[str], engine_urls: list[list[str]], toolbox_url: str | None, tokenizer,
-              log_dir: str) -> RolloutTask:
-    """The task of `cfg.algorithm`, on the started engines (per policy) and tool server: the one place
-    the controller branches on the algorithm (train/tasks.py)."""
+              log_dir: str, verifier_url: str | None = None) -> RolloutTask:
+    """The task of `cfg.algorithm`, on the started engines (per policy) and tool server (and MAPoRL's
+    served verifier): the one place the controller branches on the algorithm (train/tasks.py)."""
     if cfg.algorithm == "maporl":
         from megatron_matpo.maporl.task import MaporlRollout
 
         # the driver's tokenizer (of `cfg.model`) serves every policy on that model; others load theirs
         tokenizers = [tokenizer if m == cfg.model else load_tokenizer(m) for m in models]
-        return MaporlRollout(cfg.maporl, tokenizers, engine_urls, cfg.rollout.n_samples, cfg.advantage.eps,
+        mp = cfg.maporl
+        if verifier_url:
+            v = mp.verifier
+            mp = dataclasses.replace(mp, verifier=dataclasses.replace(v, reward_model={**v.reward_model,
+                                                                                      "url": verifier_url}))
+        return MaporlRollout(mp, tokenizers, engine_urls, cfg.rollout.n_samples, cfg.advantage.eps,
                              cfg.advantage.norm_by_std, cfg.deterministic, grpo=cfg.advantage.estimator != "gae",
                              merge_turns=cfg.loss.agg == "token-mean")
     from megatron_matpo.rollout.runner import RolloutSession
@@ -91,7 +96,7 @@ def make_task(cfg, models: list[str], engine_urls: list[list[str]], toolbox_url:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False):
-        from megatron_matpo.train.bootstrap import ensure_inputs
+        from megatron_matpo.train.bootstrap import ensure_inputs, ensure_verifier
         from megatron_matpo.train.checkpoint import latest_checkpoint
         from megatron_matpo.train.preflight import preflight
 
@@ -99,6 +104,8 @@ class Trainer:
         self.bringup = Timer()
         with self.bringup("inputs"):
             ensure_inputs(cfg)  # bootstrap: the embedded default's own inputs, on first use
+        with self.bringup("verifier_training"):
+            ensure_verifier(cfg)  # MAPoRL: the served verifier, trained first where the config says so
         preflight(cfg)  # what needs the inputs (model configs vs the layout, paths): before any process starts
         self.run_dir = Path(cfg.run_dir)
         preemption.install()  # SIGUSR1: checkpoint and stop at the next step boundary
@@ -150,8 +157,14 @@ class Trainer:
         with bt("rollout_session"):  # the algorithm's rollouts, on these engines (train/tasks.py)
             urls = [st.services.engine_urls for st in self.stacks]
             self.task = make_task(cfg, [st.model for st in self.stacks], urls, self.stacks[0].services.toolbox_url,
-                                  tokenizer, str(self.run_dir / "logs"))
+                                  tokenizer, str(self.run_dir / "logs"), self.stacks[0].services.verifier_url)
         self._teardown.callback(_quietly, "rollout task", self.task.close)
+        self.verifier_check: dict[str, float] = {}
+        if self.stacks[0].services.verifier_url:
+            from megatron_matpo.verifier.train import served_parity
+
+            with bt("verifier_parity"):  # the served copy scores as the trained model did
+                self.verifier_check = served_parity(self.task.verifier, cfg.maporl.verifier.served_model())
         self.release_engine_memory = cfg.orchestrate.colocate and engine_memory_release_supported()
         return self
 
@@ -182,8 +195,9 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg, history, stop = self.cfg, [], preemption.STOP
-        bring = self.bringup_report()
-        print("bring-up: " + ", ".join(f"{k.split('/')[1][:-2]} {v:.1f}s" for k, v in bring.items()), flush=True)
+        bring = {**self.bringup_report(), **self.verifier_check}
+        print("bring-up: " + ", ".join(f"{k.split('/')[1][:-2]} {v:.1f}s" for k, v in bring.items()
+                                       if k.startswith("bringup/")), flush=True)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step")
         self.data_state = self.loader.state_dict()  # what a checkpoint stores as the data cursor (pipeline.py)
         self.rollouts = rollouts_for(cfg.async_.max_staleness, self._produce, version=self.step,

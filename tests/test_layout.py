@@ -46,6 +46,10 @@ def test_bundle_plan_per_stack():
     assert gpu.bundles[:8] == [{"CPU": 1, "GPU": 1.0}] * 8 and gpu.bundles[8] == {"CPU": 1, "GPU": 2.0}
     colo = plan_bundles(1, 4, False, 2, 2, 1.0, True, True)
     assert colo.engine_gpus == 0.0 and colo.bundles[4:] == [{"CPU": 1}] * 3
+    # MAPoRL's served verifier: one more bundle in stack 0 only (a GPU of its own unless colocated)
+    ver = plan_bundles(2, 4, False, 1, 2, 1.0, False, False, verifier_engine=True)
+    assert ver.sizes == [6, 5] and ver.bundles[5] == {"CPU": 1, "GPU": 1.0} and ver.offset(1) == 6
+    assert "verifier" in ver.what
 
 
 @pytest.mark.slow

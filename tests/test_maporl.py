@@ -549,10 +549,12 @@ def test_discussion_shows_judge_scores(engine, tok, tiny_models):
     assert isinstance(judge.config, JudgeConfig)
     assert judge.pop_metrics()["acc/judge_calls"] >= 2  # round 0: both answers boxed, both judged
     assert all(x.score in (0.0, 1.0) for x in d.turns)
+    words = {0.0: "very likely wrong", 1.0: "very likely right"}  # the buckets at the judge's two scores
     for i, x in enumerate(d.grid()[1]):
         prompt = tok.decode(x.token_ids[:x.prompt_len])
-        other = d.grid()[0][1 - i]
-        assert f"Agent {2 - i} (verifier score {other.score:.2f})" in prompt
+        other, own = d.grid()[0][1 - i], d.grid()[0][i]
+        assert f"Agent {2 - i} (verifier score {other.score:.2f}: {words[other.score]})" in prompt
+        assert f"Your previous answer: verifier score {own.score:.2f}: {words[own.score]}." in prompt
     with pytest.raises(ValueError, match="show_scores"):
         DiscussionWorkflow(cfg, None, tok)
 
@@ -662,7 +664,8 @@ def test_merged_turn_rows_give_the_per_turn_update(tiny_models):
     assert l1 == pytest.approx(l2, rel=1e-12, abs=1e-15)
     # fp64 model, but transformers' Qwen3RMSNorm computes in fp32: its backward of a summed gradient
     # (merged) and of two separate ones (per turn) round differently at ~1e-7 of the largest entry
-    assert g1.abs().max() > 0 and (g1 - g2).abs().max() <= 1e-5 * g1.abs().max(), ((g1 - g2).abs().max(), g1.abs().max())
+    assert g1.abs().max() > 0 and (g1 - g2).abs().max() <= 1e-5 * g1.abs().max(), \
+        ((g1 - g2).abs().max(), g1.abs().max())
     with torch.no_grad():
         values = {rows_id: {r.row_id: v[[j for j, m in enumerate(r.loss_mask) if m]].numpy()
                             for r, (_, v) in zip(rows, forward(rows))} for rows_id, rows in

@@ -1,12 +1,16 @@
 """MAPoRL co-training end to end through `matpo train` (algorithm=maporl): two agents discuss for three
-rounds on real SGLang engines, a numeric verifier scores every answer, influence-aware rewards with
+rounds on real SGLang engines, a verifier scores every answer, influence-aware rewards with
 incentives, PPO on Megatron actors, weights synced into the engines. Two worlds, both on the
-learnable toy, where the final-round accuracy must rise: distinct models (an actor + engine per
-agent) with GRPO per (question, agent, round), rolled out one step ahead of training
-(async.max_staleness=1); and one shared model with its Megatron critic (PPO +
+learnable toy, where the final-round accuracy must rise: MAPoRL as published
+(configs/maporl_verifier_tiny_cpu.yaml: a verifier trained first on the initial policy's answers, at
+PP=2, served on its own engine, its scores the reward and shown to the agents) with distinct models (an
+actor + engine per agent) and GRPO per (question, agent, round), rolled out one step ahead of training
+(async.max_staleness=1); and one shared model scored by exact match with its Megatron critic (PPO +
 GAE), SIGKILLed after its step-5 checkpoint and resumed, on which the discussion's structure, eval
 and the HF export are checked too."""
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -30,20 +34,51 @@ def maporl_inputs(tmp_path_factory) -> list[str]:
     return ov
 
 
-def test_distinct_models_learn_the_toy(maporl_inputs, tmp_path):
-    """configs/maporl_toy_learnable_cpu.yaml: an actor and an engine per agent; every gold answer is 3
-    and every turn a constrained `\\boxed{<digit>}`. Both policies are trained on their own agent's
-    turns, and the final-round accuracy must rise. Asynchronously (async.max_staleness=1): each step's
-    discussions are rolled out while the step before trains, on the weights from two steps back; with
-    dynamic sampling, questions whose discussions all scored alike are dropped and more rolled out."""
+def test_distinct_models_learn_the_toy_with_a_trained_verifier(maporl_inputs, tmp_path):
+    """configs/maporl_verifier_tiny_cpu.yaml: first `matpo train-verifier` (bootstrap) samples discussions
+    of the initial policy, labels the answers by the gold answer (every gold answer is 3, every turn a
+    constrained `\\boxed{<digit>}`), and trains a score-head model at PP=2 that must separate right from
+    wrong on held-out questions; the trainer serves its HF export on an SGLang engine whose scores must
+    equal the trained model's. Then an actor and an engine per agent, the served verifier's probability as
+    the score of every answer (and shown to the agents, in words), and the final-round gold accuracy must
+    rise. Asynchronously (async.max_staleness=1): each step's discussions are rolled out while the step
+    before trains, on the weights from two steps back; with dynamic sampling, questions whose
+    discussions all scored alike are dropped and more rolled out."""
     run = tmp_path / "run"
-    out = train("configs/maporl_toy_learnable_cpu.yaml", run, maporl_inputs + [
+    out = train("configs/maporl_verifier_tiny_cpu.yaml", run, maporl_inputs + [
+        f"maporl.verifier.reward_model.model_path={run}/verifier/hf",
         "async.max_staleness=1", "dynamic_sampling.enabled=true", "dynamic_sampling.max_draws=2",
         "logger.wandb.enabled=true"])  # offline: files under run_dir/wandb
     m = metrics(run)
     steps = sorted(m)
     assert steps == list(range(1, 11)), out[-3000:]
     assert_quiet_console(out)
+    # the verifier: trained before the run on the initial policy's answers, held-out AUC from 0.5 (a zero head
+    # scores every answer alike) to near 1; its export served with the same scores
+    ver = json.loads((run / "verifier" / "verifier.json").read_text())
+    before, after = ver["before"], ver["after"]
+    print("verifier:", ver["data"], "held out before", before, "after", after)
+    assert before["verifier/heldout_auc"] == 0.5 and after["verifier/heldout_auc"] >= 0.9, ver
+    assert after["verifier/heldout_accuracy"] >= 0.8 and after["verifier/heldout_bce"] < before["verifier/heldout_bce"]
+    assert ver["data"]["right"] > 0 and ver["data"]["train"] > 0 and ver["data"]["heldout_questions"] >= 1
+    vcfg = (run / "verifier" / "config.yaml").read_text()
+    assert "pp: 2" in vcfg and list((run / "verifier" / "tensorboard").glob("events.out.tfevents.*"))
+    assert m[1]["verifier/served_rows"] == ver["data"]["heldout"] and m[1]["verifier/served_ids_differ"] == 0
+    assert m[1]["verifier/served_max_abs_diff"] <= 1e-4, m[1]["verifier/served_max_abs_diff"]
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    hf = AutoModelForSequenceClassification.from_pretrained(run / "verifier" / "hf", dtype=torch.float32).eval()
+    held = [json.loads(x) for x in (run / "verifier" / "heldout_scores.jsonl").read_text().splitlines()]
+    with torch.no_grad():  # transformers on the export: the scores the PP=2 Megatron model recorded
+        diff = max(abs(hf(torch.tensor([r["input_ids"]])).logits.item() - r["score"]) for r in held)
+    assert diff <= 1e-4, diff
+    assert "bringup/verifier_training_s" in m[1] and "bringup/verifier_parity_s" in m[1]
+    # on the live answers too it separates right from wrong (the answers of a step are never all right here)
+    live = [m[s]["verifier/auc"] for s in steps if "verifier/auc" in m[s]]
+    print("verifier AUC on each step's answers:", [round(a, 3) for a in live])
+    assert len(live) >= 5 and min(live) >= 0.8, live
+    assert all(m[s]["verifier/rm_scored"] > 0 and m[s]["verifier/rm_retries"] == 0 for s in steps)
     # wandb got every step's scalars, as metrics.jsonl has them, and the run's redacted config
     history, wb_config = wandb_history(run)
     assert history == {s: {k: v for k, v in m[s].items() if k not in ("step", "time")} for s in steps}
@@ -60,8 +95,8 @@ def test_distinct_models_learn_the_toy(maporl_inputs, tmp_path):
     assert [m[s]["async/staleness"] for s in steps] == [0.0] + [1.0] * 9, [m[s]["async/staleness"] for s in steps]
     assert [m[s]["async/policy_version"] for s in steps] == [0.0] + [float(s - 2) for s in steps[1:]]
     assert all(m[s]["async/tokens_staleness_1"] > 0 for s in steps[1:]) and m[1]["async/tokens_staleness_0"] > 0
-    acc = [m[s]["maporl/accuracy_final"] for s in steps]
-    print("final-round accuracy per step:", [round(a, 3) for a in acc],
+    acc = [m[s]["maporl/gold_accuracy_final"] for s in steps]  # accuracy_final is the verifier's probability
+    print("final-round gold accuracy per step:", [round(a, 3) for a in acc],
           f"margin {sum(acc[-3:]) / 3 - acc[0] - 0.25:+.3f}")
     # a random digit is right ~1/10 of the time (64 final answers a step, so ±0.04): the last steps must
     # beat the untrained first one clearly. Runs differ (concurrent sampling is not seeded on CPU): two
@@ -77,6 +112,18 @@ def test_distinct_models_learn_the_toy(maporl_inputs, tmp_path):
             assert m[s][f"agent{i}/parity/max_abs"] <= 1e-4, (i, s)
         assert abs(m[1][f"agent{i}/actor/ratio_mean"] - 1.0) < 1e-6
         assert (run / f"agent{i}" / "checkpoints").exists()
+    # the agents saw the verifier's scores of the previous round, in words: their own answer's and the other's
+    from megatron_matpo.maporl.prompts import score_note
+
+    turns = {d["traj_id"]: d for d in rollouts(run, 1)}
+    later = [d for d in turns.values() if d["round"] > 0]
+    assert later
+    for d in later:
+        prompt = d["messages"][-2]["content"]
+        (seen,) = d["seen"]
+        own = turns[d["parent_id"]]
+        assert f"Your previous answer: {score_note(own['score'])}." in prompt, prompt
+        assert f"Agent {turns[seen]['agent'] + 1} ({score_note(turns[seen]['score'])})" in prompt, prompt
 
 
 TOY = "configs/maporl_toy_learnable_cpu.yaml"
@@ -93,7 +140,8 @@ def critic_world(maporl_inputs, tmp_path_factory) -> dict:
     run = tmp_path_factory.mktemp("maporl-critic") / "run"
     val = maporl_inputs[1].replace("data=", "").replace("maporl_train_", "maporl_val_")
     ov = maporl_inputs + ["maporl.models=shared", "advantage.estimator=gae", "critic.optim.lr=1.0e-3",
-                          "async.max_staleness=1", "checkpoint.every=5", "checkpoint.export_hf=true", "eval.every=10", f"eval.data={val}",
+                          "async.max_staleness=1", "checkpoint.every=5", "checkpoint.export_hf=true", "eval.every=10",
+                          f"eval.data={val}",
                           "eval.max_prompts=2"]
     proc = start(TOY, run, ov)
     try:

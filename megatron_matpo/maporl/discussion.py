@@ -45,7 +45,11 @@ class DiscussionConfig:
     max_tokens_per_turn: int = 1024
     max_context_tokens: int = 8192      # per agent: its prompt and all its rounds
     stop_on_consensus: bool = False
-    show_scores: bool = False           # show verifier scores next to shared answers (needs a verifier)
+    # show verifier scores (needs a verifier during the rollout): of the agent's own previous answer and
+    # next to the others'; score_feedback "bucket" adds what the score means in words (MAPoRL's four
+    # buckets, prompts.SCORE_BUCKETS), "number" shows the number only
+    show_scores: bool = False
+    score_feedback: str = "bucket"
     share: str = "response"             # "response": others' visible text; "answer": only their final answer
     max_shared_chars: int = 2000        # per shared answer
     personas: list[str] | None = None   # one extra system-prompt line per agent (shared-model roles)
@@ -61,6 +65,8 @@ class DiscussionConfig:
     def __post_init__(self) -> None:
         if self.n_agents < 1 or self.rounds < 1:
             raise ValueError(f"a discussion needs n_agents >= 1 and rounds >= 1, got {self.n_agents}, {self.rounds}")
+        if self.score_feedback not in ("bucket", "number"):
+            raise ValueError(f"score_feedback must be 'bucket' or 'number', got {self.score_feedback!r}")
         if self.share not in ("response", "answer"):
             raise ValueError(f"share must be 'response' or 'answer', got {self.share!r}")
         if self.personas is not None and len(self.personas) != self.n_agents:
@@ -180,13 +186,14 @@ class DiscussionWorkflow:
 
     def _revision(self, question: str, prev: list[DiscussionTurn], i: int) -> str:
         cfg = self.cfg
-        others = []
+        others, own = [], None
         for x in prev:
             if x.agent == i:
+                own = x.score if cfg.show_scores else None
                 continue
             text = (x.answer or "") if cfg.share == "answer" else prompts.shareable(x.final_text, cfg.max_shared_chars)
             others.append(prompts.SharedAnswer(x.agent, text, x.score if cfg.show_scores else None))
-        return prompts.revision_prompt(question, others)
+        return prompts.revision_prompt(question, others, own, cfg.score_feedback)
 
     async def _turn(self, d: Discussion, conv: Conversation, i: int, t: int, prev: list[DiscussionTurn],
                     extra: dict | None, seed: int | None) -> DiscussionTurn:

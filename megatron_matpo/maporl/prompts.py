@@ -51,15 +51,31 @@ def shareable(text: str, max_chars: int) -> str:
     return text if len(text) <= max_chars else text[:max_chars] + " [...]"
 
 
-def revision_prompt(question: str, others: Sequence[SharedAnswer]) -> str:
-    """Round t > 0: the other agents' round t-1 answers, then an invitation to revise."""
-    parts = ["Here are the other agents' answers from the previous round."]
+# MAPoRL's feedback buckets (its code's thresholds on the verifier's probability: 0.3, 0.6, 0.8); our words
+SCORE_BUCKETS = ((0.3, "very likely wrong"), (0.6, "possibly wrong, or its reasoning is not convincing yet"),
+                 (0.8, "probably right, but worth checking again"), (float("inf"), "very likely right"))
+
+
+def score_note(score: float, feedback: str = "bucket") -> str:
+    """How a verifier score is shown: the number, and with `feedback="bucket"` what it means in words."""
+    if feedback == "number":
+        return f"verifier score {score:.2f}"
+    words = next(w for bound, w in SCORE_BUCKETS if score < bound)
+    return f"verifier score {score:.2f}: {words}"
+
+
+def revision_prompt(question: str, others: Sequence[SharedAnswer], own_score: float | None = None,
+                    feedback: str = "bucket") -> str:
+    """Round t > 0: (with scores shown: the verifier's view of the agent's own previous answer,) the other
+    agents' round t-1 answers, then an invitation to revise."""
+    parts = [] if own_score is None else [f"Your previous answer: {score_note(own_score, feedback)}."]
+    parts.append("Here are the other agents' answers from the previous round.")
     for o in others:
         head = f"## {agent_name(o.agent)}"
         if o.score is not None:
-            head += f" (verifier score {o.score:.2f})"
+            head += f" ({score_note(o.score, feedback)})"
         parts.append(f"{head}\n{o.text if o.text.strip() else '(no answer)'}")
-    if any(o.score is not None for o in others):
+    if own_score is not None or any(o.score is not None for o in others):
         parts.append("A verifier score estimates how likely an answer is correct (0 to 1); it can be wrong.")
     parts.append("Compare their reasoning with yours. If you find a mistake, in your answer or theirs, "
                  "correct it; otherwise keep your answer and say why.")

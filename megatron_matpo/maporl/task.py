@@ -74,6 +74,7 @@ class MaporlRollout:
         adv = turn_advantages(discussions, n, self.eps, self.norm_by_std)
         rows = rows_of_turns(adv, len(discussions) // n, len(self.engine_urls), self.merge_turns)
         m = self.metrics(discussions)
+        m.update(self.verifier.pop_metrics() if hasattr(self.verifier, "pop_metrics") else {})  # its calls, retries
         if self.grpo:  # per turn, whatever the rows
             m.update(advantage_value_stats([a for _, _, a in adv]))
         return rows, m
@@ -122,6 +123,8 @@ class MaporlRollout:
         changed = [float(not (x.answer == p.answer or answers_match(x.answer, p.answer, tol)))
                    for g in grids for t in range(1, len(g)) for x, p in zip(g[t], g[t - 1])]
         m["maporl/answer_changed_fraction"] = mean(changed)
+        if self.cfg.verifier.kind != "numeric":  # accuracy above is the verifier's; this is the gold answers'
+            m.update(gold_metrics(discussions, self.cfg.discussion.tol))
         return m
 
     @staticmethod
@@ -138,6 +141,24 @@ class MaporlRollout:
                     line.update(question=s.question, ground_truth=s.ground_truth, data_source=s.data_source,
                                 stop_reason=d.stop_reason)
                     f.write(json.dumps(line) + "\n")
+
+
+def gold_metrics(discussions: list[Discussion], tol) -> dict[str, float]:
+    """With a learned or judging verifier: accuracy against the gold answers (final round, every turn) and
+    how well the verifier's scores separate right from wrong answers (ROC AUC, when both occur)."""
+    from megatron_matpo.maporl.answers import matches_any
+    from megatron_matpo.verifier.answers import roc_auc
+
+    right = {id(x): float(d.gold is not None and matches_any(x.answer, d.gold, tol))
+             for d in discussions for x in d.turns}
+    finals = [right[id(x)] for d in discussions for x in d.grid()[-1]]
+    turns = [x for d in discussions for x in d.turns]
+    labels = [int(right[id(x)]) for x in turns]
+    m = {"maporl/gold_accuracy_final": statistics.fmean(finals) if finals else 0.0,
+         "maporl/gold_accuracy": statistics.fmean(labels) if labels else 0.0}
+    if 0 < sum(labels) < len(labels):
+        m["verifier/auc"] = roc_auc([x.score for x in turns], labels)
+    return m
 
 
 def turn_advantages(discussions: list[Discussion], n_samples: int, eps: float = 1e-6,

@@ -64,8 +64,11 @@ class NumericMatchVerifier:
 
 @dataclass
 class RewardModelConfig:
-    url: str                          # the SGLang server, e.g. http://host:port (no /v1)
-    tokenizer_path: str               # the reward model's tokenizer (chat template included)
+    url: str = ""                     # the SGLang server, e.g. http://host:port (no /v1)
+    tokenizer_path: str = ""          # the reward model's tokenizer (chat template included); default model_path
+    # an HF score model (`matpo train-verifier` writes one) that the trainer serves on its own SGLang engine
+    # when `url` is empty
+    model_path: str = ""
     squash: str = "sigmoid"           # "sigmoid": logit -> probability of correct; "none": raw score
     batch_size: int = 32              # inputs per /classify request
     max_concurrency: int = 4          # requests in flight
@@ -75,6 +78,11 @@ class RewardModelConfig:
     enable_thinking: bool | None = None
 
     def __post_init__(self) -> None:
+        self.tokenizer_path = self.tokenizer_path or self.model_path
+        if not self.url and not self.model_path:
+            raise ValueError("RewardModelConfig: give the server's url or the model_path the trainer serves")
+        if not self.tokenizer_path:
+            raise ValueError("RewardModelConfig: tokenizer_path (the reward model's tokenizer) is required with url")
         if self.squash not in ("sigmoid", "none"):
             raise ValueError(f"RewardModelConfig.squash must be 'sigmoid' or 'none', got {self.squash!r}")
         if self.batch_size < 1 or self.max_concurrency < 1 or self.max_retries < 0:
@@ -169,6 +177,32 @@ class VerifierConfig:
     abs_tol: float = 1e-6
     judge: dict[str, Any] = field(default_factory=dict)          # JudgeConfig fields
     reward_model: dict[str, Any] = field(default_factory=dict)   # RewardModelConfig fields
+    # kind=reward_model with a model_path that does not exist yet: `matpo train-verifier` builds it first
+    # (VerifierTrainConfig fields; unset ones come from the run: the policy's model, a sampling pass on the
+    # run's data with its discussion; run_dir is model_path's parent)
+    train: dict[str, Any] | None = None
+    # the SGLang engine the trainer serves `reward_model.model_path` on (EngineSection fields)
+    engine: dict[str, Any] = field(default_factory=lambda: {"mem_fraction_static": 0.5, "max_total_tokens": 65536})
+
+    def served_model(self) -> str | None:
+        """The score model the trainer starts an engine for (kind=reward_model without a url), else None."""
+        rm = self.reward_model
+        return rm.get("model_path") or None if self.kind == "reward_model" and not rm.get("url") else None
+
+    def validate(self, prefix: str = "maporl.verifier") -> None:
+        """Every field, before any process starts (one ValueError naming the field)."""
+        if self.kind not in ("numeric", "judge", "reward_model"):
+            raise ValueError(f"{prefix}.kind: {self.kind!r}: expected 'numeric', 'judge' or 'reward_model'")
+        for kind, cls, fields in (("judge", JudgeConfig, self.judge), ("reward_model", RewardModelConfig,
+                                                                       self.reward_model)):
+            if self.kind == kind:
+                try:
+                    cls(**fields)
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"{prefix}.{kind}: {e}") from None
+        if self.train is not None and not self.served_model():
+            raise ValueError(f"{prefix}.train: trains the model the run serves: needs kind=reward_model with "
+                             "reward_model.model_path (and no url)")
 
 
 def make_verifier(cfg: VerifierConfig) -> AccuracyScorer:

@@ -60,16 +60,18 @@ class BundlePlan:
 
 
 def plan_bundles(stacks: int, world: int, critic: bool, engines: int, engine_tp: int, gpus_per_rank: float,
-                 colocate: bool, tool_server: bool) -> BundlePlan:
+                 colocate: bool, tool_server: bool, verifier_engine: bool = False) -> BundlePlan:
+    """`verifier_engine`: stack 0 also serves MAPoRL's score-model verifier (one GPU when not colocated)."""
     ranks = world * (2 if critic else 1)
     eng_gpus = 0.0 if colocate else gpus_per_rank * engine_tp
     rank_b = {"CPU": 1, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}
     eng_b = {"CPU": 1, **({"GPU": eng_gpus} if eng_gpus else {})}
-    sizes = [ranks + engines + (k == 0 and tool_server) for k in range(stacks)]
-    bundles = [b for k in range(stacks)
-               for b in [rank_b] * ranks + [eng_b] * engines + [{"CPU": 1}] * (sizes[k] - ranks - engines)]
+    ver_b = {"CPU": 1, **({"GPU": gpus_per_rank} if gpus_per_rank and not colocate else {})}
+    extra = [{"CPU": 1}] * tool_server + [ver_b] * verifier_engine
+    sizes = [ranks + engines + (len(extra) if k == 0 else 0) for k in range(stacks)]
+    bundles = [b for k in range(stacks) for b in [rank_b] * ranks + [eng_b] * engines + (extra if k == 0 else [])]
     what = (f"{stacks} x ({ranks} {'actor + critic' if critic else 'actor'} ranks + {engines} engine(s))"
-            + (" + the tool server" if tool_server else ""))
+            + (" + the tool server" if tool_server else "") + (" + the verifier's engine" if verifier_engine else ""))
     return BundlePlan(bundles, sizes, ranks, eng_gpus, what)
 
 
@@ -79,8 +81,10 @@ def plan_for(cfg: "TrainConfig", gpus_per_rank: float) -> BundlePlan:
 
     ro = cfg.rollout
     tools = cfg.algorithm != "maporl" and toolbox_server_config(ro.toolbox, cfg.corpus) is not None
+    verifier = cfg.algorithm == "maporl" and cfg.maporl.verifier.served_model() is not None
     return plan_bundles(len(policy_stacks(cfg)), cfg.actor.layout.world_size, cfg.advantage.estimator == "gae",
-                        ro.engine.num_engines, ro.engine.tp_size, gpus_per_rank, cfg.orchestrate.colocate, tools)
+                        ro.engine.num_engines, ro.engine.tp_size, gpus_per_rank, cfg.orchestrate.colocate, tools,
+                        verifier)
 
 
 def _check_fits(plan: BundlePlan) -> None:
@@ -95,6 +99,19 @@ def _check_fits(plan: BundlePlan) -> None:
     if short:
         raise ConfigError(f"orchestrate: the placement ({plan.what}) needs {'; '.join(short)}: lower actor.tp/pp/dp "
                           "or rollout.engine.num_engines, or give the cluster more (orchestrate.num_cpus, nodes)")
+
+
+def verifier_engine_config(cfg: "TrainConfig", engines: int, log_dir: str):
+    """The SGLang engine of MAPoRL's served score-model verifier (`maporl.verifier.engine`), or None."""
+    from megatron_matpo import config
+    from megatron_matpo.rollout.runner import EngineSection
+
+    served = cfg.maporl.verifier.served_model() if cfg.algorithm == "maporl" else None
+    if served is None:
+        return None
+    section = config.build(EngineSection, cfg.maporl.verifier.engine, "maporl.verifier.engine")
+    # SGLang serves a *ForSequenceClassification as a pooled-output model (`/classify`) by its architecture
+    return section.engine_config(served, engines, str(Path(log_dir) / "verifier"), cfg.seed)
 
 
 class Cluster:
@@ -122,7 +139,8 @@ class Cluster:
         gpu = gpus_per_rank()
         plan = plan_for(cfg, gpu)
         with bt("ray"):
-            start_ray(cfg.orchestrate, needed_cpus=n * (plan.ranks + ro.engine.num_engines) + 1)
+            start_ray(cfg.orchestrate, needed_cpus=max(n * (plan.ranks + ro.engine.num_engines) + 1,
+                                                       int(plan.total("CPU"))))
         _check_fits(plan)
         with bt("placement"):
             self.pg = placement_group(plan.bundles, cfg.orchestrate.placement_timeout_s, "matpo")
@@ -141,11 +159,15 @@ class Cluster:
         # of mem_fraction_static): then everything starts at once.
         together = ro.engine.max_total_tokens is not None
 
+        verifier = verifier_engine_config(cfg, n * ro.engine.num_engines + 1, log_dir)
+
         def start_engines(k: int, st: Stack) -> None:
-            ecfg = ro.engine.engine_config(st.model, n * ro.engine.num_engines, log_dir, cfg.seed, extra)
+            ecfg = ro.engine.engine_config(st.model, n * ro.engine.num_engines + (verifier is not None), log_dir,
+                                           cfg.seed, extra)
             with bt("engines_tools"):
                 st.services = Services(ecfg, ro.engine.num_engines, tools if k == 0 else None, self.pg,
-                                       plan.offset(k) + plan.ranks, plan.engine_gpus)
+                                       plan.offset(k) + plan.ranks, plan.engine_gpus,
+                                       verifier if k == 0 else None, 0.0 if cfg.orchestrate.colocate else gpu)
 
         with ThreadPoolExecutor(max_workers=3 * n) as pool:
             parts: dict = {}
@@ -185,7 +207,8 @@ class Cluster:
                 raise errors[0]
         for st in stacks:
             print(f"{st.name} engines: {st.services.engine_urls}; tool server: "
-                  f"{st.services.toolbox_url or ro.toolbox.url}", flush=True)
+                  f"{st.services.toolbox_url or ro.toolbox.url}"
+                  + (f"; verifier: {st.services.verifier_url}" if st.services.verifier_url else ""), flush=True)
             with bt("connect_engines"):
                 st.actors.connect_engines(st.services.engine_urls)
         return self

@@ -48,7 +48,9 @@ class Services:
     """Engines (one bundle each: tp GPUs, or CPU only) and the tool server, started in parallel."""
 
     def __init__(self, engine_cfg: EngineConfig, num_engines: int, toolbox: dict | None, pg,
-                 bundle_offset: int, gpus_per_engine: float):
+                 bundle_offset: int, gpus_per_engine: float, verifier: EngineConfig | None = None,
+                 verifier_gpus: float = 0.0):
+        """`verifier`: also serve MAPoRL's score-model verifier, on the bundle after the tool server's."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -64,14 +66,21 @@ class Services:
             self.toolbox = ray.remote(ToolboxHost).options(num_cpus=1, scheduling_strategy=at(num_engines)).remote(
                 toolbox)
             starts.append(self.toolbox.start.remote())
+        self.verifier = None
+        if verifier is not None:
+            self.verifier = ray.remote(EngineHost).options(
+                num_cpus=1, num_gpus=verifier_gpus,
+                scheduling_strategy=at(num_engines + (toolbox is not None))).remote(verifier)
+            starts.append(self.verifier.start.remote())
         urls = ray.get(starts)
         self.engine_urls = urls[:num_engines]
         self.toolbox_url = urls[num_engines] if toolbox is not None else None
+        self.verifier_url = urls[-1] if verifier is not None else None
 
     def stop(self) -> None:
         import ray
 
-        actors = self.engines + ([self.toolbox] if self.toolbox is not None else [])
+        actors = self.engines + [a for a in (self.toolbox, self.verifier) if a is not None]
         with contextlib.suppress(Exception):
             ray.get([a.stop.remote() for a in actors], timeout=60)
         for a in actors:

@@ -60,3 +60,41 @@ def ensure_inputs(cfg: TrainConfig, log=print) -> None:
         log(f"bootstrap: building a tiny random-init {b.tiny_model} model at {cfg.model}")
         tok = train_tokenizer(tokenizer_texts(cfg.corpus), vocab_size=4096)
         make_tiny_model(cfg.model, b.tiny_model, seed=cfg.seed, tokenizer=tok)
+
+
+def verifier_train_config(cfg: TrainConfig):
+    """The `matpo train-verifier` job that MAPoRL's `maporl.verifier.train` asks for (None: nothing to train).
+    Unset fields come from the run: the policy's model as the base, run_dir the served model's parent, a
+    sampling pass of the run's discussion (no scores shown: there is no verifier yet) on its data."""
+    import dataclasses
+
+    from megatron_matpo import config
+    from megatron_matpo.verifier.config import VerifierTrainConfig
+
+    v = cfg.maporl.verifier if cfg.algorithm == "maporl" else None
+    if v is None or v.train is None:
+        return None
+    hf = Path(v.served_model())
+    if hf.name != "hf":
+        raise ConfigError(f"maporl.verifier.reward_model.model_path: {hf} must be <a run_dir>/hf, where "
+                          "`matpo train-verifier` (maporl.verifier.train) writes its export")
+    fields = {"run_dir": str(hf.parent), "model": cfg.model, **v.train}
+    if "transcripts" not in v.train:
+        discussion = {**dataclasses.asdict(cfg.maporl.discussion), "show_scores": False}
+        fields["sample"] = {"data": cfg.data, "toy_answer": cfg.bootstrap.toy_answer,
+                            "maporl": {"discussion": discussion, "reward": dataclasses.asdict(cfg.maporl.reward)},
+                            "engine": dataclasses.asdict(cfg.rollout.engine), **(v.train.get("sample") or {})}
+    return config.build(VerifierTrainConfig, fields, "maporl.verifier.train").validate()
+
+
+def ensure_verifier(cfg: TrainConfig, log=print) -> None:
+    """MAPoRL with `maporl.verifier.train`: train the served verifier (`matpo train-verifier`) when its
+    `reward_model.model_path` does not exist yet; later runs reuse it."""
+    vcfg = verifier_train_config(cfg)
+    if vcfg is None or Path(cfg.maporl.verifier.served_model()).exists():
+        return
+    from megatron_matpo.verifier.train import run_train_verifier
+
+    log(f"bootstrap: training the verifier {cfg.maporl.verifier.served_model()} (matpo train-verifier, "
+        f"run_dir {vcfg.run_dir})")
+    run_train_verifier(vcfg, log)

@@ -203,6 +203,11 @@ class TrainConfig:
         self._check_loss(need, positive)
         mp = self.maporl
         need(mp.models in ("shared", "distinct"), "maporl.models", f"shared | distinct, got {mp.models!r}")
+        if self.algorithm == "maporl":
+            try:
+                mp.verifier.validate()
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         need(mp.agent_models is None or (mp.models == "distinct" and len(mp.agent_models) == mp.discussion.n_agents),
              "maporl.agent_models", "one HF model per agent, with maporl.models=distinct")
         adv = self.advantage

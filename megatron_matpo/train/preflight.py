@@ -65,6 +65,17 @@ def preflight(cfg: TrainConfig) -> None:
     for k, path in enumerate(evals):
         if not Path(path).exists():
             raise ConfigError(f"eval.data{'' if isinstance(cfg.eval.data, str) else f'[{k}]'}: {path} does not exist")
+    served = cfg.maporl.verifier.served_model() if cfg.algorithm == "maporl" else None
+    if served is not None:
+        from megatron_matpo.verifier.export import NotAScoreModel, check_score_model
+
+        if not Path(served).exists():
+            raise ConfigError(f"maporl.verifier.reward_model.model_path: {served} does not exist (set "
+                              "maporl.verifier.train to train it first, or run `matpo train-verifier`)")
+        try:
+            check_score_model(served)
+        except NotAScoreModel as e:
+            raise ConfigError(f"maporl.verifier.reward_model.model_path: {e}") from None
     _check_local_cluster(cfg)
     tb = cfg.rollout.toolbox
     corpus = cfg.corpus or tb.corpus

@@ -264,3 +264,25 @@ def run_train_verifier(cfg: VerifierTrainConfig, log=print) -> dict:
     summary["data"] = stats
     (run / VERIFIER_DONE).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def served_parity(verifier, model_path: str) -> dict[str, float]:
+    """The served verifier (`maporl.verifier.RewardModelVerifier` on an engine) against the Megatron scores
+    `matpo train-verifier` recorded for its held-out answers (`heldout_scores.jsonl` beside the export):
+    the largest raw-score difference, and how many inputs tokenize differently ({} when nothing was
+    recorded, e.g. a verifier trained elsewhere)."""
+    import asyncio
+
+    from megatron_matpo.reward.judge import AccuracyItem
+
+    path = Path(model_path).parent / HELDOUT_SCORES
+    if not path.exists():
+        return {}
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    items = [AccuracyItem(r["question"], "", r["response"]) for r in rows]
+    got = asyncio.run(verifier.score(items))
+    verifier.pop_metrics()  # not a step's scoring
+    return {"verifier/served_max_abs_diff": max(abs(g.details["rm_score"] - r["score"]) for g, r in zip(got, rows)),
+            "verifier/served_rows": float(len(rows)),
+            "verifier/served_ids_differ": float(sum(verifier.input_ids(it) != r["input_ids"]
+                                                    for it, r in zip(items, rows)))}
