@@ -104,8 +104,6 @@ class Trainer:
         self.bringup = Timer()
         with self.bringup("inputs"):
             ensure_inputs(cfg)  # bootstrap: the embedded default's own inputs, on first use
-        with self.bringup("verifier_training"):
-            ensure_verifier(cfg)  # MAPoRL: the served verifier, trained first where the config says so
         preflight(cfg)  # what needs the inputs (model configs vs the layout, paths): before any process starts
         self.run_dir = Path(cfg.run_dir)
         preemption.install()  # SIGUSR1: checkpoint and stop at the next step boundary
@@ -114,6 +112,8 @@ class Trainer:
         if self.resume_from is not None and not resume:
             raise ConfigError(f"{self.run_dir} already holds checkpoints ({self.resume_from.name}); pass --resume to "
                               "continue that run or choose another run_dir")
+        with self.bringup("verifier_training"):
+            ensure_verifier(cfg)  # MAPoRL: the served verifier, trained first where the config says so
         self._teardown = ExitStack()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(redacted(to_dict(cfg)), sort_keys=False))

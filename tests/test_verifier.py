@@ -172,6 +172,12 @@ def test_reward_model_verifier_refusals(tmp_path, tiny_models):
                   f"maporl.verifier.reward_model.model_path={tiny_models['qwen3']}").validate()
     with pytest.raises(ConfigError, match="model_path: .*Qwen3ForCausalLM has no value head"):
         preflight(cfg)
+    # a verifier to train first: its job is checked too (here a layout its base model does not divide)
+    cfg = _maporl(tmp_path, f"model={tiny_models['qwen3']}", f"data={tmp_path}",
+                  f"maporl.verifier.reward_model.model_path={tmp_path}/verifier/hf",
+                  "maporl.verifier.train.actor.tp=3").validate()
+    with pytest.raises(ConfigError, match="maporl.verifier.train.actor: .*3 does not divide"):
+        preflight(cfg)
 
 
 def test_train_verifier_cli_refuses_a_one_label_set(tmp_path, tiny_models):

@@ -65,17 +65,7 @@ def preflight(cfg: TrainConfig) -> None:
     for k, path in enumerate(evals):
         if not Path(path).exists():
             raise ConfigError(f"eval.data{'' if isinstance(cfg.eval.data, str) else f'[{k}]'}: {path} does not exist")
-    served = cfg.maporl.verifier.served_model() if cfg.algorithm == "maporl" else None
-    if served is not None:
-        from megatron_matpo.verifier.export import NotAScoreModel, check_score_model
-
-        if not Path(served).exists():
-            raise ConfigError(f"maporl.verifier.reward_model.model_path: {served} does not exist (set "
-                              "maporl.verifier.train to train it first, or run `matpo train-verifier`)")
-        try:
-            check_score_model(served)
-        except NotAScoreModel as e:
-            raise ConfigError(f"maporl.verifier.reward_model.model_path: {e}") from None
+    _check_verifier(cfg)
     _check_local_cluster(cfg)
     tb = cfg.rollout.toolbox
     corpus = cfg.corpus or tb.corpus
@@ -100,3 +90,30 @@ def _check_local_cluster(cfg: TrainConfig) -> None:
     if plan.total("CPU") > o.num_cpus:
         raise ConfigError(f"orchestrate.num_cpus: {o.num_cpus} logical CPUs for {len(plan.bundles)} bundles of 1 CPU "
                           f"({plan.what}); raise it or leave it unset (enough for every process)")
+
+
+def _check_verifier(cfg: TrainConfig) -> None:
+    """MAPoRL's served score model: a one-label score model, or (`maporl.verifier.train`) a valid job that
+    will train it first, its layout checked against its base model."""
+    from megatron_matpo.train.bootstrap import verifier_train_config
+    from megatron_matpo.verifier.export import NotAScoreModel, check_score_model
+
+    served = cfg.maporl.verifier.served_model() if cfg.algorithm == "maporl" else None
+    if served is None:
+        return
+    if Path(served).exists():
+        try:
+            check_score_model(served)
+        except NotAScoreModel as e:
+            raise ConfigError(f"maporl.verifier.reward_model.model_path: {e}") from None
+        return
+    job = verifier_train_config(cfg)
+    if job is None:
+        raise ConfigError(f"maporl.verifier.reward_model.model_path: {served} does not exist (set "
+                          "maporl.verifier.train to train it first, or run `matpo train-verifier`)")
+    try:
+        from megatron_matpo.model.builder import check_layout
+
+        check_layout(job.model, job.actor.layout)
+    except LayoutError as e:
+        raise ConfigError(f"maporl.verifier.train.actor: {e} (model: {job.model})") from None
