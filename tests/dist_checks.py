@@ -6,6 +6,7 @@ other ranks (the last pipeline stage holds the logits) are brought to rank 0 wit
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
@@ -471,6 +472,45 @@ def critic_step(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
     return _max_over_world(out)
 
 
+def verifier_step(hf_dir: str, layout: ParallelLayout, work_dir: str) -> dict[str, float]:
+    """`matpo train-verifier`'s model (VerifierWorker: the bias-free score head): three BCE steps on packed
+    rows, then its HF sequence-classification export; transformers on the export scores the rows as the
+    Megatron model does (an independent reference for the sharded forward and the export)."""
+    import json
+
+    from megatron.core import parallel_state
+    from transformers import AutoModelForSequenceClassification
+
+    from megatron_matpo.train.actor import optimizer_step
+    from megatron_matpo.train.optim import OptimConfig
+    from megatron_matpo.train.packing import pack_rows
+    from megatron_matpo.train.worker import WorkerSpec
+    from megatron_matpo.verifier.export import export_verifier_hf
+    from megatron_matpo.verifier.train import VerifierWorker, answer_rows, bce_loss, score_rows
+
+    w = VerifierWorker(WorkerSpec(model=hf_dir, layout=layout, optim=OptimConfig(lr=1e-2, weight_decay=0.0)))
+    w.build()
+    pad = json.loads((Path(hf_dir) / "config.json").read_text()).get("pad_token_id")
+    seqs = [torch.where(s == pad, 0, s) for s in _sequences(w.built.provider.vocab_size, seed=9)]  # no pad token
+    rows = answer_rows([{"input_ids": s.tolist(), "label": i % 2} for i, s in enumerate(seqs)])
+    labels = {r.row_id: float(r.advantage) for r in rows}
+    out = {}
+    for step in range(3):
+        packed = pack_rows(rows, 256, layout.dp, pad_to_multiple=layout.tp)[parallel_state.get_data_parallel_rank()]
+        reported, _ = optimizer_step(w.built.chunks, w.optimizer, packed, bce_loss(labels, len(rows)), w.device)
+        out[f"bce{step}"] = sum(float(r["bce_sum"]) for r in reported) / len(rows)  # the reporting rank's
+    got = score_rows(w, rows, 256)
+    where = f"{work_dir}/verifier-tp{layout.tp}pp{layout.pp}"
+    export_verifier_hf(w.built, where, hf_dir)
+    hf = AutoModelForSequenceClassification.from_pretrained(where, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = [hf(s.unsqueeze(0)).logits.item() for s in seqs]
+    out["score_vs_hf"] = max(abs(a - b) for a, b in zip(got, ref))
+    out["score_spread"] = max(got) - min(got)
+    out["rows"] = float(len(got))
+    return _max_over_world(out)
+
+
 def world_checks(hf_dirs: dict[str, str], phases: list[tuple[str, ParallelLayout]],
                  work_dir: str = "") -> dict[str, dict]:
     """Run several checks in one launched world, re-forming megatron's groups for each layout
@@ -512,6 +552,8 @@ def world_checks(hf_dirs: dict[str, str], phases: list[tuple[str, ParallelLayout
             res = actor_step(hf_dirs["qwen3"], layout)
         elif name == "critic":
             res = critic_step(hf_dirs["qwen3"], layout)
+        elif name == "verifier":
+            res = verifier_step(hf_dirs["qwen3"], layout, work_dir)
         else:
             raise ValueError(name)
         results[f"{name}@tp{layout.tp}pp{layout.pp}dp{layout.dp}"] = res

@@ -25,7 +25,7 @@ def world2(tiny_models, odd_vocab_model, tmp_path_factory):
     phases = [("logits", L(tp=2)), ("logits", L(pp=2)), ("packed_backward", L(tp=2)),
               ("train", L(tp=2)), ("train", L(dp=2)), ("train_recompute", L(tp=2)), ("output_lr", L(tp=2)),
               ("actor", L(tp=2)), ("critic", L(tp=2)), ("critic", L(pp=2)), ("vocab_padding", L(tp=2)),
-              ("vocab_padding_reshard", L(pp=2))]
+              ("vocab_padding_reshard", L(pp=2)), ("verifier", L(tp=2)), ("verifier", L(pp=2))]
     return launch_local(world_checks, 2, {**tiny_models, "qwen3-odd": odd_vocab_model}, phases,
                         str(tmp_path_factory.mktemp("world2")))
 
@@ -144,3 +144,15 @@ def test_vocabulary_tp_does_not_divide_is_padded_and_masked(world2, odd_vocab_mo
     assert world2["vocab_padding_reshard@tp1pp2dp1"]["roundtrip_mismatch"] == 0.0  # that checkpoint at PP=2
     for key in ("logits@tp2pp1dp1", "logits@tp1pp2dp1"):  # padded (TP=2) and not (PP=2), batches of both kinds
         assert max(world2[key]["qwen3-odd/padded"], world2[key]["qwen3-odd/packed"]) <= LOGIT_TOL, (key, world2[key])
+
+
+def test_verifier_score_head_and_its_export_at_tp2_and_pp2(world2):
+    """`matpo train-verifier`'s model (bias-free score head) at TP=2 and at PP=2: BCE steps lower the loss,
+    equally at both layouts, and transformers' AutoModelForSequenceClassification on the HF export scores
+    the rows as the sharded model does (its training, serving and use in a MAPoRL run are checked in
+    tests/test_maporl_train.py)."""
+    tp, pp = world2["verifier@tp2pp1dp1"], world2["verifier@tp1pp2dp1"]
+    for res in (tp, pp):
+        assert res["rows"] == 3.0 and res["score_vs_hf"] <= 1e-5 and res["score_spread"] > 1e-3, res
+        assert res["bce0"] == pytest.approx(0.6931, abs=1e-4) and res["bce2"] < res["bce0"], res  # zero head: log 2
+    assert all(abs(tp[f"bce{k}"] - pp[f"bce{k}"]) <= 1e-6 for k in range(3)), (tp, pp)

@@ -145,13 +145,12 @@ def train_on_ranks(cfg_dict: dict, data_path: str) -> dict:
     log = RunLogger(cfg.run_dir) if rank0 else None
     held_labels = [int(d["label"]) for d in held_items]
 
-    def evaluate(step: int) -> dict[str, float]:
-        m = heldout_metrics(score_rows(worker, held, a.max_tokens_per_micro_batch), held_labels)
-        if log is not None:
-            log.log(step, m)
-        return m
+    def evaluate() -> dict[str, float]:
+        return heldout_metrics(score_rows(worker, held, a.max_tokens_per_micro_batch), held_labels)
 
-    first = evaluate(0)
+    first = evaluate()  # the zero head: every answer scores 0 (AUC 0.5)
+    if log is not None:
+        log.log(0, first)
     bar = tqdm(total=len(batches), desc="train-verifier", unit="step", disable=not rank0)
     history, t0, last_eval = [], time.time(), first
     for step, idx in enumerate(batches, 1):
@@ -169,7 +168,7 @@ def train_on_ranks(cfg_dict: dict, data_path: str) -> dict:
         if not math.isfinite(m["verifier/bce"]):
             raise FloatingPointError(f"train-verifier step {step}: loss {m['verifier/bce']} (lower optim.lr)")
         if step % eval_every == 0 or step == len(batches):
-            last_eval = evaluate(step)
+            last_eval = evaluate()
             m.update(last_eval)
         history.append(m)
         if log is not None:
