@@ -308,6 +308,17 @@ _PROBE_WARNINGS = (
 )
 
 
+def finish_wandb_run(run) -> None:
+    """Finish a wandb run with everything it logged on disk. wandb 0.29.0: `run.finish()` can return
+    before the wandb-core service has written the run's history records to the offline `.wandb` file
+    (read back right after, the file held the config but no history: seen once under CI load);
+    `wandb.teardown()` waits for the service to exit, which writes and closes the file."""
+    import wandb
+
+    run.finish()
+    wandb.teardown()
+
+
 def quiet_library_noise() -> None:
     """Silence start-up chatter that says nothing actionable, at its source, in every process that
     imports the stack (the CLI, each Ray worker through `worker_process_setup_hook`, local ranks):

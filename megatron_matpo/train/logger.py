@@ -82,5 +82,7 @@ class RunLogger:
         self.tb.close()
         self.jsonl.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            from megatron_matpo.compat import finish_wandb_run
+
+            finish_wandb_run(self.wandb)
             self.wandb = None
