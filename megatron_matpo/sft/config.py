@@ -21,6 +21,17 @@ class SftActorSection:
     max_tokens_per_micro_batch: int = 8192  # THD packing budget; every demonstration must fit
     recompute: str = "none"  # none | full
 
+    def validate(self, need) -> "SftActorSection":
+        """The actor fields (shared by `matpo sft` and `matpo train-verifier`), through the caller's `need`."""
+        for name in ("tp", "pp", "dp"):
+            need(getattr(self, name) >= 1, f"actor.{name}", f"must be >= 1, got {getattr(self, name)}")
+        need(self.max_tokens_per_micro_batch > 0, "actor.max_tokens_per_micro_batch",
+             f"must be > 0, got {self.max_tokens_per_micro_batch}")
+        need(self.dtype in ("auto", "float32", "bfloat16"), "actor.dtype",
+             f"auto | float32 | bfloat16, got {self.dtype!r}")
+        need(self.recompute in ("none", "full"), "actor.recompute", f"none | full, got {self.recompute!r}")
+        return self
+
     @property
     def layout(self) -> ParallelLayout:
         return ParallelLayout(tp=self.tp, pp=self.pp, dp=self.dp)
@@ -64,13 +75,7 @@ class SftConfig:
         need(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         need(self.rows_per_step >= 1, "rows_per_step", f"must be >= 1, got {self.rows_per_step}")
         need(self.max_demos is None or self.max_demos >= 1, "max_demos", f"must be >= 1, got {self.max_demos}")
-        a = self.actor
-        for name in ("tp", "pp", "dp"):
-            need(getattr(a, name) >= 1, f"actor.{name}", f"must be >= 1, got {getattr(a, name)}")
-        need(a.max_tokens_per_micro_batch > 0, "actor.max_tokens_per_micro_batch",
-             f"must be > 0, got {a.max_tokens_per_micro_batch}")
-        need(a.dtype in ("auto", "float32", "bfloat16"), "actor.dtype", f"auto | float32 | bfloat16, got {a.dtype!r}")
-        need(a.recompute in ("none", "full"), "actor.recompute", f"none | full, got {a.recompute!r}")
+        a = self.actor.validate(need)
         for role in ("planner", "worker"):
             lim: AgentLimits = getattr(self, role)
             need(lim.max_turns >= 1, f"{role}.max_turns", f"must be >= 1, got {lim.max_turns}")

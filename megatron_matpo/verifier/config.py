@@ -67,13 +67,7 @@ class VerifierTrainConfig:
         need(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         need(self.rows_per_step >= 1, "rows_per_step", f"must be >= 1, got {self.rows_per_step}")
         need(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
-        a = self.actor
-        for name in ("tp", "pp", "dp"):
-            need(getattr(a, name) >= 1, f"actor.{name}", f"must be >= 1, got {getattr(a, name)}")
-        need(a.max_tokens_per_micro_batch > 0, "actor.max_tokens_per_micro_batch",
-             f"must be > 0, got {a.max_tokens_per_micro_batch}")
-        need(a.dtype in ("auto", "float32", "bfloat16"), "actor.dtype", f"auto | float32 | bfloat16, got {a.dtype!r}")
-        need(a.recompute in ("none", "full"), "actor.recompute", f"none | full, got {a.recompute!r}")
+        self.actor.validate(need)
         try:
             self.optim.validate()
         except ValueError as e:
