@@ -137,20 +137,25 @@ def test_derive_seed_is_stable_and_distinct():
     assert 0 <= derive_seed(7, 1) < 2**63
 
 
-def test_forced_call_regex_never_allows_a_blank_argument():
+def test_forced_calls_never_allow_a_blank_argument():
     import re
 
     from megatron_matpo.agents.toolcall import parse_tool_calls, render_tool_call
-    from megatron_matpo.agents.workflow import forced_call_regex
+    from megatron_matpo.agents.workflow import ForcedCall
 
-    r = forced_call_regex("browsing_agent", "search_and_browse", "subtask", 2)
+    call = ForcedCall("browsing_agent", "search_and_browse", "subtask", 2)
+    r = call.regex()
 
     def text(*subtasks):
         return "".join(render_tool_call("browsing_agent", "search_and_browse", {"subtask": s}) for s in subtasks)
 
     assert re.fullmatch(r, text("who founded x", "a"))
     assert not re.fullmatch(r, text(" ", "a")) and not re.fullmatch(r, text("x" * 31, "a"))
-    assert [c.arguments["subtask"] for c in parse_tool_calls(text("who founded x", "a")).calls] == ["who founded x", "a"]
+    calls = parse_tool_calls(text("who founded x", "a")).calls
+    assert [c.arguments["subtask"] for c in calls] == ["who founded x", "a"]
+    # the fixed texts with each argument and its closing quote between them are the canonical calls
+    fixed = call.fixed_texts()
+    assert fixed[0] + 'who founded x"' + fixed[1] + 'a"' + fixed[2] == text("who founded x", "a")
 
 
 def test_apply_gae_places_values_advantages_and_returns_for_packing():

@@ -126,6 +126,42 @@ def test_token_level_trajectories(matpo_run, tiny_models):
             assert diff.max().item() < 1e-3, diff.max()
 
 
+def test_forced_calls_sample_only_their_arguments(engine, toolbox, tiny_models):
+    """force_delegation / force_worker_search: the calls' markup is fixed tokens in its canonical
+    tokenization (loss mask 0), only each free-text argument is sampled, constrained and trained; the
+    calls parse and run, and the turn's end-of-turn token is not written twice."""
+    from megatron_matpo.agents.workflow import ARG_REGEX, ForcedCall
+    from megatron_matpo.toolbox.specs import GOOGLE_SEARCH
+
+    cfg = WorkflowConfig(mode="matpo",
+                         planner=AgentLimits(max_turns=1, max_context_tokens=3072, max_tokens_per_turn=256),
+                         worker=AgentLimits(max_turns=1, max_context_tokens=3072, max_tokens_per_turn=128,
+                                            summary_reserve_tokens=8),
+                         force_delegation=2, force_worker_search=True)
+    trajs, tok = _run(engine, toolbox, tiny_models, cfg)
+    planner, workers = trajs[0], trajs[1:]
+    assert len(workers) == 2 and planner.tool_errors == 0 and all(w.tool_calls == 1 and w.tool_errors == 0
+                                                                    for w in workers)
+    for t, call in [(planner, ForcedCall(AGENT_SERVER, SEARCH_AND_BROWSE.name, "subtask", 2))] + [
+            (w, ForcedCall(SEARCH_SERVER, GOOGLE_SEARCH.name, "q")) for w in workers]:
+        first = t.messages[2]["content"]
+        assert re.fullmatch(call.regex(), first), first
+        # the first turn's trained tokens are exactly its constrained spans: the arguments with their quotes
+        spans = [i for s, e in t.constrained_spans for i in range(s, e)]
+        trained = [i for i, m in enumerate(t.loss_mask) if m and i < t.constrained_spans[-1][1]]
+        assert len(t.constrained_spans) == call.n and trained == spans
+        for s, e in t.constrained_spans:
+            assert re.fullmatch(ARG_REGEX + '"', tok.decode(t.token_ids[s:e])), tok.decode(t.token_ids[s:e])
+        # the fixed markup is the canonical tokenization of the call's fixed text
+        fixed = tok(call.fixed_texts()[0], add_special_tokens=False)["input_ids"]
+        assert t.token_ids[t.prompt_len:t.prompt_len + len(fixed)] == fixed
+        assert not any(t.loss_mask[t.prompt_len:t.prompt_len + len(fixed)])
+        # the turn's tokens are its text and one end-of-turn token, then the template's next message
+        end = t.token_ids.index(tok.eos_token_id, t.prompt_len)
+        assert tok.decode(t.token_ids[t.prompt_len:end]) == first and t.token_ids[end + 1] != tok.eos_token_id
+        assert not t.loss_mask[end]
+
+
 def test_single_agent_baseline(engine, toolbox, tiny_models):
     cfg = WorkflowConfig(mode="single", planner=_limits(), temperature=1.0)
     (traj,), tok = _run(engine, toolbox, tiny_models, cfg)

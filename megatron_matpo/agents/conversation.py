@@ -74,15 +74,27 @@ class Conversation:
             self.prompt_len = len(self.ids)
 
     def add_generated(self, ids: list[int], logprobs: list[float], text: str, constrained: bool = False) -> None:
-        if constrained and ids:
+        self.extend_turn(ids, logprobs, constrained)
+        self.close_turn(text)
+
+    def extend_turn(self, ids: list[int], logprobs: list[float] | None = None, constrained: bool = False) -> None:
+        """Part of the assistant turn being written: sampled tokens (`logprobs` given: trained), or fixed
+        ones the workflow writes for the model (None: not trained, the model had no choice over them)."""
+        if logprobs is not None and len(logprobs) != len(ids):
+            raise ValueError(f"{len(ids)} ids but {len(logprobs)} logprobs")
+        if constrained and ids and logprobs is not None:
             self.constrained_spans.append((len(self.ids), len(self.ids) + len(ids)))
         self.ids += ids
-        self.loss_mask += [1] * len(ids)
-        self.logprobs += logprobs
+        self.loss_mask += [0 if logprobs is None else 1] * len(ids)
+        self.logprobs += [0.0] * len(ids) if logprobs is None else logprobs
+
+    def close_turn(self, text: str) -> None:
+        """The assistant turn's text (what transcripts and the format score read), once its tokens are in."""
         self.messages.append({"role": "assistant", "content": text})
 
     def add_messages(self, messages: list[dict]) -> None:
-        ended_with_eos = bool(self.loss_mask) and self.loss_mask[-1] == 1 and self.ids[-1] == self.template.eos_id
+        # the turn's end-of-turn token, sampled or fixed: the template's close is not added twice
+        ended_with_eos = len(self.ids) > self.prompt_len and self.ids[-1] == self.template.eos_id
         extra = self.template.continuation_ids(messages, ended_with_eos)
         self.ids += extra
         self.loss_mask += [0] * len(extra)

@@ -50,9 +50,9 @@ class WorkflowConfig:
     # per-request sampling seeds derived from (rollout seed, agent, turn): rollouts become a pure
     # function of the weights and the seed, whatever the batching (needs top_p = 1 on SGLang)
     seeded: bool = False
-    # warm start for base models that never call tools: constrain the planner's first turn to
-    # delegate this many subtasks (free-text) / the worker's first turn to one search (free query).
-    # The constrained tokens are trained like any other; parity metrics skip them.
+    # warm start for base models that never call tools: the planner's first turn delegates this many
+    # subtasks / the worker's first turn makes one search (`ForcedCall`): the calls' markup is written
+    # for the model (not trained), the model writes each free-text argument (trained; parity skips it)
     force_delegation: int = 0
     force_worker_search: bool = False
     # run the calls of one message (several workers, several searches) concurrently; MATPO's
@@ -91,13 +91,36 @@ class Trajectory:
         return asdict(self)
 
 
-def forced_call_regex(server: str, tool: str, arg: str, n: int = 1) -> str:
-    """A regex (SGLang constrained decoding) for n canonical calls of `tool` whose string argument
-    `arg` is free text (1-30 plain characters)."""
-    marker = "ARGUMENT_PLACEHOLDER"
-    # starts with a letter or digit: a blank argument would be refused (and wastes the turn)
-    one = re.escape(render_tool_call(server, tool, {arg: marker})).replace(marker, "[A-Za-z0-9][A-Za-z0-9 ,.?'-]{0,29}")
-    return one * n
+ARG_REGEX = "[A-Za-z0-9][A-Za-z0-9 ,.?'-]{0,29}"  # a forced call's argument: starts with a letter or digit
+ARG_MAX_TOKENS = 32  # the argument (<= 30 characters), its closing quote and the end-of-sequence token
+
+
+@dataclass(frozen=True)
+class ForcedCall:
+    """n canonical calls of `tool` in one turn, whose string argument `arg` the model writes (1-30 plain
+    characters, starting with a letter or digit: a blank one would be refused and waste the turn).
+
+    Only the arguments are sampled (each under ARG_REGEX and its closing quote) and trained. The markup
+    around them is appended as fixed tokens in its canonical tokenization: the model has no choice over
+    it, so it carries no policy gradient. (Constraining the whole call with one regex let the model pick
+    among the markup's many tokenizations, e.g. `us`+`e` or `u`+`se`: ~90% of a toy step's trained tokens
+    were such choices, pure noise on the advantage that the update fitted anyway.)"""
+    server: str
+    tool: str
+    arg: str
+    n: int = 1
+
+    def fixed_texts(self) -> list[str]:
+        """The n + 1 texts around the n arguments; each argument is generated with its closing quote."""
+        marker = "ARGUMENT_PLACEHOLDER"
+        before, after = render_tool_call(self.server, self.tool, {self.arg: marker}).split(marker)
+        assert after.startswith('"'), after  # the JSON string's closing quote, generated with the argument
+        return [before] + [after[1:] + before] * (self.n - 1) + [after[1:]]
+
+    def regex(self) -> str:
+        """The whole turn as one regex: what the model's text must match (tests)."""
+        t = [re.escape(x) for x in self.fixed_texts()]
+        return t[0] + "".join(ARG_REGEX + '"' + x for x in t[1:])
 
 
 def derive_seed(seed: int | None, *path: object) -> int | None:
@@ -126,10 +149,9 @@ class Workflow:
         self.first_sampling = cfg.first_turn_sampling
         self.worker_first_sampling = cfg.worker_first_turn_sampling
         if cfg.force_delegation and self.first_sampling is None:
-            self.first_sampling = {"regex": forced_call_regex(AGENT_SERVER, SEARCH_AND_BROWSE.name, "subtask",
-                                                              cfg.force_delegation)}
+            self.first_sampling = ForcedCall(AGENT_SERVER, SEARCH_AND_BROWSE.name, "subtask", cfg.force_delegation)
         if cfg.force_worker_search and self.worker_first_sampling is None:
-            self.worker_first_sampling = {"regex": forced_call_regex(SEARCH_SERVER, GOOGLE_SEARCH.name, "q")}
+            self.worker_first_sampling = ForcedCall(SEARCH_SERVER, GOOGLE_SEARCH.name, "q")
         # summed durations of every engine and tool call: what a fully sequential rollout would take
         self.busy_s: Counter[str] = Counter()
 
@@ -155,23 +177,49 @@ class Workflow:
     def _room(self, conv: Conversation, limits: AgentLimits, reserve: int = 0) -> int:
         return min(limits.max_tokens_per_turn, limits.max_context_tokens - len(conv.ids) - reserve)
 
-    async def _turn(self, conv: Conversation, max_new: int, extra: dict | None = None,
-                    seed: int | None = None, traj: Trajectory | None = None) -> tuple[str, str]:
+    async def _generate(self, ids: list[int], max_new: int, extra: dict | None, seed: int | None,
+                        traj: Trajectory | None):
         t0 = time.perf_counter()
         sampling = self._sampling(max_new, extra)
         if seed is not None:
             sampling["sampling_seed"] = seed
-        gen = await self.engine.generate(conv.ids, sampling)
+        gen = await self.engine.generate(ids, sampling)
         t1 = time.perf_counter()
         self.busy_s["generate"] += t1 - t0
         if traj is not None:
             traj.timings.append({"kind": "generate", "turn": traj.turns, "start": t0, "end": t1})
+        return gen
+
+    async def _turn(self, conv: Conversation, max_new: int, extra: dict | ForcedCall | None = None,
+                    seed: int | None = None, traj: Trajectory | None = None) -> tuple[str, str]:
+        if isinstance(extra, ForcedCall):
+            return await self._forced_turn(conv, max_new, extra, seed, traj)
+        gen = await self._generate(conv.ids, max_new, extra, seed, traj)
         ids = gen.output_ids
         body = ids[:-1] if ids and ids[-1] == self.template.eos_id else ids
         text = self.tok.decode(body, skip_special_tokens=False)
         constrained = bool(extra and any(k in extra for k in ("regex", "json_schema", "ebnf")))
         conv.add_generated(ids, gen.logprobs, text, constrained=constrained)
         return text, gen.finish_reason
+
+    async def _forced_turn(self, conv: Conversation, max_new: int, call: ForcedCall, seed: int | None,
+                           traj: Trajectory | None) -> tuple[str, str]:
+        """The turn of `call`: its markup as fixed tokens, each argument sampled (ForcedCall)."""
+        start, fixed = len(conv.ids), [self.template.encode(t) for t in call.fixed_texts()]
+        budget = max_new - sum(map(len, fixed)) - 1  # the turn's room less its fixed tokens and end of turn
+        for k in range(call.n):
+            conv.extend_turn(fixed[k])
+            gen = await self._generate(conv.ids, max(1, min(ARG_MAX_TOKENS, budget)), {"regex": ARG_REGEX + '"'},
+                                       derive_seed(seed, "argument", k), traj)
+            ids, logprobs = gen.output_ids, gen.logprobs
+            if ids and ids[-1] == self.template.eos_id:  # the grammar's end: the turn goes on with fixed text
+                ids, logprobs = ids[:-1], logprobs[:-1]
+            conv.extend_turn(ids, logprobs, constrained=True)
+            budget -= len(ids)
+        conv.extend_turn(fixed[-1] + [self.template.eos_id])
+        text = self.tok.decode(conv.ids[start:-1], skip_special_tokens=False)
+        conv.close_turn(text)
+        return text, "stop"
 
     async def _run_tools(self, text: str, allowed: tuple[ToolSpec, ...], traj: Trajectory, limits: AgentLimits,
                          agent_call) -> str | None:
@@ -228,7 +276,7 @@ class Workflow:
                           final_text="")
 
     async def _loop(self, conv: Conversation, traj: Trajectory, limits: AgentLimits, allowed, agent_call,
-                    reserve: int, first_sampling: dict | None, later_sampling: dict | None,
+                    reserve: int, first_sampling: dict | ForcedCall | None, later_sampling: dict | None,
                     seed: int | None) -> str:
         """Generate/act until the agent stops calling tools or runs out of turns or room."""
         text = ""
@@ -309,4 +357,4 @@ class Workflow:
         return traj
 
 
-__all__ = ["AgentLimits", "WorkflowConfig", "Trajectory", "Workflow", "SEARCH_AND_BROWSE"]
+__all__ = ["AgentLimits", "WorkflowConfig", "Trajectory", "Workflow", "ForcedCall", "SEARCH_AND_BROWSE"]
