@@ -160,6 +160,7 @@ def test_forced_calls_sample_only_their_arguments(engine, toolbox, tiny_models):
         end = t.token_ids.index(tok.eos_token_id, t.prompt_len)
         assert tok.decode(t.token_ids[t.prompt_len:end]) == first and t.token_ids[end + 1] != tok.eos_token_id
         assert not t.loss_mask[end]
+        assert sum(e["kind"] == "generate" for e in t.timings) == t.turns  # one timing per turn, not per argument
 
 
 def test_single_agent_baseline(engine, toolbox, tiny_models):

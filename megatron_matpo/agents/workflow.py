@@ -177,40 +177,40 @@ class Workflow:
     def _room(self, conv: Conversation, limits: AgentLimits, reserve: int = 0) -> int:
         return min(limits.max_tokens_per_turn, limits.max_context_tokens - len(conv.ids) - reserve)
 
-    async def _generate(self, ids: list[int], max_new: int, extra: dict | None, seed: int | None,
-                        traj: Trajectory | None):
-        t0 = time.perf_counter()
+    async def _generate(self, ids: list[int], max_new: int, extra: dict | None, seed: int | None):
         sampling = self._sampling(max_new, extra)
         if seed is not None:
             sampling["sampling_seed"] = seed
-        gen = await self.engine.generate(ids, sampling)
+        return await self.engine.generate(ids, sampling)
+
+    async def _turn(self, conv: Conversation, max_new: int, extra: dict | ForcedCall | None = None,
+                    seed: int | None = None, traj: Trajectory | None = None) -> tuple[str, str]:
+        """One assistant turn (one "generate" timing, whatever engine calls it takes)."""
+        t0 = time.perf_counter()
+        if isinstance(extra, ForcedCall):
+            text, finish = await self._forced_turn(conv, max_new, extra, seed)
+        else:
+            gen = await self._generate(conv.ids, max_new, extra, seed)
+            ids = gen.output_ids
+            body = ids[:-1] if ids and ids[-1] == self.template.eos_id else ids
+            text, finish = self.tok.decode(body, skip_special_tokens=False), gen.finish_reason
+            constrained = bool(extra and any(k in extra for k in ("regex", "json_schema", "ebnf")))
+            conv.add_generated(ids, gen.logprobs, text, constrained=constrained)
         t1 = time.perf_counter()
         self.busy_s["generate"] += t1 - t0
         if traj is not None:
             traj.timings.append({"kind": "generate", "turn": traj.turns, "start": t0, "end": t1})
-        return gen
+        return text, finish
 
-    async def _turn(self, conv: Conversation, max_new: int, extra: dict | ForcedCall | None = None,
-                    seed: int | None = None, traj: Trajectory | None = None) -> tuple[str, str]:
-        if isinstance(extra, ForcedCall):
-            return await self._forced_turn(conv, max_new, extra, seed, traj)
-        gen = await self._generate(conv.ids, max_new, extra, seed, traj)
-        ids = gen.output_ids
-        body = ids[:-1] if ids and ids[-1] == self.template.eos_id else ids
-        text = self.tok.decode(body, skip_special_tokens=False)
-        constrained = bool(extra and any(k in extra for k in ("regex", "json_schema", "ebnf")))
-        conv.add_generated(ids, gen.logprobs, text, constrained=constrained)
-        return text, gen.finish_reason
-
-    async def _forced_turn(self, conv: Conversation, max_new: int, call: ForcedCall, seed: int | None,
-                           traj: Trajectory | None) -> tuple[str, str]:
+    async def _forced_turn(self, conv: Conversation, max_new: int, call: ForcedCall,
+                           seed: int | None) -> tuple[str, str]:
         """The turn of `call`: its markup as fixed tokens, each argument sampled (ForcedCall)."""
         start, fixed = len(conv.ids), [self.template.encode(t) for t in call.fixed_texts()]
         budget = max_new - sum(map(len, fixed)) - 1  # the turn's room less its fixed tokens and end of turn
         for k in range(call.n):
             conv.extend_turn(fixed[k])
             gen = await self._generate(conv.ids, max(1, min(ARG_MAX_TOKENS, budget)), {"regex": ARG_REGEX + '"'},
-                                       derive_seed(seed, "argument", k), traj)
+                                       derive_seed(seed, "argument", k))
             ids, logprobs = gen.output_ids, gen.logprobs
             if ids and ids[-1] == self.template.eos_id:  # the grammar's end: the turn goes on with fixed text
                 ids, logprobs = ids[:-1], logprobs[:-1]
