@@ -154,6 +154,7 @@ class Workflow:
             self.worker_first_sampling = ForcedCall(SEARCH_SERVER, GOOGLE_SEARCH.name, "q")
         # summed durations of every engine and tool call: what a fully sequential rollout would take
         self.busy_s: Counter[str] = Counter()
+        self._fixed_ids: dict[ForcedCall, list[list[int]]] = {}  # a forced call's markup tokens, encoded once
 
     # ---- entry point ------------------------------------------------------------------------------
     async def rollout(self, question: str, sample_uid: str, group_id: str, seed: int | None = None) -> list[
@@ -205,7 +206,9 @@ class Workflow:
     async def _forced_turn(self, conv: Conversation, max_new: int, call: ForcedCall,
                            seed: int | None) -> tuple[str, str]:
         """The turn of `call`: its markup as fixed tokens, each argument sampled (ForcedCall)."""
-        start, fixed = len(conv.ids), [self.template.encode(t) for t in call.fixed_texts()]
+        if call not in self._fixed_ids:
+            self._fixed_ids[call] = [self.template.encode(t) for t in call.fixed_texts()]
+        start, fixed = len(conv.ids), self._fixed_ids[call]
         budget = max_new - sum(map(len, fixed)) - 1  # the turn's room less its fixed tokens and end of turn
         for k in range(call.n):
             conv.extend_turn(fixed[k])
