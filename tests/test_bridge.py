@@ -20,11 +20,16 @@ PARITY_TOL = 1e-4  # fp32 engine (torch-native attention) vs megatron on CPU
 STALE_MIN = 1e-2  # the perturbation moves logprobs by far more than this
 ROWS = [[5, 17, 99, 250, 3, 700, 12, 41], [700, 12, 41, 9, 1000, 2], list(range(100, 124))]
 SMALL_BUCKET_MB = 0.05  # ~52 KB: many buckets, and the 360 KB embedding/lm_head travel alone
-# (mode, bucket MiB, perturbation seed) per sync; a repeated (mode, bucket) reuses its WeightSync:
-# the broadcast group is formed once for steps 0 and 1, and a second group (step 4) coexists with it
-PLAN = [("broadcast", SMALL_BUCKET_MB, 1), ("broadcast", SMALL_BUCKET_MB, 2), ("tensor", SMALL_BUCKET_MB, 3),
-        ("disk", 64.0, 4), ("broadcast", 64.0, 5), ("tensor", 64.0, 6)]
-STEPS = [f"{i}-{mode}" for i, (mode, _, _) in enumerate(PLAN)]
+# (mode, bucket MiB, perturbation seed, other SyncConfig fields) per sync; a repeated (mode, bucket, fields)
+# reuses its WeightSync: the broadcast group is formed once for steps 0 and 1, and later groups coexist with
+# it. Every path on our resharded export (each rank's slices into shared memory), then its p2p collection
+# and megatron-bridge's export (the reference path)
+PLAN = [("broadcast", SMALL_BUCKET_MB, 1, {}), ("broadcast", SMALL_BUCKET_MB, 2, {}),
+        ("tensor", SMALL_BUCKET_MB, 3, {}), ("disk", 64.0, 4, {}), ("broadcast", 64.0, 5, {}), ("tensor", 64.0, 6, {}),
+        ("broadcast", SMALL_BUCKET_MB, 7, {"collect": "p2p"}), ("tensor", SMALL_BUCKET_MB, 8, {"collect": "p2p"}),
+        ("tensor", SMALL_BUCKET_MB, 9, {"export": "megatron_bridge"}),
+        ("broadcast", SMALL_BUCKET_MB, 10, {"export": "megatron_bridge"})]
+STEPS = [f"{i}-{mode}" for i, (mode, _, _, _) in enumerate(PLAN)]
 
 
 # ---------------------------------------------------------------- bucketing (no processes)
@@ -91,6 +96,22 @@ def test_bucket_rejects_nonpositive_size_and_small_buffer():
         list(iter_buckets(_tensors([1]), 0))
     with pytest.raises(ValueError, match="buffer"):
         list(iter_buckets(_tensors([1]), 64, buffer=torch.empty(32, dtype=torch.uint8)))
+
+
+@pytest.mark.parametrize("max_bytes", [1, 64, 512, 1 << 20])
+def test_plan_buckets_groups_as_iter_buckets(max_bytes):
+    """The resharded sync plans its buckets from sizes alone (bridge/collect.py): same groups, same offsets."""
+    from megatron_matpo.bridge.buckets import plan_buckets
+
+    tensors = _tensors([10, 100, 60, 3, 250, 40, 40, 1, 90]) + [("h", torch.ones(3, dtype=torch.bfloat16)),
+                                                               ("f", torch.ones(5))]
+    plan = plan_buckets([(t.numel() * t.element_size(), t.element_size()) for _, t in tensors], max_bytes)
+    got = [[tensors[i][0] for i, _ in b] for b in plan]
+    assert got == [names for names, _, _ in _consume(tensors, max_bytes)]
+    for b in plan:  # back to back from 0
+        offs = [off for _, off in b]
+        sizes = [tensors[i][1].numel() * tensors[i][1].element_size() for i, _ in b]
+        assert offs == [sum(sizes[:k]) for k in range(len(b))]
 
 
 def test_caller_buffer_is_reused():
@@ -178,15 +199,15 @@ def _run_plan(built, engine_url: str, hf_dir: str, disk_dir: str, plan: list) ->
 
     original = on_engine() if rank0 else None
     res: dict = {"steps": {}}
-    syncs: dict[tuple[str, float], WeightSync] = {}
+    syncs: dict[tuple, WeightSync] = {}
     try:
-        for i, (mode, bucket_mb, seed) in enumerate(plan):
+        for i, (mode, bucket_mb, seed, fields) in enumerate(plan):
             _perturb(built, seed)
             actor = _actor_logprobs(built, ROWS)
             stale = on_engine() if rank0 else None
-            key = (mode, bucket_mb)  # a repeated key reuses its WeightSync (and broadcast group)
+            key = (mode, bucket_mb, tuple(fields.items()))  # a repeated key reuses its WeightSync (and group)
             if key not in syncs:
-                cfg = SyncConfig(mode=mode, bucket_mb=bucket_mb, disk_dir=disk_dir, timeout_s=120)
+                cfg = SyncConfig(mode=mode, bucket_mb=bucket_mb, disk_dir=disk_dir, timeout_s=120, **fields)
                 syncs[key] = WeightSync(cfg, built, [engine_url])
             ws = syncs[key]
             stats = ws.sync()
@@ -270,9 +291,10 @@ def test_sync_streams_every_tensor_in_bounded_buckets(worlds, world, tiny_models
     alone = [n for n in sizes if n > small]  # embedding and lm_head travel as their own buckets
     min_buckets = len(alone) + -(-(total - sum(alone)) // small)
     steps = worlds[world]["steps"]
-    for step, (mode, bucket_mb, _) in zip(STEPS, PLAN):
+    for step, (mode, bucket_mb, _, fields) in zip(STEPS, PLAN):
         s = steps[step]["stats"]
         assert s["bytes"] == total and s["tensors"] == len(hf), (step, s)
+        assert s["resharded"] == (fields.get("export", "reshard") == "reshard"), (step, s)
         assert s["seconds"] > 0 and s["bytes_per_s"] > 0
         if mode == "disk":
             assert s["buckets"] == 1  # one safetensors shard

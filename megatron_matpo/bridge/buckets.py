@@ -12,7 +12,7 @@ sent from its own storage. Peak extra memory is therefore ≈ one bucket + the l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -96,3 +96,26 @@ def iter_buckets(stream: Iterable[tuple[str, torch.Tensor]], max_bytes: int,
         used += n
     if names:
         yield take()
+
+
+def plan_buckets(items: Sequence[tuple[int, int]], max_bytes: int) -> list[list[tuple[int, int]]]:
+    """The grouping `iter_buckets` makes, from sizes alone: for items (nbytes, element size) in order,
+    the buckets as lists of (item index, byte offset in the bucket). Same rules: a bucket closes when
+    the next item would overflow it or start unaligned; an item over `max_bytes` is a bucket alone."""
+    if max_bytes < 1:
+        raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+    out: list[list[tuple[int, int]]] = []
+    cur: list[tuple[int, int]] = []
+    used = 0
+    for i, (n, itemsize) in enumerate(items):
+        if cur and (used + n > max_bytes or used % itemsize):
+            out.append(cur)
+            cur, used = [], 0
+        if n > max_bytes:
+            out.append([(i, 0)])
+            continue
+        cur.append((i, used))
+        used += n
+    if cur:
+        out.append(cur)
+    return out

@@ -177,7 +177,8 @@ class Resharder:
                     meta[hf_name] = (tuple(shape), dtype)
                     pieces[hf_name] = []
                 elif meta[hf_name] != (tuple(shape), dtype):
-                    raise Unsupported(f"{hf_name}: ranks disagree on its shape/dtype {meta[hf_name]} vs {shape}/{dtype}")
+                    raise Unsupported(f"{hf_name}: ranks disagree on its shape/dtype: {meta[hf_name]} vs "
+                                      f"{shape}/{dtype}")
                 pieces[hf_name] += ps
         out = []
         for hf_name in order:

@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from datetime import timedelta
@@ -173,7 +174,12 @@ class WeightSync:
         self._loop: _EngineLoop | None = None
         self._clients: list[EngineClient] = []
         self._tp: list[int] | None = None  # engines' TP sizes, asked once
-        self._shm_buffer: torch.Tensor | None = None  # tensor mode's bucket buffer
+        self._buffer: torch.Tensor | None = None  # the bucket buffer kept across syncs (shared memory when shared)
+        self._resharder = None  # bridge/reshard.py's plan, built on the first sync
+        self._fallback = False  # the model is not one the resharder describes: megatron-bridge's export
+        self._collect = ""
+        self._layout: list = []
+        self._parts: dict[str, float] = {}  # this sync's time per part (rank 0)
         if not self.rank0:
             return
         if cfg.mode == "tensor":
@@ -188,35 +194,90 @@ class WeightSync:
 
     def sync(self) -> dict[str, float]:
         """One full weight push. Rank 0 returns bytes, seconds, buckets, max_bucket_bytes,
-        bytes_per_s and tensors; other ranks {}."""
+        bytes_per_s, tensors, held_bytes (bucket buffer kept across syncs), resharded (1 when
+        bridge/reshard.py wrote the buckets, 0 for megatron-bridge's export) and the profile:
+        produce_s (export + fill), send_s (transport + engine load), session_s, flush_s (bucketed
+        paths); other ranks {}."""
         if self._closed:
             raise RuntimeError("WeightSync.sync() after close()")
-        from megatron_matpo.convert import hf_tensors
-
         t0 = time.perf_counter()
-        stream = hf_tensors(self.built, self.cfg.show_progress)
+        buckets, counts = self._buckets()
         if not self.rank0:
-            for _ in stream:  # the gathers are collective; only rank 0 keeps the tensors
+            for _ in buckets:  # collective: the other ranks write their slices / take part in the gathers
                 pass
             self.syncs += 1
             return {}
-        stream = _Counted(stream)
+        self._parts = {}
         try:
             if self.cfg.mode == "disk":
-                buckets, max_bucket = self._sync_disk(stream)
+                n, max_bucket = self._sync_disk(buckets)
             else:
-                buckets, max_bucket = self._sync_buckets(stream)
-            self._run_engines("flush_cache")
+                n, max_bucket = self._sync_buckets(buckets)
+            with self._clock("flush_s"):
+                self._run_engines("flush_cache")
         except BaseException:
             with contextlib.suppress(Exception):
-                for _ in stream:  # let the other ranks finish their gathers before we raise
+                for _ in buckets:  # let the other ranks finish their part before we raise
                     pass
             raise
         self.syncs += 1
         secs = time.perf_counter() - t0
-        return {"bytes": float(stream.nbytes), "seconds": secs, "buckets": float(buckets),
-                "max_bucket_bytes": float(max_bucket), "bytes_per_s": stream.nbytes / max(secs, 1e-9),
-                "tensors": float(stream.count)}
+        nbytes, ntensors = counts()
+        held = self._buffer.numel() if self._buffer is not None else 0
+        return {"bytes": float(nbytes), "seconds": secs, "buckets": float(n), "max_bucket_bytes": float(max_bucket),
+                "bytes_per_s": nbytes / max(secs, 1e-9), "tensors": float(ntensors), "held_bytes": float(held),
+                "resharded": float(self._resharder is not None), **self._parts}
+
+    def _buckets(self):
+        """This sync's buckets (a collective iterator; Buckets on rank 0) and a callable giving
+        (bytes, tensors) once they have been consumed."""
+        from megatron_matpo.bridge import collect
+
+        if self.cfg.export == "reshard" and self._resharder is None and not self._fallback:
+            from megatron_matpo.bridge.reshard import Resharder, Unsupported
+
+            try:
+                self._resharder = Resharder(self.built)  # collective, once
+            except Unsupported as e:
+                self._fallback = True
+                if self.rank0:
+                    warnings.warn(f"weight sync: {e}; using megatron-bridge's export instead", stacklevel=3)
+            else:
+                self._collect = collect.choose(self.cfg.collect, self._device_buckets())
+                self._layout = collect.bucket_layout(self._resharder, self.cfg.bucket_bytes)
+        rs = self._resharder
+        if rs is not None:
+            size = collect.buffer_bytes(rs, self.cfg.bucket_bytes)
+            if self._collect == "shared_memory":
+                if self._buffer is None:  # mapped once on every rank, kept across syncs
+                    self._buffer = collect.shared_buffer(size)
+                buf = self._buffer
+            elif not self.rank0:
+                buf = None
+            elif self._device_buckets():
+                buf = torch.empty(size, dtype=torch.uint8, device=platform.device())  # back to training after
+            else:
+                if self._buffer is None:  # kept: the tensor path shares it (moved to shared memory once)
+                    self._buffer = torch.empty(size, dtype=torch.uint8)
+                buf = self._buffer
+            nbytes = sum(t.nbytes for t in rs.tensors)
+            return collect.resharded_buckets(rs, self._layout, self._collect, buf), lambda: (nbytes, len(rs.tensors))
+        from megatron_matpo.convert import hf_tensors
+
+        stream = hf_tensors(self.built, self.cfg.show_progress)
+        if not self.rank0:
+            return stream, None
+        stream = _Counted(stream)
+        device = platform.device() if self._device_buckets() else torch.device("cpu")  # NCCL needs device buffers
+        if not self._device_buckets() and self._buffer is None:
+            # kept across syncs: sharing a buffer moves it into shared memory (a copy), once
+            self._buffer = torch.empty(self.cfg.bucket_bytes, dtype=torch.uint8)
+        # a device buffer is allocated per sync, so device memory goes back to training after
+        buffer = None if self._device_buckets() else self._buffer
+        return iter_buckets(stream, self.cfg.bucket_bytes, device, buffer), lambda: (stream.nbytes, stream.count)
+
+    def _device_buckets(self) -> bool:
+        return self.cfg.mode == "broadcast" and platform.capabilities().cuda
 
     def close(self) -> None:
         """Leave the broadcast group (engines and actor), stop rank 0's HTTP loop, delete the temp
@@ -243,35 +304,46 @@ class WeightSync:
 
     # ---- bucketed transports (broadcast, tensor) -------------------------------------------------
 
-    def _sync_buckets(self, stream: "_Counted") -> tuple[int, int]:
-        broadcast = self.cfg.mode == "broadcast"
-        if broadcast and self._group is None:
+    def _sync_buckets(self, buckets: Iterable[Bucket]) -> tuple[int, int]:
+        if self.cfg.mode == "broadcast" and self._group is None:
             self._init_group()
-        device = platform.device() if broadcast else torch.device("cpu")  # NCCL needs device buffers
-        if not broadcast and self._shm_buffer is None:
-            # kept across syncs: sharing a buffer moves it into shared memory (a copy), once
-            self._shm_buffer = torch.empty(self.cfg.bucket_bytes, dtype=torch.uint8)
-        # the broadcast buffer is allocated per sync, so device memory goes back to training after
-        buffer = None if broadcast else self._shm_buffer
         n = max_bucket = 0
-        self._run_engines("begin_weight_update")
+        clock = self._clock
+        with clock("session_s"):
+            self._run_engines("begin_weight_update")
         ok = False
+        it = iter(buckets)
         try:
-            for bucket in iter_buckets(stream, self.cfg.bucket_bytes, device, buffer):
-                if broadcast:
-                    self._broadcast_bucket(bucket)
-                else:
-                    self._tensor_bucket(bucket)
+            while True:
+                with clock("produce_s"):  # export + bucket fill (every rank's part, on the reshard path)
+                    bucket = next(it, None)
+                if bucket is None:
+                    break
+                with clock("send_s"):  # transport + the engine's load of the bucket
+                    if self.cfg.mode == "broadcast":
+                        self._broadcast_bucket(bucket)
+                    else:
+                        self._tensor_bucket(bucket)
                 n += 1
                 max_bucket = max(max_bucket, bucket.nbytes)
             ok = True
         finally:
-            if ok:
-                self._run_engines("end_weight_update")
-            else:  # close the session anyway so the next sync can open one; the first error wins
-                with contextlib.suppress(Exception):
+            with clock("session_s"):
+                if ok:
                     self._run_engines("end_weight_update")
+                else:  # close the session anyway so the next sync can open one; the first error wins
+                    with contextlib.suppress(Exception):
+                        self._run_engines("end_weight_update")
         return n, max_bucket
+
+    @contextlib.contextmanager
+    def _clock(self, part: str):
+        """Adds the block's wall time to this sync's `part` (returned in the stats: a sync's profile)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._parts[part] = self._parts.get(part, 0.0) + time.perf_counter() - t0
 
     def _broadcast_bucket(self, bucket: Bucket) -> None:
         shapes = [list(s) for s in bucket.shapes]
@@ -307,7 +379,7 @@ class WeightSync:
 
     # ---- disk transport ----------------------------------------------------------------------
 
-    def _sync_disk(self, stream: "_Counted") -> tuple[int, int]:
+    def _sync_disk(self, buckets: Iterable[Bucket]) -> tuple[int, int]:
         from megatron_matpo.convert import SafetensorsShardWriter
 
         out = self._disk_dir()
@@ -315,8 +387,9 @@ class WeightSync:
                 + list(out.glob(".shard-*.partial")):
             f.unlink()  # this directory is ours: last sync's shards
         writer = SafetensorsShardWriter(out)
-        for name, tensor in stream:
-            writer.add(name, tensor)
+        for bucket in buckets:
+            for name, tensor in bucket.tensors():
+                writer.add(name, tensor)  # (copied: the bucket's buffer is refilled next)
         files = writer.close()
         self._run_engines("update_weights_from_disk", str(out))
         return len(files), max(f.stat().st_size for f in files)

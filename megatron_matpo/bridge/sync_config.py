@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MODES = ("broadcast", "tensor", "disk")
+EXPORTS = ("reshard", "megatron_bridge")
+COLLECT = ("auto", "shared_memory", "p2p")  # bridge/collect.py
 
 
 @dataclass
@@ -19,10 +21,19 @@ class SyncConfig:
     master_address: str | None = None  # actor rank 0's address as engines reach it; derived if None
     master_port: int | None = None  # broadcast group rendezvous port on actor rank 0; free port if None
     show_progress: bool = False  # megatron-bridge's export progress bar on rank 0
+    # "reshard": each rank writes its own slices of the HF tensors into rank 0's bucket (bridge/reshard.py;
+    # a model it cannot describe falls back, with a warning); "megatron_bridge": its export_hf_weights,
+    # every full tensor gathered on every rank (slower, more memory; kept as the reference)
+    export: str = "reshard"
+    collect: str = "auto"  # reshard: how slices meet on rank 0; auto = shared_memory on one CPU host, else p2p
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"sync.mode: {self.mode!r}, expected one of {', '.join(MODES)}")
+        if self.export not in EXPORTS:
+            raise ValueError(f"sync.export: {self.export!r}, expected one of {', '.join(EXPORTS)}")
+        if self.collect not in COLLECT:
+            raise ValueError(f"sync.collect: {self.collect!r}, expected one of {', '.join(COLLECT)}")
         if not self.bucket_mb > 0:
             raise ValueError(f"sync.bucket_mb: must be > 0, got {self.bucket_mb}")
         if self.parity_every < 0:
