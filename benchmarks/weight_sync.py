@@ -103,12 +103,13 @@ class PeakExtra:
 
 
 def world(model_dir: str, engine_url: str, engine_pids: list[int], layouts: list[str],
-          variants: list[tuple[str, float | None]], reps: int, disk_dir: str) -> dict:
+          variants: list[tuple[str, float | None, str]], reps: int, disk_dir: str) -> dict:
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     from megatron_matpo.bridge import SyncConfig, WeightSync
+    from megatron_matpo.bridge.reshard import Resharder
     from megatron_matpo.convert import hf_tensors
     from megatron_matpo.dist import init_megatron
     from megatron_matpo.model.builder import build_model
@@ -122,13 +123,27 @@ def world(model_dir: str, engine_url: str, engine_pids: list[int], layouts: list
         rank0 = dist.get_rank() == 0
         built = build_model(model_dir, layout, load_weights=True, ddp_config=ddp_config(OptimConfig()))
 
-        def export_only() -> tuple[float, int]:
-            """The gather alone (nothing sent): its time and rank 0's peak extra memory."""
+        resharder = []
+
+        def export_only(export: str, built=built) -> tuple[float, int]:
+            """The export alone (nothing sent): its time and rank 0's peak extra memory. megatron-bridge:
+            the gather of every full tensor; reshard: each rank's copy of its slices of every tensor into
+            a buffer of the largest tensor (what it writes into the buckets)."""
             dist.barrier()
+            if export == "reshard" and not resharder:
+                resharder.append(Resharder(built))
             with PeakExtra(["self"]) as peak:
                 t0 = time.perf_counter()
-                for _ in hf_tensors(built):
-                    pass
+                if export == "reshard":
+                    rs = resharder[0]
+                    scratch = torch.empty(max(t.nbytes for t in rs.tensors), dtype=torch.uint8)
+                    for t in rs.tensors:
+                        rs.fill(t, scratch[:t.nbytes].view(t.dtype).view(t.shape))
+                    del scratch
+                    dist.barrier()
+                else:
+                    for _ in hf_tensors(built):
+                        pass
                 dt = time.perf_counter() - t0
             return dt, peak.extra.get("self", -1)
 
@@ -163,8 +178,8 @@ def world(model_dir: str, engine_url: str, engine_pids: list[int], layouts: list
 
         res = {"bytes": total, "tensors": len(sizes), "largest_tensor_bytes": largest,
                "first_export_s": first_export_s, "variants": []}
-        for mode, bucket_mb in variants:
-            cfg = SyncConfig(mode=mode, bucket_mb=bucket_mb or 64.0, disk_dir=disk_dir, timeout_s=300)
+        for mode, bucket_mb, export in variants:
+            cfg = SyncConfig(mode=mode, bucket_mb=bucket_mb or 64.0, disk_dir=disk_dir, timeout_s=300, export=export)
             ws = WeightSync(cfg, built, [engine_url])
             try:
                 t0 = time.perf_counter()
@@ -178,20 +193,26 @@ def world(model_dir: str, engine_url: str, engine_pids: list[int], layouts: list
                         t0 = time.perf_counter()
                         stats = ws.sync()
                         wall = time.perf_counter() - t0
-                    mine = {"rank": dist.get_rank(), "extra": peak.extra.get("self", -1)}
+                    # a buffer kept across syncs is resident before the sync starts: counted on every
+                    # rank that maps it (all of them for shared-memory collection, else rank 0)
+                    maps_buffer = rank0 or ws.collection == "shared_memory"
+                    mine = {"rank": dist.get_rank(), "extra": peak.extra.get("self", -1), "held": maps_buffer}
                     everyone = [None] * dist.get_world_size()
                     dist.all_gather_object(everyone, mine)
                     base_s = baseline(mode)
-                    exp_s, exp_extra = export_only()
+                    exp_s, exp_extra = export_only(export)
                     if rank0:
                         engine_extra = max((v for k, v in peak.extra.items() if k != "self"), default=-1)
+                        held0 = int(stats.get("held_bytes", 0))
+                        by_rank = [e["extra"] + (held0 if e["held"] else 0) for e in everyone]
                         rows.append({"sync_s": wall, "stats": stats, "baseline_s": base_s, "export_s": exp_s,
-                                     "export_extra_bytes": exp_extra, "extra_bytes_by_rank": [e["extra"] for e in everyone],
+                                     "export_extra_bytes": exp_extra, "extra_bytes_by_rank": by_rank,
                                      "engine_extra_bytes": engine_extra})
             finally:
                 ws.close()
             if rank0:
-                res["variants"].append({"mode": mode, "bucket_mb": bucket_mb, "warmup_s": warm_s, "reps": rows})
+                res["variants"].append({"mode": mode, "bucket_mb": bucket_mb, "export": export,
+                                        "collection": ws.collection, "warmup_s": warm_s, "reps": rows})
         if rank0:
             out[lname] = res
         base_file.unlink(missing_ok=True)
@@ -215,6 +236,9 @@ def ensure_model(args) -> Path:
     return d
 
 
+PARTS = ("produce_s", "send_s", "session_s", "flush_s")  # WeightSync's profile of one sync (bridge/sync.py)
+
+
 def summarize(layout: str, r: dict) -> list[dict]:
     rows = []
     for v in r["variants"]:
@@ -223,22 +247,29 @@ def summarize(layout: str, r: dict) -> list[dict]:
         base_s = median(x["baseline_s"] for x in reps)
         exp_s = median(x["export_s"] for x in reps)
         bucket = int(v["bucket_mb"] * 2 ** 20) if v["bucket_mb"] else None
-        held = bucket if v["mode"] == "tensor" else 0  # the persistent shared-memory bucket
-        extra0 = max(x["extra_bytes_by_rank"][0] for x in reps) + held
+        # per rank, the buffer kept across syncs included (see world())
+        by_rank = [max(x["extra_bytes_by_rank"][k] for x in reps) for k in range(len(reps[0]["extra_bytes_by_rank"]))]
         target_mem = bucket + r["largest_tensor_bytes"] if bucket else None
+        engine_extra = max(x["engine_extra_bytes"] for x in reps)
         rows.append({
-            "layout": layout, "mode": v["mode"], "bucket_mb": v["bucket_mb"], "bytes": r["bytes"],
+            "layout": layout, "mode": v["mode"], "bucket_mb": v["bucket_mb"],
+            "export": v.get("export", "megatron_bridge"),
+            "collection": v.get("collection", ""), "bytes": r["bytes"],
             "buckets": reps[0]["stats"].get("buckets"), "sync_s": sync_s, "baseline_s": base_s,
             "sync_bytes_per_s": r["bytes"] / sync_s, "baseline_bytes_per_s": r["bytes"] / base_s,
+            "sync_s_per_gb": sync_s / (r["bytes"] / 1e9), "baseline_s_per_gb": base_s / (r["bytes"] / 1e9),
             "ratio": base_s / sync_s, "export_s": exp_s,
-            # transport = what the sync adds on top of the gather (buckets, engine calls, cache flush)
+            # transport = what the sync adds on top of the export (buckets, engine calls, cache flush)
             "transport_s": max(sync_s - exp_s, 1e-9), "transport_ratio": base_s / max(sync_s - exp_s, 1e-9),
-            "peak_extra_rank0_bytes": extra0, "peak_extra_rank1_bytes": max(x["extra_bytes_by_rank"][1] for x in reps),
+            "profile": {p: median(x["stats"].get(p, 0.0) for x in reps) for p in PARTS},
+            "peak_extra_rank0_bytes": by_rank[0], "peak_extra_rank1_bytes": by_rank[1],
+            "peak_extra_by_rank_bytes": by_rank,
             "peak_extra_engine_bytes": max(x["engine_extra_bytes"] for x in reps),
-            # the megatron-bridge gather alone (full tensors gathered over TP/PP, fused ones split)
+            # the export alone (megatron-bridge: full tensors gathered over TP/PP, fused ones split)
             "peak_extra_export_bytes": max(x["export_extra_bytes"] for x in reps),
             "memory_target_bytes": target_mem,
-            "memory_target_met": (extra0 <= target_mem) if target_mem else None,
+            "memory_target_met": (max(by_rank) <= target_mem) if target_mem else None,
+            "engine_memory_target_met": (engine_extra <= target_mem) if target_mem else None,
             "ratio_target_met": base_s / sync_s >= RATIO_TARGET, "warmup_s": v["warmup_s"],
             "sync_s_all": [x["sync_s"] for x in reps], "baseline_s_all": [x["baseline_s"] for x in reps]})
     return rows
@@ -246,7 +277,10 @@ def summarize(layout: str, r: dict) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--buckets", default="0.25,1,4", help="bucket sizes (MiB) for broadcast and tensor")
+    ap.add_argument("--buckets", default="1,3", help="bucket sizes (MiB) for broadcast and tensor (at the default "
+                    "model both give >= 16 buckets per sync, as production's ~28 GB in 512 MiB buckets)")
+    ap.add_argument("--exports", default="reshard,megatron_bridge",
+                    help="sync.export values, each variant run with each (interleaved: after vs before)")
     ap.add_argument("--modes", default="broadcast,tensor,disk")
     ap.add_argument("--layouts", default="tp2,pp2")
     ap.add_argument("--reps", type=int, default=3, help="timed syncs per variant (after one warm-up)")
@@ -266,9 +300,10 @@ def main() -> None:
 
     t_start = time.perf_counter()
     buckets = [float(x) for x in args.buckets.split(",") if x]
-    variants: list[tuple[str, float | None]] = []
+    variants: list[tuple[str, float | None, str]] = []
     for mode in args.modes.split(","):
-        variants += [(mode, None)] if mode == "disk" else [(mode, b) for b in buckets]
+        for export in args.exports.split(","):
+            variants += [(mode, None, export)] if mode == "disk" else [(mode, b, export) for b in buckets]
     layouts = [x for x in args.layouts.split(",") if x]
     model = ensure_model(args)
     disk = Path(tempfile.mkdtemp(prefix="matpo-bench-sync-"))
@@ -285,15 +320,18 @@ def main() -> None:
     rows = [row for lname in layouts for row in summarize(lname, res[lname])]
     mb = 2 ** 20
     first = res[layouts[0]]
-    print(f"model {first['bytes'] / mb:.1f} MiB in {first['tensors']} tensors, largest {first['largest_tensor_bytes'] / mb:.2f} MiB")
-    print(f"{'layout':>6} {'mode':>9} {'bucket':>6} {'n':>3} {'sync s':>7} {'MB/s':>7} {'base MB/s':>9} {'ratio':>6} "
-          f"{'export s':>8} {'xport ratio':>11} {'extra MiB':>9} {'target':>7} {'engine':>7} {'export':>7}")
+    print(f"model {first['bytes'] / mb:.1f} MiB in {first['tensors']} tensors, "
+          f"largest {first['largest_tensor_bytes'] / mb:.2f} MiB")
+    print(f"{'layout':>6} {'mode':>9} {'export':>15} {'bucket':>6} {'n':>3} {'sync s':>7} {'s/GB':>6} {'base s/GB':>9} "
+          f"{'ratio':>6} {'produce':>7} {'send':>6} {'flush':>6} {'export s':>8} {'max extra MiB':>13} {'target':>7} "
+          f"{'engine':>7}")
     for r in rows:
         tgt = f"{r['memory_target_bytes'] / mb:.2f}" if r["memory_target_bytes"] else "n/a"
-        print(f"{r['layout']:>6} {r['mode']:>9} {r['bucket_mb'] or '-':>6} {r['buckets'] or 0:>3.0f} {r['sync_s']:>7.3f} "
-              f"{r['sync_bytes_per_s'] / 1e6:>7.1f} {r['baseline_bytes_per_s'] / 1e6:>9.1f} {r['ratio']:>6.3f} "
-              f"{r['export_s']:>8.3f} {r['transport_ratio']:>11.3f} {r['peak_extra_rank0_bytes'] / mb:>9.2f} {tgt:>7} "
-              f"{r['peak_extra_engine_bytes'] / mb:>7.2f} {r['peak_extra_export_bytes'] / mb:>7.2f}")
+        p = r["profile"]
+        print(f"{r['layout']:>6} {r['mode']:>9} {r['export']:>15} {r['bucket_mb'] or '-':>6} {r['buckets'] or 0:>3.0f} "
+              f"{r['sync_s']:>7.3f} {r['sync_s_per_gb']:>6.2f} {r['baseline_s_per_gb']:>9.2f} {r['ratio']:>6.3f} "
+              f"{p['produce_s']:>7.3f} {p['send_s']:>6.3f} {p['flush_s']:>6.3f} {r['export_s']:>8.3f} "
+              f"{max(r['peak_extra_by_rank_bytes']) / mb:>13.2f} {tgt:>7} {r['peak_extra_engine_bytes'] / mb:>7.2f}")
     write_result("weight_sync", {
         "meta": meta(reps=args.reps, wall_s=time.perf_counter() - t_start, engine_start_s=engine_start_s),
         "targets": {"ratio": RATIO_TARGET, "memory": "<= 1 bucket + largest tensor"},

@@ -279,6 +279,12 @@ class WeightSync:
     def _device_buckets(self) -> bool:
         return self.cfg.mode == "broadcast" and platform.capabilities().cuda
 
+    @property
+    def collection(self) -> str:
+        """How the buckets were assembled: "shared_memory" / "p2p" (resharded), "megatron_bridge", or ""
+        before the first sync."""
+        return self._collect or ("megatron_bridge" if self.syncs and self._resharder is None else "")
+
     def close(self) -> None:
         """Leave the broadcast group (engines and actor), stop rank 0's HTTP loop, delete the temp
         disk directory. Idempotent."""
