@@ -290,6 +290,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--engine-mem-fraction", type=float, default=0.05,
+                    help="the engine's --mem-fraction-static (of host RAM on CPU); weights + KV pool must fit")
     ap.add_argument("--json", help="default: benchmarks/results/weight_sync.json")
     args = ap.parse_args()
     bench_env()
@@ -309,7 +311,8 @@ def main() -> None:
     disk = Path(tempfile.mkdtemp(prefix="matpo-bench-sync-"))
     print(f"engine on {model.name} ...", flush=True)
     t0 = time.perf_counter()
-    (engine,) = launch_engines(EngineConfig(model_path=str(model), log_dir=str(CACHE / "logs")), 1)
+    (engine,) = launch_engines(EngineConfig(model_path=str(model), log_dir=str(CACHE / "logs"),
+                                            mem_fraction_static=args.engine_mem_fraction), 1)
     engine_start_s = time.perf_counter() - t0
     try:
         res = launch_local(world, 2, str(model), engine.url, descendants(engine.proc.pid), layouts, variants,

@@ -185,6 +185,31 @@ def vocab_padding(hf_dir: str, layout: ParallelLayout, work_dir: str) -> dict[st
     return _max_over_world(out)
 
 
+def reshard_vs_hf(hf_dirs: dict[str, str], layout: ParallelLayout) -> dict[str, float]:
+    """The weight sync's own export (bridge/reshard.py: each rank writes only its slices) assembled
+    over the world equals every HF file bit for bit: fused QKV and gate/up split, TP/PP/DP slices,
+    a tied head left out, a padded vocabulary cut back (qwen3-odd)."""
+    from safetensors.torch import load_file
+
+    from megatron_matpo.bridge.reshard import Resharder
+    from megatron_matpo.model.builder import build_model
+    from megatron_matpo.train.optim import OptimConfig, ddp_config
+
+    out = {}
+    for arch, hf_dir in hf_dirs.items():
+        built = build_model(hf_dir, layout, load_weights=True, ddp_config=ddp_config(OptimConfig()))
+        rs = Resharder(built)
+        got = {}
+        for t in rs.tensors:
+            buf = torch.zeros(t.shape, dtype=t.dtype)
+            rs.fill(t, buf)
+            torch.distributed.all_reduce(buf)  # slices are disjoint and each written once: the sum is the tensor
+            got[t.name] = buf
+        out[arch] = _differ(got, load_file(f"{hf_dir}/model.safetensors"))
+        out[f"{arch}/tensors"] = float(len(got))
+    return _max_over_world(out)
+
+
 def vocab_padding_reshard(hf_dir: str, layout: ParallelLayout, work_dir: str) -> dict[str, float]:
     """The TP=2 checkpoint of `vocab_padding` (one padding row) loaded at another layout (no padding:
     megatron-core loads embedding and output rows across shapes) and exported: the HF model again."""
@@ -540,6 +565,8 @@ def world_checks(hf_dirs: dict[str, str], phases: list[tuple[str, ParallelLayout
             res = {}
         elif name == "vocab_padding":
             res = vocab_padding(hf_dirs["qwen3-odd"], layout, work_dir)
+        elif name == "reshard":
+            res = reshard_vs_hf(hf_dirs, layout)
         elif name == "vocab_padding_reshard":  # after vocab_padding
             res = vocab_padding_reshard(hf_dirs["qwen3-odd"], layout, work_dir)
         elif name == "train":

@@ -25,16 +25,18 @@ def world2(tiny_models, odd_vocab_model, tmp_path_factory):
     phases = [("logits", L(tp=2)), ("logits", L(pp=2)), ("packed_backward", L(tp=2)),
               ("train", L(tp=2)), ("train", L(dp=2)), ("train_recompute", L(tp=2)), ("output_lr", L(tp=2)),
               ("actor", L(tp=2)), ("critic", L(tp=2)), ("critic", L(pp=2)), ("vocab_padding", L(tp=2)),
-              ("vocab_padding_reshard", L(pp=2)), ("verifier", L(tp=2)), ("verifier", L(pp=2))]
+              ("vocab_padding_reshard", L(pp=2)), ("verifier", L(tp=2)), ("verifier", L(pp=2)),
+              ("reshard", L(tp=2)), ("reshard", L(pp=2))]
     return launch_local(world_checks, 2, {**tiny_models, "qwen3-odd": odd_vocab_model}, phases,
                         str(tmp_path_factory.mktemp("world2")))
 
 
 @pytest.fixture(scope="module")
-def world4(tiny_models, tmp_path_factory):
+def world4(tiny_models, odd_vocab_model, tmp_path_factory):
     work = tmp_path_factory.mktemp("roundtrip")
-    phases = [("logits", L(tp=2, pp=2)), ("roundtrip", L(tp=2, pp=2))]
-    return launch_local(world_checks, 4, tiny_models, phases, str(work)), work
+    phases = [("logits", L(tp=2, pp=2)), ("roundtrip", L(tp=2, pp=2)), ("reshard", L(tp=2, pp=2)),
+              ("reshard", L(tp=2, dp=2))]
+    return launch_local(world_checks, 4, {**tiny_models, "qwen3-odd": odd_vocab_model}, phases, str(work)), work
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -144,6 +146,17 @@ def test_vocabulary_tp_does_not_divide_is_padded_and_masked(world2, odd_vocab_mo
     assert world2["vocab_padding_reshard@tp1pp2dp1"]["roundtrip_mismatch"] == 0.0  # that checkpoint at PP=2
     for key in ("logits@tp2pp1dp1", "logits@tp1pp2dp1"):  # padded (TP=2) and not (PP=2), batches of both kinds
         assert max(world2[key]["qwen3-odd/padded"], world2[key]["qwen3-odd/packed"]) <= LOGIT_TOL, (key, world2[key])
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, "qwen3-odd"])
+@pytest.mark.parametrize("world,key", [("world2", "reshard@tp2pp1dp1"), ("world2", "reshard@tp1pp2dp1"),
+                                       ("world4", "reshard@tp2pp2dp1"), ("world4", "reshard@tp2pp1dp2")])
+def test_weight_sync_export_is_the_hf_model(request, arch, world, key):
+    """What the weight sync sends (bridge/reshard.py, every rank writing only its own slices) is the HF
+    file, bit for bit, at every layout: the engines' weights are the model's."""
+    res = request.getfixturevalue(world)
+    res = (res[0] if world == "world4" else res)[key]
+    assert res[arch] == 0.0 and res[f"{arch}/tensors"] > 0, res
 
 
 def test_verifier_score_head_and_its_export_at_tp2_and_pp2(world2):

@@ -15,6 +15,7 @@ other ranks' slices of it; no rank ever holds a full tensor it does not own.
 """
 from __future__ import annotations
 
+import shutil
 import socket
 from typing import Iterator
 
@@ -25,18 +26,25 @@ from megatron_matpo.bridge.reshard import HFTensor, Resharder
 from megatron_matpo.bridge.sync_config import COLLECT
 
 
-def choose(collect: str, cuda: bool) -> str:
-    """The collection `auto` means here (collective: every rank must call it)."""
+def choose(collect: str, cuda: bool, nbytes: int) -> str:
+    """The collection `auto` means here (collective: every rank must call it). Shared memory needs every
+    actor rank on one host, CPU buckets, and room for the `nbytes` buffer in /dev/shm (a container's
+    default is 64 MB; a full /dev/shm would kill the ranks with SIGBUS when they touch the buffer)."""
     if collect not in COLLECT:
         raise ValueError(f"sync.collect: {collect!r}, expected one of {', '.join(COLLECT)}")
     hosts: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(hosts, socket.gethostname())
     one_host = len(set(hosts)) == 1
+    try:
+        room = shutil.disk_usage("/dev/shm").free
+    except OSError:
+        room = 0
     if collect == "auto":
-        return "shared_memory" if one_host and not cuda else "p2p"
-    if collect == "shared_memory" and (cuda or not one_host):
-        raise ValueError(f"sync.collect='shared_memory' needs CPU buckets and every actor rank on one host; "
-                         f"hosts {sorted(set(hosts))}, cuda={cuda} (use 'p2p' or 'auto')")
+        return "shared_memory" if one_host and not cuda and room >= nbytes else "p2p"
+    if collect == "shared_memory" and (cuda or not one_host or room < nbytes):
+        raise ValueError(f"sync.collect='shared_memory' needs CPU buckets, every actor rank on one host and "
+                         f"{nbytes / 2**20:.0f} MiB free in /dev/shm; hosts {sorted(set(hosts))}, cuda={cuda}, "
+                         f"/dev/shm free {room / 2**20:.0f} MiB (use 'p2p' or 'auto')")
     return collect
 
 

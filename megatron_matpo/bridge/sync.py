@@ -243,7 +243,8 @@ class WeightSync:
                 if self.rank0:
                     warnings.warn(f"weight sync: {e}; using megatron-bridge's export instead", stacklevel=3)
             else:
-                self._collect = collect.choose(self.cfg.collect, self._device_buckets())
+                size = collect.buffer_bytes(self._resharder, self.cfg.bucket_bytes)
+                self._collect = collect.choose(self.cfg.collect, self._device_buckets(), size)
                 self._layout = collect.bucket_layout(self._resharder, self.cfg.bucket_bytes)
         rs = self._resharder
         if rs is not None:
