@@ -97,10 +97,10 @@ def weight_sync(d: dict) -> str:
         sel = [r for r in d["rows"] if r.get("export", "megatron_bridge") == export]
         bucketed = [r for r in sel if r["memory_target_met"] is not None]
         ratios = [r["ratio"] for r in bucketed] or [r["ratio"] for r in sel]
+        met = sum(r["memory_target_met"] for r in bucketed)
         lines.append(f"{export}: bucketed ratio {min(ratios):.3f}–{max(ratios):.3f} — "
                      f"{_ok(min(ratios) >= d['targets']['ratio'])} (target ≥ {d['targets']['ratio']}); peak extra "
-                     f"memory ≤ 1 bucket + largest tensor on every rank: {sum(r['memory_target_met'] for r in bucketed)}"
-                     f"/{len(bucketed)} bucketed variants.")
+                     f"memory ≤ 1 bucket + largest tensor on every rank: {met}/{len(bucketed)} bucketed variants.")
     pairs = {(r["layout"], r["mode"], r["bucket_mb"]): r for r in d["rows"] if r.get("export") == "megatron_bridge"}
     speed = [pairs[k]["sync_s"] / r["sync_s"] for r in d["rows"] if r.get("export") == "reshard"
              and (k := (r["layout"], r["mode"], r["bucket_mb"])) in pairs]
@@ -115,6 +115,10 @@ def weight_sync(d: dict) -> str:
 
 
 def weight_sync_large(d: dict) -> str:
+    return weight_sync(d)
+
+
+def weight_sync_h2048(d: dict) -> str:
     return weight_sync(d)
 
 
@@ -250,11 +254,21 @@ def summary(res: dict[str, dict]) -> str:
         rows.append(["packing", "DP imbalance max/mean (worst seed)", "≤ 1.05", f"{imb:.4f}", f"{imb / 1.05:.2f}",
                      _ok(imb <= 1.05), d["meta"]["date"]])
     if (d := res.get("weight_sync")):
-        ours = [r for r in _ours(d["rows"]) if r["memory_target_met"] is not None]  # bucketed: the target's rows
-        best = max(ours, key=lambda r: r["ratio"])
-        where = f"{best['layout']} {best['mode']}" + (f" {best['bucket_mb']:g} MiB" if best["bucket_mb"] else "")
-        rows.append(["weight sync", f"bytes/s vs plain transfer (best bucketed variant: {where})", "≥ 0.5",
-                     f"{best['ratio']:.3f}", f"{best['ratio'] / 0.5:.2f}", _ok(best["ratio"] >= 0.5), d["meta"]["date"]])
+        # bucketed rows (the target's) of the sync as it runs, at every model size measured
+        ours = [dict(r, model_mib=x["model"]["bytes"] / MiB) for x in (d, res.get("weight_sync_large"),
+                                                                      res.get("weight_sync_h2048")) if x
+                for r in _ours(x["rows"]) if r["memory_target_met"] is not None]
+        # the target holds for every path and layout: the worst bucketed variant of the largest model measured
+        largest = [r for r in ours if r["model_mib"] == max(x["model_mib"] for x in ours)]
+        worst_r, best = min(largest, key=lambda r: r["ratio"]), max(largest, key=lambda r: r["ratio"])
+
+        def name(r: dict) -> str:
+            return f"{r['layout']} {r['mode']}" + (f" {r['bucket_mb']:g} MiB" if r["bucket_mb"] else "")
+
+        rows.append(["weight sync", f"bytes/s vs plain transfer, worst bucketed variant at {best['model_mib']:.0f} MiB "
+                     f"({name(worst_r)}; best {name(best)}: {best['ratio']:.2f})", "≥ 0.5",
+                     f"{worst_r['ratio']:.3f}", f"{worst_r['ratio'] / 0.5:.2f}", _ok(worst_r["ratio"] >= 0.5),
+                     d["meta"]["date"]])
         mem = ours
 
         def peak(r: dict) -> int:
@@ -294,7 +308,8 @@ def summary(res: dict[str, dict]) -> str:
 
 
 SECTIONS = {"summary": None, "packing": packing, "actor_mfu_cpu": actor_mfu_cpu, "weight_sync": weight_sync,
-            "weight_sync_large": weight_sync_large, "rollout_overlap": rollout_overlap,
+            "weight_sync_large": weight_sync_large, "weight_sync_h2048": weight_sync_h2048,
+            "rollout_overlap": rollout_overlap,
             "step_breakdown": step_breakdown, "bringup": bringup, "async_pipeline": async_pipeline,
             "engine_decode": engine_decode, "layout_accuracy": layout_accuracy,
             "layout_accuracy_h512": layout_accuracy}

@@ -23,7 +23,7 @@ if [ "${1:-}" != "report" ]; then
   $PY benchmarks/capture.py actor_mfu_cpu -- $PY benchmarks/actor_mfu.py --model "$model" --layers 4 \
       --tokens 2048 --max-len 512 --dtype fp32
 
-  stage "weight sync (TP=2, PP=2; broadcast/tensor/disk; buckets 0.25/1/4 MiB)"
+  stage "weight sync (TP=2, PP=2; broadcast/tensor/disk; buckets 1/3 MiB; reshard vs megatron-bridge export)"
   $PY benchmarks/weight_sync.py --reps 2
 
   stage "rollout overlap (0.5 s per tool call; concurrent vs sequential workers)"

@@ -559,6 +559,8 @@ def world_checks(hf_dirs: dict[str, str], phases: list[tuple[str, ParallelLayout
             from megatron_matpo.convert import hf_to_megatron_on_ranks, megatron_to_hf_on_ranks
 
             for arch, hf_dir in hf_dirs.items():
+                if arch == "qwen3-odd":  # its round trip is vocab_padding's (a world of 2)
+                    continue
                 ckpt, back = f"{work_dir}/{arch}-mcore", f"{work_dir}/{arch}-hf"
                 hf_to_megatron_on_ranks(hf_dir, ckpt, layout)
                 megatron_to_hf_on_ranks(ckpt, back, layout)

@@ -128,7 +128,7 @@ def test_critic_values_and_value_steps(world1, world2, key):
     assert got["trained_vs_initial"] > 1e-4 and got["resume_diff"] == 0.0  # the critic's checkpoint restores it
 
 
-def test_vocabulary_tp_does_not_divide_is_padded_and_masked(world2, odd_vocab_model):
+def test_vocabulary_tp_does_not_divide_is_padded_and_masked(world2, world4, odd_vocab_model):
     """An odd vocabulary at TP=2 (model/vocab.py): one padding column, masked to the lowest float; logits,
     log-probabilities and entropy equal transformers' over the real vocabulary; the padding rows get no
     gradient; the exported tensors (streamed as the sync sends them, and HF -> Megatron -> HF on disk,
@@ -146,6 +146,8 @@ def test_vocabulary_tp_does_not_divide_is_padded_and_masked(world2, odd_vocab_mo
     assert world2["vocab_padding_reshard@tp1pp2dp1"]["roundtrip_mismatch"] == 0.0  # that checkpoint at PP=2
     for key in ("logits@tp2pp1dp1", "logits@tp1pp2dp1"):  # padded (TP=2) and not (PP=2), batches of both kinds
         assert max(world2[key]["qwen3-odd/padded"], world2[key]["qwen3-odd/packed"]) <= LOGIT_TOL, (key, world2[key])
+    tp2pp2 = world4[0]["logits@tp2pp2dp1"]  # padded, through the pipeline
+    assert max(tp2pp2["qwen3-odd/padded"], tp2pp2["qwen3-odd/packed"]) <= LOGIT_TOL, tp2pp2
 
 
 @pytest.mark.parametrize("arch", [*ARCHS, "qwen3-odd"])
