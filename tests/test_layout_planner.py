@@ -156,6 +156,52 @@ def test_step_time_terms(qwen3_14b):
     assert pred.tokens_per_s == pytest.approx(LONG.global_batch_tokens / t.total) and 0 < pred.mfu < a.mfu
 
 
+def test_fixed_costs_add_hand_counted_latencies_and_overheads(qwen3_14b):
+    """collective_latency_us / layer_overhead_ms add exactly alpha x (collectives counted by hand) and
+    overhead x layers x micro-batches (x 4/3 with recompute), and nothing else changes."""
+    a = Assumptions(sequence_parallel=False)
+    work = Workload(seq_len=4096, global_batch_tokens=8 * 4096)
+    fixed = replace(A800, collective_latency_us=100.0, layer_overhead_ms=2.0)
+    alpha, ovh, L = 100e-6, 2e-3, qwen3_14b.layers
+    # TP=2, one stage, one DP rank: per micro-batch 4 all-reduces per layer + embedding + output layer
+    lay = Layout(tp=2, pp=1, dp=1, micro_batch_tokens=4096)
+    base, t = step_time(qwen3_14b, A800, lay, work, a), step_time(qwen3_14b, fixed, lay, work, a)
+    assert t.micro_batches == 8 and base.overhead == 0
+    assert t.tp_comm - base.tp_comm == pytest.approx(8 * (4 * L + 2) * alpha)
+    assert t.overhead == pytest.approx(8 * L * ovh)
+    assert (t.compute, t.dp_comm, t.pp_p2p) == (base.compute, base.dp_comm, base.pp_p2p)
+    # recompute: 2 more TP collectives per layer and one more forward (4/3 of the dispatch)
+    rc = replace(lay, recompute=True)
+    t_rc, base_rc = step_time(qwen3_14b, fixed, rc, work, a), step_time(qwen3_14b, A800, rc, work, a)
+    assert t_rc.tp_comm - base_rc.tp_comm == pytest.approx(8 * (6 * L + 2) * alpha)
+    assert t_rc.overhead == pytest.approx(8 * L * ovh * 4 / 3)
+    # PP=2, DP=2: 1 send per micro-batch on each stage; the bubble repeats the slot's fixed costs;
+    # DP with the distributed optimizer: one reduce-scatter + one all-gather
+    lay = Layout(tp=1, pp=2, dp=2, micro_batch_tokens=4096)
+    base, t = step_time(qwen3_14b, A800, lay, work, a), step_time(qwen3_14b, fixed, lay, work, a)
+    m = t.micro_batches
+    assert m == 4 and t.pp_p2p - base.pp_p2p == pytest.approx(m * alpha)
+    assert t.overhead == pytest.approx(m * L / 2 * ovh)
+    assert t.dp_comm - base.dp_comm == pytest.approx(2 * alpha * a.dp_exposed_fraction)
+    assert t.bubble - base.bubble == pytest.approx((alpha + L / 2 * ovh))  # (p - 1) = 1 slot
+
+
+def test_calibration_sets_the_probed_constants():
+    from megatron_matpo.planner.calibrate import LARGE_BYTES, calibrated
+
+    a = Assumptions()
+    probe = {"effective_tflops": 0.05, "fixed_per_micro_batch_s": 0.008, "layers": 4, "world": 2,
+             "all_reduce_small_s": 0.0005, "all_reduce_large_s": 0.0005 + LARGE_BYTES / 1e9}
+    c = calibrated(PRESETS["cpu-tiny"], probe, a)
+    assert c.peak_tflops * a.mfu == pytest.approx(0.05) and c.layer_overhead_ms == pytest.approx(2.0)
+    assert c.collective_latency_us == pytest.approx(500)
+    # the model's all-reduce of LARGE_BYTES on 2 ranks then takes what the probe measured
+    from megatron_matpo.planner.cost import all_reduce_time
+    bw = group_bandwidth(c, 2, 1, a)
+    assert all_reduce_time(LARGE_BYTES, 2, bw) + c.collective_latency_us * 1e-6 == pytest.approx(
+        probe["all_reduce_large_s"])
+
+
 # ---------------------------------------------------------------- validation and search
 
 
@@ -246,6 +292,29 @@ def test_cli_ranks_qwen3_14b_on_a800(tmp_path, capsys):
         assert out_png.stat().st_size > 0
     else:
         assert not out_png.exists() and "matplotlib is not installed" in text
+
+
+def test_cli_calibrates_on_this_machine(tiny_models, tmp_path, capsys):
+    """`--calibrate`: a real probe (2 gloo ranks) writes a cluster YAML with the measured constants,
+    which `--cluster FILE` loads back; a GPU preset is refused on a CPU machine before any process starts."""
+    from megatron_matpo import platform
+    from megatron_matpo.planner.command import main
+
+    hf, cal = tiny_models["qwen3"], tmp_path / "cal.yaml"
+    common = ["--model", hf, "--seq-len", "64", "--global-batch-tokens", "512", "--no-sequence-parallel",
+              "--plain", "--json", str(tmp_path / "l.json"), "--png", str(tmp_path / "l.png")]
+    if not platform.capabilities().cuda:
+        assert main(common + ["--cluster", "a800x128", "--calibrate", str(cal)]) == 2
+        assert "--cluster a800x128 describes bf16 GPUs" in capsys.readouterr().err and not cal.exists()
+    assert main(common + ["--cluster", "cpu-tiny", "--calibrate", str(cal)]) == 0
+    c = load_cluster(str(cal))
+    base = PRESETS["cpu-tiny"]
+    assert c.name == "cpu-tiny-calibrated" and c.collective_latency_us > 0 and c.layer_overhead_ms > 0
+    assert c.peak_tflops > 0 and c.nvlink_gbs > 0 and (c.nodes, c.gpus_per_node) == (base.nodes, base.gpus_per_node)
+    doc = json.loads((tmp_path / "l.json").read_text())
+    assert doc["cluster"]["collective_latency_us"] == c.collective_latency_us
+    assert all(p["time"]["overhead"] > 0 for p in doc["ranked"])
+    assert "calibrated cluster written to" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", ["qwen3_14b_matpo", "qwen3_14b_single_agent"])

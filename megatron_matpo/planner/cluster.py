@@ -39,6 +39,11 @@ class Cluster:
     # per-device memory the formula does not see: CUDA context, NCCL buffers, workspaces (GPU); the
     # interpreter, torch and megatron themselves (CPU, where "device memory" is process RSS)
     overhead_gib: float = 2.0
+    # fixed costs the byte and FLOP counts miss (planner/calibrate.py measures them on a machine; 0 in the
+    # GPU presets, which are not calibrated): latency of one collective or p2p message, and the cost of
+    # one layer's forward + backward of one micro-batch beyond its FLOPs (dispatch, kernel launches)
+    collective_latency_us: float = 0.0
+    layer_overhead_ms: float = 0.0
     description: str = ""
 
     @property
@@ -56,6 +61,9 @@ class Cluster:
         for name in ("nodes", "gpus_per_node", "gpu_memory_gib", "peak_tflops", "nvlink_gbs", "internode_gbs"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"cluster {self.name}: {name} must be > 0, got {getattr(self, name)}")
+        for name in ("collective_latency_us", "layer_overhead_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"cluster {self.name}: {name} must be >= 0, got {getattr(self, name)}")
         if self.dtype not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"cluster {self.name}: dtype must be bf16, fp16 or fp32, got {self.dtype!r}")
         return self

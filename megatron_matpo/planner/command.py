@@ -40,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--plain", action="store_true", help="plain-text table even when rich is installed")
     p.add_argument("--json", default="runs/bench-layouts/layouts.json", help="write the full ranking here")
     p.add_argument("--png", default="runs/bench-layouts/layouts.png", help="plot here (needs matplotlib)")
+    p.add_argument("--calibrate", metavar="YAML",
+                   help="first run a short probe on this machine (collective latency and bandwidth, FLOP rate, "
+                        "fixed cost per layer and micro-batch: planner/calibrate.py), write the calibrated "
+                        "--cluster to YAML and plan with it")
     p.add_argument("--measure", action="store_true",
                    help="also run --measure-count layouts for real on this machine and compare rankings")
     p.add_argument("--measure-count", type=int, default=3,
@@ -80,6 +84,27 @@ def run(args: argparse.Namespace) -> int:
         # predict what will be measured: build_model runs without sequence parallelism
         print("--measure: predicting without sequence parallelism, as build_model runs", flush=True)
         assumptions = dataclasses.replace(assumptions, sequence_parallel=False)
+    if args.calibrate:
+        from megatron_matpo.planner.calibrate import calibrated, probe, to_yaml
+
+        from megatron_matpo import platform
+
+        model_dir = Path(args.model)
+        model_dir = model_dir.parent if model_dir.is_file() else model_dir
+        if not any(model_dir.glob("*.safetensors")):
+            raise ValueError(f"--calibrate runs the model: --model must be an HF model directory with weights "
+                             f"(*.safetensors), got {args.model}")
+        if not platform.capabilities().cuda and cluster.dtype != "fp32":
+            raise ValueError(f"--calibrate measures this machine, which has no GPU, but --cluster {cluster.name} "
+                             f"describes {cluster.dtype} GPUs: calibrate on one of its GPU nodes, or pass a "
+                             "CPU cluster (e.g. --cluster cpu-tiny)")
+        world = 2 if _local_devices() >= 2 else 1
+        # the probe fits per-token and per-micro-batch costs; rows longer than this add time, not accuracy
+        probe_len = min(seq_len, 512)
+        print(f"calibrating {cluster.name} on this machine ({world} processes, {model_dir.name}, "
+              f"rows of {probe_len} tokens) ...", flush=True)
+        cluster = calibrated(cluster, probe(str(model_dir), world=world, seq_len=probe_len), assumptions)
+        print(f"calibrated cluster written to {to_yaml(cluster, args.calibrate)}: {cluster.description}", flush=True)
     result = plan(spec, cluster, workload, assumptions, gpus=args.gpus, tp=args.tp, pp=args.pp, cp=args.cp,
                   micro_batch_tokens=args.micro_batch_tokens, recompute=_choice(args.recompute),
                   distributed_optimizer=_choice(args.distributed_optimizer),

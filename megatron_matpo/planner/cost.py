@@ -7,8 +7,10 @@ them over the data-parallel × context-parallel group), THD-packed micro-batches
 and Megatron's default rank order tp-cp-ep-dp-pp (TP neighbours are adjacent ranks).
 
 Step time = pipeline time of the slowest stage, (m + p - 1) micro-batch slots each of
-compute + exposed TP collectives + exposed CP ring exchange + PP p2p, plus the exposed DP gradient
-reduction. The bubble is the (p - 1) extra slots, i.e. (p-1)/(m+p-1) of the pipeline.
+compute + exposed TP collectives + exposed CP ring exchange + PP p2p + the fixed per-layer cost, plus
+the exposed DP gradient reduction. Every collective and p2p message also pays the cluster's fixed
+latency (`collective_latency_us`); both fixed costs come from `planner/calibrate.py`. The bubble
+is the (p - 1) extra slots, i.e. (p-1)/(m+p-1) of the pipeline.
 """
 from __future__ import annotations
 
@@ -201,6 +203,7 @@ class TimeEstimate:
     tp_comm: float  # exposed TP all-reduce / all-gather + reduce-scatter
     cp_comm: float  # ring-attention KV exchange not hidden behind attention compute
     pp_p2p: float
+    overhead: float  # fixed cost per layer and micro-batch (cluster.layer_overhead_ms), all micro-batches
     bubble: float  # the (p - 1) idle slots of the slowest stage
     dp_comm: float  # exposed gradient reduce-scatter + param all-gather (or all-reduce)
     micro_batches: int
@@ -209,7 +212,7 @@ class TimeEstimate:
 
     @property
     def total(self) -> float:
-        return self.compute + self.tp_comm + self.cp_comm + self.pp_p2p + self.bubble + self.dp_comm
+        return self.compute + self.tp_comm + self.cp_comm + self.pp_p2p + self.overhead + self.bubble + self.dp_comm
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -223,10 +226,11 @@ class _Slot:
     tp: float
     cp: float
     p2p: float
+    overhead: float
 
     @property
     def total(self) -> float:
-        return self.compute + self.tp + self.cp + self.p2p
+        return self.compute + self.tp + self.cp + self.p2p + self.overhead
 
 
 def _stage_slot(spec: ModelSpec, cluster: Cluster, layout: Layout, workload: Workload,
@@ -243,6 +247,7 @@ def _stage_slot(spec: ModelSpec, cluster: Cluster, layout: Layout, workload: Wor
     layer_flops = tokens * layers * (linear_flops_per_token(spec) + attn_per_token) / tp
     head_flops = tokens * output_layer_flops_per_token(spec) / tp if last else 0.0
     compute = (passes * layer_flops + 3 * head_flops) / rate
+    alpha = cluster.collective_latency_us * 1e-6  # per collective / message
 
     tp_time = 0.0
     if tp > 1:
@@ -252,7 +257,7 @@ def _stage_slot(spec: ModelSpec, cluster: Cluster, layout: Layout, workload: Wor
         n = layers * (4 + (1 if sp else 0) + (2 if layout.recompute else 0))
         n += (1 if first else 0) + ((2 if sp else 1) if last else 0)
         bw = group_bandwidth(cluster, tp, 1, assumptions)
-        tp_time = n * all_reduce_time(tokens * spec.hidden * pb, tp, bw) * assumptions.tp_exposed_fraction
+        tp_time = n * (all_reduce_time(tokens * spec.hidden * pb, tp, bw) + alpha) * assumptions.tp_exposed_fraction
 
     cp_time = 0.0
     if cp > 1:
@@ -260,7 +265,8 @@ def _stage_slot(spec: ModelSpec, cluster: Cluster, layout: Layout, workload: Wor
         # K, V plus their grads in backward; it overlaps the attention kernels it feeds
         kv_bytes = tokens * 2 * spec.kv_dim / tp * pb
         volume = layers * (3 + (1 if layout.recompute else 0)) * (cp - 1) * kv_bytes
-        exchange = volume / group_bandwidth(cluster, cp, tp, assumptions)
+        hops = layers * (3 + (1 if layout.recompute else 0)) * (cp - 1)
+        exchange = volume / group_bandwidth(cluster, cp, tp, assumptions) + hops * alpha
         attn_compute = passes * tokens * layers * attn_per_token / tp / rate
         cp_time = max(0.0, exchange - attn_compute)
 
@@ -269,8 +275,10 @@ def _stage_slot(spec: ModelSpec, cluster: Cluster, layout: Layout, workload: Wor
         msg = tokens * spec.hidden * pb / (tp if sp else 1)
         bw = group_bandwidth(cluster, 2, tp * cp * layout.dp, assumptions)
         sends = (0 if last else 1) + (0 if first else 1)  # activations forward, grads backward
-        p2p = sends * msg / bw
-    return _Slot(compute=compute, tp=tp_time, cp=cp_time, p2p=p2p)
+        p2p = sends * (msg / bw + alpha)
+    # fixed cost per layer pass: forward, backward (counted as 2 forwards' worth of dispatch), recompute
+    overhead = cluster.layer_overhead_ms * 1e-3 * layers * passes / 3
+    return _Slot(compute=compute, tp=tp_time, cp=cp_time, p2p=p2p, overhead=overhead)
 
 
 def step_time(spec: ModelSpec, cluster: Cluster, layout: Layout, workload: Workload,
@@ -284,12 +292,15 @@ def step_time(spec: ModelSpec, cluster: Cluster, layout: Layout, workload: Workl
     n = layout.dp * layout.cp
     params = max(stage_params(spec, layout.tp, p, s) for s in range(p))
     bw = group_bandwidth(cluster, n, layout.tp, assumptions)
+    alpha = cluster.collective_latency_us * 1e-6 if n > 1 else 0.0
     if layout.distributed_optimizer:  # reduce-scatter fp32 grads, all-gather updated params
         dp = reduce_scatter_time(4.0 * params, n, bw) + reduce_scatter_time(cluster.param_bytes * params, n, bw)
+        dp += 2 * alpha
     else:
-        dp = all_reduce_time(4.0 * params, n, bw)
+        dp = all_reduce_time(4.0 * params, n, bw) + alpha
     return TimeEstimate(
         compute=m * slot.compute, tp_comm=m * slot.tp, cp_comm=m * slot.cp, pp_p2p=m * slot.p2p,
+        overhead=m * slot.overhead,
         bubble=(p - 1) * slot.total, dp_comm=dp * assumptions.dp_exposed_fraction, micro_batches=m,
         bubble_fraction=(p - 1) / (m + p - 1), slowest_stage=slowest)
 

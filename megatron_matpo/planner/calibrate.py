@@ -1,0 +1,126 @@
+"""Fit the cost model's machine constants from a short probe on the machine the layouts will run on.
+
+The analytic model (`cost.py`) prices compute by FLOPs and communication by bytes. Measured on this
+repo's CPU machine it missed two costs that decide rankings (docs/benchmarks.md, layout planner):
+a fixed latency per collective (on gloo ~1 ms whatever the size; TP issues 4 per layer per
+micro-batch) and a fixed cost per layer and micro-batch (Python dispatch, kernel launches), which
+makes fewer, larger micro-batches faster than the bubble alone predicts. The probe measures them:
+
+- collective latency and bandwidth: all-reduces of a 4-byte and of a 4 MiB tensor between 2 ranks;
+- compute: one rank runs forward + backward of the model on packed micro-batches of two sizes; the
+  slope over tokens gives the effective FLOP rate, the intercept (spread over the layers) the fixed
+  cost per layer and micro-batch.
+
+`calibrated(cluster, probe)` returns the cluster with these fields set (`peak_tflops` so that
+`Assumptions.mfu` of it is the measured rate); `to_yaml` writes it for `--cluster FILE`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import time
+from pathlib import Path
+
+from megatron_matpo.planner.cluster import Cluster
+
+SMALL_BYTES, LARGE_BYTES = 4, 4 * 2 ** 20
+
+
+def _probe_world(hf_dir: str, seq_len: int, rows: tuple[int, int], reps: int) -> dict:
+    import torch
+    from megatron.core import parallel_state
+
+    from megatron_matpo import platform
+    from megatron_matpo.dist import init_megatron
+    from megatron_matpo.model.builder import build_model
+    from megatron_matpo.model.forward import pack_sequences, run_schedule
+    from megatron_matpo.model.layout import ParallelLayout
+    from megatron_matpo.planner.model_stats import ModelSpec, forward_flops
+
+    world = int(os.environ["WORLD_SIZE"])
+    init_megatron(ParallelLayout(dp=world))  # one whole model per rank (and the process group)
+    out: dict = {}
+    if world > 1:
+        device = platform.device()
+        for label, n in (("small", SMALL_BYTES), ("large", LARGE_BYTES)):
+            t = torch.zeros(max(1, n // 4), dtype=torch.float32, device=device)
+            times = []
+            for i in range(reps * 10 + 3):
+                torch.distributed.barrier()
+                t0 = time.perf_counter()
+                torch.distributed.all_reduce(t)
+                if i >= 3:
+                    times.append(time.perf_counter() - t0)
+            out[f"all_reduce_{label}_s"] = statistics.median(times)
+    # compute on a one-process model (every rank builds it; the ranks run it in turn: the probe wants
+    # one rank's speed with the others idle, as a rank's share of a step is measured)
+    built = build_model(hf_dir, ParallelLayout(dp=world), load_weights=False)  # bare modules: no DP reduction
+    spec = ModelSpec.from_hf(hf_dir)
+    vocab = built.provider.vocab_size
+    g = torch.Generator().manual_seed(0)
+    per_size = {}
+    for k in rows:  # a micro-batch of k packed rows of seq_len, as the workload packs them
+        mb = pack_sequences([torch.randint(0, vocab, (seq_len,), generator=g) for _ in range(k)])
+
+        def loss(o, _mb):
+            return o.float().mean(), {}
+
+        times = []
+        for c in built.chunks:
+            c.train()
+        for r in range(world):
+            torch.distributed.barrier()
+            if torch.distributed.get_rank() != r:
+                continue
+            for i in range(reps + 1):
+                t0 = time.perf_counter()
+                run_schedule(built.chunks, [mb], loss, forward_only=False, device=platform.device())
+                if i:
+                    times.append(time.perf_counter() - t0)
+        everyone: list = [None] * world
+        torch.distributed.all_gather_object(everyone, times)
+        per_size[k] = statistics.median([x for ts in everyone for x in ts])
+    (k0, k1), (t0_, t1_) = rows, (per_size[rows[0]], per_size[rows[1]])
+    flops = {k: 3 * k * forward_flops(spec, seq_len) for k in rows}  # forward + backward (2x)
+    rate = (flops[k1] - flops[k0]) / max(t1_ - t0_, 1e-9)
+    intercept = max(0.0, t0_ - flops[k0] / rate)
+    out.update({"seq_len": seq_len, "rows": list(rows), "micro_batch_s": [t0_, t1_], "flops": [flops[k0], flops[k1]],
+                "effective_tflops": rate / 1e12, "fixed_per_micro_batch_s": intercept, "layers": spec.layers})
+    parallel_state.destroy_model_parallel()
+    return out
+
+
+def probe(hf_dir: str, world: int = 2, seq_len: int = 256, rows: tuple[int, int] = (1, 4), reps: int = 5) -> dict:
+    """Run the probe in a local world of `world` processes (gloo on CPU, NCCL on GPU)."""
+    from megatron_matpo.dist import launch_local
+
+    res = launch_local(_probe_world, world, str(hf_dir), seq_len, tuple(rows), reps)
+    res["world"] = world
+    return res
+
+
+def calibrated(cluster: Cluster, measured: dict, assumptions) -> Cluster:
+    """`cluster` with the probe's constants: collective latency, link bandwidth (as `nvlink_gbs`, the
+    in-node figure the model uses for groups inside a node), the fixed cost per layer and micro-batch,
+    and a peak such that `assumptions.mfu` of it is the measured FLOP rate."""
+    changes: dict = {"peak_tflops": measured["effective_tflops"] / assumptions.mfu,
+                     "layer_overhead_ms": 1e3 * measured["fixed_per_micro_batch_s"] / measured["layers"]}
+    if "all_reduce_small_s" in measured:
+        alpha = measured["all_reduce_small_s"]
+        n = measured["world"]
+        # what the model charges an all-reduce: alpha + 2(n-1)/n * bytes / (nvlink_gbs / 2 * comm_efficiency)
+        achieved = 2 * (n - 1) / n * LARGE_BYTES / max(measured["all_reduce_large_s"] - alpha, 1e-9)
+        changes.update(collective_latency_us=alpha * 1e6, nvlink_gbs=2 * achieved / assumptions.comm_efficiency / 1e9)
+    desc = (f"{cluster.description} | calibrated by planner/calibrate.py: "
+            f"{', '.join(f'{k}={v:.4g}' for k, v in changes.items())}")
+    return dataclasses.replace(cluster, name=f"{cluster.name}-calibrated", description=desc, **changes).validate()
+
+
+def to_yaml(cluster: Cluster, path: str | Path) -> Path:
+    import yaml
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cluster.to_dict(), sort_keys=False))
+    return path
