@@ -2,7 +2,7 @@
 
 The analytic model (`cost.py`) prices compute by FLOPs and communication by bytes. Measured on this
 repo's CPU machine it missed two costs that decide rankings (docs/benchmarks.md, layout planner):
-a fixed latency per collective (on gloo ~1 ms whatever the size; TP issues 4 per layer per
+a fixed latency per collective (on gloo ~0.3 ms whatever the size; TP issues 4 per layer per
 micro-batch) and a fixed cost per layer and micro-batch (Python dispatch, kernel launches), which
 makes fewer, larger micro-batches faster than the bubble alone predicts. The probe measures them:
 
@@ -11,7 +11,7 @@ makes fewer, larger micro-batches faster than the bubble alone predicts. The pro
   slope over tokens gives the effective FLOP rate, the intercept (spread over the layers) the fixed
   cost per layer and micro-batch.
 
-`calibrated(cluster, probe)` returns the cluster with these fields set (`peak_tflops` so that
+`calibrated(cluster, probe_result, assumptions)` returns the cluster with these fields set (`peak_tflops` so that
 `Assumptions.mfu` of it is the measured rate); `to_yaml` writes it for `--cluster FILE`.
 """
 from __future__ import annotations
@@ -40,9 +40,10 @@ def _probe_world(hf_dir: str, seq_len: int, rows: tuple[int, int], reps: int) ->
 
     world = int(os.environ["WORLD_SIZE"])
     init_megatron(ParallelLayout(dp=world))  # one whole model per rank (and the process group)
+    device = platform.device()
+    sync = torch.cuda.synchronize if platform.capabilities().cuda else (lambda: None)  # time finished work
     out: dict = {}
     if world > 1:
-        device = platform.device()
         for label, n in (("small", SMALL_BYTES), ("large", LARGE_BYTES)):
             t = torch.zeros(max(1, n // 4), dtype=torch.float32, device=device)
             times = []
@@ -50,32 +51,34 @@ def _probe_world(hf_dir: str, seq_len: int, rows: tuple[int, int], reps: int) ->
                 torch.distributed.barrier()
                 t0 = time.perf_counter()
                 torch.distributed.all_reduce(t)
+                sync()
                 if i >= 3:
                     times.append(time.perf_counter() - t0)
             out[f"all_reduce_{label}_s"] = statistics.median(times)
     # compute on a one-process model (every rank builds it; the ranks run it in turn: the probe wants
     # one rank's speed with the others idle, as a rank's share of a step is measured)
     built = build_model(hf_dir, ParallelLayout(dp=world), load_weights=False)  # bare modules: no DP reduction
+    for c in built.chunks:
+        c.train()
     spec = ModelSpec.from_hf(hf_dir)
     vocab = built.provider.vocab_size
     g = torch.Generator().manual_seed(0)
+
+    def loss(o, _mb):
+        return o.float().mean(), {}
+
     per_size = {}
     for k in rows:  # a micro-batch of k packed rows of seq_len, as the workload packs them
         mb = pack_sequences([torch.randint(0, vocab, (seq_len,), generator=g) for _ in range(k)])
-
-        def loss(o, _mb):
-            return o.float().mean(), {}
-
         times = []
-        for c in built.chunks:
-            c.train()
         for r in range(world):
             torch.distributed.barrier()
             if torch.distributed.get_rank() != r:
                 continue
             for i in range(reps + 1):
                 t0 = time.perf_counter()
-                run_schedule(built.chunks, [mb], loss, forward_only=False, device=platform.device())
+                run_schedule(built.chunks, [mb], loss, forward_only=False, device=device)
+                sync()
                 if i:
                     times.append(time.perf_counter() - t0)
         everyone: list = [None] * world

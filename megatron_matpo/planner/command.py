@@ -85,9 +85,8 @@ def run(args: argparse.Namespace) -> int:
         print("--measure: predicting without sequence parallelism, as build_model runs", flush=True)
         assumptions = dataclasses.replace(assumptions, sequence_parallel=False)
     if args.calibrate:
-        from megatron_matpo.planner.calibrate import calibrated, probe, to_yaml
-
         from megatron_matpo import platform
+        from megatron_matpo.planner.calibrate import calibrated, probe, to_yaml
 
         model_dir = Path(args.model)
         model_dir = model_dir.parent if model_dir.is_file() else model_dir

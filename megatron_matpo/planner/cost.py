@@ -264,9 +264,8 @@ def _stage_slot(spec: ModelSpec, cluster: Cluster, layout: Layout, workload: Wor
         # ring attention passes each rank's K and V around the ring (cp - 1 hops) in forward, and
         # K, V plus their grads in backward; it overlaps the attention kernels it feeds
         kv_bytes = tokens * 2 * spec.kv_dim / tp * pb
-        volume = layers * (3 + (1 if layout.recompute else 0)) * (cp - 1) * kv_bytes
         hops = layers * (3 + (1 if layout.recompute else 0)) * (cp - 1)
-        exchange = volume / group_bandwidth(cluster, cp, tp, assumptions) + hops * alpha
+        exchange = hops * (kv_bytes / group_bandwidth(cluster, cp, tp, assumptions) + alpha)
         attn_compute = passes * tokens * layers * attn_per_token / tp / rate
         cp_time = max(0.0, exchange - attn_compute)
 
