@@ -8,7 +8,6 @@ rank 0's result (used by `matpo convert` and the tests).
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
@@ -18,14 +17,7 @@ import torch
 from megatron_matpo import platform
 from megatron_matpo.compat import quiet_library_noise
 from megatron_matpo.model.layout import ParallelLayout
-
-
-def free_port() -> int:
-    # the wildcard address: a port taken on any interface (a gloo pair on the node IP, say) is skipped;
-    # one free on 127.0.0.1 alone could still be taken where the rendezvous store listens
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+from megatron_matpo.ports import free_port
 
 
 def init_megatron(layout: ParallelLayout, seed: int = 1234) -> None:

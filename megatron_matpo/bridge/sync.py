@@ -444,7 +444,7 @@ class WeightSync:
         if self.cfg.master_port is not None:
             port = self.cfg.master_port
         else:
-            from megatron_matpo.dist import free_port
+            from megatron_matpo.ports import free_port
 
             port = free_port()
         backend = "nccl" if platform.capabilities().cuda else "gloo"

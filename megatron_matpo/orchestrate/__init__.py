@@ -1,2 +1,8 @@
 """Ray orchestration: the cluster, the actor ranks (one torch.distributed world), the services
-(SGLang engines, the MCP tool server) placed with placement groups. The Ray seam."""
+(SGLang engines, the MCP tool server) placed with placement groups. The Ray seam.
+
+A Ray worker imports this package before the module of the actor it hosts: library probes are quieted
+here, before anything else is imported (on a joined cluster Ray's worker_process_setup_hook also does it)."""
+from megatron_matpo.compat import quiet_library_noise
+
+quiet_library_noise()

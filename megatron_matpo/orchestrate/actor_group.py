@@ -16,7 +16,7 @@ class _Rendezvous:
     def rendezvous(self) -> tuple[str, int]:
         import ray
 
-        from megatron_matpo.dist import free_port
+        from megatron_matpo.ports import free_port
 
         return ray.util.get_node_ip_address(), free_port()
 

@@ -43,12 +43,12 @@ def start_ray(cfg: OrchestrateSection, needed_cpus: int) -> None:
     env = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # the hook runs in each worker process before it imports anything: library probes stay quiet at import
-    runtime_env = {"env_vars": env, "worker_process_setup_hook": "megatron_matpo.compat.quiet_library_noise"}
-    kw: dict = dict(runtime_env=runtime_env, log_to_driver=True, include_dashboard=False,
-                    configure_logging=True, logging_level="warning")
+    kw: dict = dict(log_to_driver=True, include_dashboard=False, configure_logging=True, logging_level="warning")
     if address:
-        ray.init(address=address, **kw)
+        # a cluster started elsewhere (`ray start`): the workers' environment travels as the job's runtime
+        # env; the hook runs in each worker before it imports anything, so library probes stay quiet
+        ray.init(address=address, runtime_env={"env_vars": env, "worker_process_setup_hook":
+                                               "megatron_matpo.compat.quiet_library_noise"}, **kw)
         return
     # a local cluster of our own: ray.init() without an address joins the last `ray start` cluster on this
     # machine (/tmp/ray/ray_current_cluster, ray 2.60), e.g. another user's or a Slurm job's; "local" never does.
@@ -59,7 +59,20 @@ def start_ray(cfg: OrchestrateSection, needed_cpus: int) -> None:
         import torch
 
         kw["num_gpus"] = torch.cuda.device_count()
-    ray.init(**kw)
+    # No runtime env here: ray 2.60 starts every worker of a job with one through `setup_worker.py`, a
+    # second interpreter that imports ray (~1 s of CPU per worker) before exec'ing the worker, which
+    # imports it again. The raylet started now inherits this environment and hands it to its workers;
+    # they quiet library probes when they import megatron_matpo.orchestrate (its __init__).
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        ray.init(**kw)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def placement_group(bundles: list[dict], timeout_s: float, name: str):

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import httpx
 
-from megatron_matpo import platform
 from megatron_matpo.compat import sglang_cpu_pythonpath, sglang_engine_env
-from megatron_matpo.dist import free_port
+from megatron_matpo.ports import free_port
 
 
 @dataclass
@@ -45,6 +44,18 @@ class EngineConfig:
     # CPU engines: fork SGLang's child processes instead of spawning them (compat.sglang_fork_children)
     fork_children: bool = True
     extra_args: list[str] = field(default_factory=list)
+    # "cpu" | "cuda" | "auto" (= this process's platform, which imports torch): the controller resolves it
+    # (`EngineSection.engine_config`), so a Ray engine host starts its server without importing torch first
+    device: str = "auto"
+
+    def on_cuda(self) -> bool:
+        if self.device == "auto":
+            from megatron_matpo import platform
+
+            return platform.capabilities().cuda
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"EngineConfig.device must be cpu, cuda or auto, not {self.device!r}")
+        return self.device == "cuda"
 
 
 @dataclass
@@ -79,7 +90,7 @@ class EngineServer:
 
     def command(self) -> list[str]:
         c = self.cfg
-        cpu = not platform.capabilities().cuda
+        cpu = not c.on_cuda()
         entry = "megatron_matpo.rollout.sglang_main" if cpu and c.fork_children else "sglang.launch_server"
         cmd = [sys.executable, "-m", entry, "--model-path", c.model_path,
                "--host", c.host, "--port", str(self.port), "--tp-size", str(c.tp_size),
@@ -100,11 +111,11 @@ class EngineServer:
         return cmd + list(c.extra_args)
 
     def start(self) -> "EngineServer":
-        env = dict(os.environ)
-        if not platform.capabilities().cuda:
+        env, cpu = dict(os.environ), not self.cfg.on_cuda()
+        if cpu:
             env["PYTHONPATH"] = os.pathsep.join([sglang_cpu_pythonpath(), env.get("PYTHONPATH", "")])
             env["OMP_NUM_THREADS"] = str(self.cfg.cpu_threads or os.cpu_count() or 1)
-        sglang_engine_env(env, cpu=not platform.capabilities().cuda)
+        sglang_engine_env(env, cpu=cpu)
         if self.gpu_ids is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.gpu_ids))
         log_dir = Path(self.cfg.log_dir) if self.cfg.log_dir else None
@@ -356,7 +367,7 @@ def launch_engines(cfg: EngineConfig, n: int) -> list[EngineServer]:
     """Start `n` engines in parallel and wait for all (GPUs split `tp_size` each on CUDA)."""
     servers = []
     for i in range(n):
-        gpus = list(range(i * cfg.tp_size, (i + 1) * cfg.tp_size)) if platform.capabilities().cuda else None
+        gpus = list(range(i * cfg.tp_size, (i + 1) * cfg.tp_size)) if cfg.on_cuda() else None
         servers.append(EngineServer(cfg, gpus).start())
     try:
         for s in servers:

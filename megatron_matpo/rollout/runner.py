@@ -50,9 +50,11 @@ class EngineSection:
                       extra_args: list[str] | None = None):
         """The EngineConfig of each of the `engines` engines started from this section (the one place
         it is built: `matpo rollout` and training alike)."""
+        from megatron_matpo import platform
         from megatron_matpo.rollout.engine import EngineConfig
 
-        return EngineConfig(model_path=model_path, tp_size=self.tp_size, dtype=self.dtype,
+        return EngineConfig(model_path=model_path, device=platform.capabilities().device_type,
+                            tp_size=self.tp_size, dtype=self.dtype,
                             mem_fraction_static=self.mem_fraction_static, max_total_tokens=self.max_total_tokens,
                             context_length=self.context_length,
                             random_seed=random_seed, log_dir=log_dir, cpu_threads=self.threads_per_engine(engines),
