@@ -5,6 +5,7 @@ Each entry names the library version it is for; delete it when the pin moves pas
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -28,6 +29,13 @@ def import_auto_bridge():
 
         return AutoBridge
 
+    from megatron_matpo import platform
+
+    with contextlib.nullcontext() if platform.capabilities().cuda else lean_cpu_imports():
+        return _import_auto_bridge_without_te()
+
+
+def _import_auto_bridge_without_te():
     # Import megatron-core / megatron-training first, without the placeholder, so their own
     # "is TE installed?" probes (module-level try/import, cached TE version) see the truth.
     import megatron.core.utils
@@ -83,6 +91,127 @@ def _import_bridge_for(modules: tuple[str, ...]):
         importlib.import_module(m)
     sys.modules["megatron.bridge"].AutoBridge = AutoBridge
     return AutoBridge
+
+
+# ---- start-up CPU: imports a process pays for and never uses --------------------------------------
+def cache_packages_distributions() -> None:
+    """transformers 5.19.0 (utils/import_utils.py) calls `importlib.metadata.packages_distributions()`
+    at import. Python 3.12 answers it by reading the RECORD of every installed distribution (torch's
+    and the nvidia wheels' are tens of thousands of lines): ~1.2 s of CPU in every process that imports
+    transformers (the controller, each actor rank, each engine), on the critical path of bring-up on 2
+    cores. The answer depends only on what is installed, so it is kept in a file keyed by the
+    interpreter, `sys.path` and each path entry's distribution metadata (names and mtimes: an install,
+    upgrade or removal changes the key). Idempotent; call before transformers is imported."""
+    import importlib.metadata as md
+
+    if getattr(md.packages_distributions, "_matpo_cached", False):
+        return
+    real = md.packages_distributions
+
+    def cached():
+        import hashlib
+        import json
+        import os
+
+        key = hashlib.sha256(sys.version.encode())
+        for entry in sys.path:
+            key.update(entry.encode() + b"\0")
+            try:
+                with os.scandir(entry or ".") as it:
+                    for d in sorted((d for d in it if d.name.endswith((".dist-info", ".egg-info"))),
+                                    key=lambda d: d.name):
+                        key.update(f"{d.name}:{d.stat().st_mtime_ns}".encode())
+            except OSError:
+                pass
+        path = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megatron_matpo"
+                / f"packages_distributions-{key.hexdigest()[:20]}.json")
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+        mapping = {k: list(v) for k, v in real().items()}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(mapping))
+            os.replace(tmp, path)  # concurrent writers write the same content
+        except OSError:
+            pass
+        return mapping
+
+    cached._matpo_cached = True
+    md.packages_distributions = cached
+
+
+@contextlib.contextmanager
+def lazy_torch_compile():
+    """torch 2.14.1's `torch.compile(fn)` builds its Inductor configuration when it is called, which
+    imports torch._inductor (~1.5 s of CPU). megatron-core 0.19.2 (`jit.jit_fuser = torch.compile`,
+    applied at import to its fused activations) and sglang 0.5.23 (`moe_runner/deep_gemm.py`) decorate
+    functions with it at import, functions the CPU stack never calls. Inside this block a function
+    passed to `torch.compile` is compiled on its first call instead (same options, same result);
+    anything else (modules, a call with no function) goes to the real `torch.compile`. Functions
+    decorated inside keep the lazy wrapper after the block."""
+    import functools
+    import inspect
+
+    import torch
+
+    real = torch.compile
+
+    def compile_on_first_call(model=None, **kwargs):
+        if model is None:
+            return lambda fn: compile_on_first_call(fn, **kwargs)
+        if not inspect.isfunction(model):
+            return real(model, **kwargs)
+        box = []
+
+        @functools.wraps(model)
+        def call(*args, **kw):
+            if not box:
+                box.append(real(model, **kwargs))
+            return box[0](*args, **kw)
+
+        return call
+
+    torch.compile = compile_on_first_call
+    try:
+        yield
+    finally:
+        torch.compile = real
+
+
+@contextlib.contextmanager
+def lean_cpu_imports():
+    """Around the imports of megatron-core and megatron-bridge in a CPU process (platform.activate,
+    import_auto_bridge): their optional imports that a CPU rank never uses are skipped and their
+    import-time `torch.compile` calls are deferred to a first call that never comes."""
+    with without_modules("wandb", "flashinfer", "flash_attn"), lazy_torch_compile():
+        yield
+
+
+@contextlib.contextmanager
+def without_modules(*names: str):
+    """Make `import NAME` fail with ImportError inside the block (the name maps to None in sys.modules),
+    for libraries that import an optional package at module level behind `try/except ImportError` and
+    that we never use through it; later imports of NAME work as usual. A name already imported is
+    left alone. Used by `lean_cpu_imports`:
+    - wandb: megatron-core 0.19.2 `timers.py` imports it for a timers writer we never pass (~1.5 s of
+      CPU per rank; our logger, in the controller, imports it when `logger.wandb` is on);
+    - flashinfer: megatron-core 0.19.2 `inference/quantization/mxfp8_tensor.py` and
+      `transformer/moe/experts.py`, CUDA kernels (~1.5-2 s of CPU per rank);
+    - flash_attn (flash-attn-4, which sglang 0.5.23 installs): megatron-core 0.19.2
+      `transformer/attention.py` probes FA4's CuTe kernels, importing cutlass, quack and torch._dynamo
+      (~1.3 s of CPU per rank); CPU ranks run our own attention (model/attention.py)."""
+    added = [n for n in names if n not in sys.modules]
+    for n in added:
+        sys.modules[n] = None
+    try:
+        yield
+    finally:
+        for n in added:
+            if sys.modules.get(n, 0) is None:
+                del sys.modules[n]
 
 
 def sglang_cpu_pythonpath() -> str:

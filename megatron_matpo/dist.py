@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from megatron_matpo import platform
-from megatron_matpo.compat import quiet_library_noise
+from megatron_matpo.compat import cache_packages_distributions, quiet_library_noise
 from megatron_matpo.model.layout import ParallelLayout
 from megatron_matpo.ports import free_port
 
@@ -51,6 +51,7 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # oversubscribed CPU ranks slow down ~40x without it
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     quiet_library_noise()
+    cache_packages_distributions()
     try:
         result = fn(*args)
         queue.put((rank, "ok", result if rank == 0 else None))

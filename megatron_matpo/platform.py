@@ -100,7 +100,10 @@ def activate(local_rank: int = 0) -> Capabilities:
     _register_triton_placeholder()
     _patch_torch_cuda()
     _CudaToCpuMode().__enter__()  # process-wide, never exited
-    _patch_megatron_rng()
+    from megatron_matpo.compat import lean_cpu_imports
+
+    with lean_cpu_imports():
+        _patch_megatron_rng()  # imports megatron.core
     return caps
 
 
