@@ -181,7 +181,9 @@ def step_breakdown(d: dict) -> str:
 
 def bringup(d: dict) -> str:
     parts = [k for k in d["median"] if k != "total"]
-    sides = [("", d)] + ([(f" with {' '.join(d['against']['overrides'])}", d["against"])] if d.get("against") else [])
+    other = d.get("against") or {}
+    label = (f" at {other['rev']}" if other.get("rev") else f" with {' '.join(other.get('overrides', []))}")
+    sides = [("", d)] + ([(label, other)] if other else [])
     rows = []
     for label, side in sides:
         rows += [[f"{i + 1}{label}"] + [f"{r.get(k, 0.0):.1f}" for k in parts] + [f"{r['total']:.1f}"]
@@ -193,10 +195,11 @@ def bringup(d: dict) -> str:
             f"{_ok(d['target_met'])} (target ≤ {d['targets']['total_s']:.0f} s). Parts overlap (the tokenizer "
             "loads in the background; engines and ranks start together when the KV pool is fixed), so they do "
             "not add up."]
-    if d.get("against"):
-        r = d["against"]["ratio"]
-        text.append(f"With {' '.join(d['against']['overrides'])} (interleaved reps) / without: total "
-                    f"**{r['total']:.2f}×**, engines + tool server {r.get('engines_tools', float('nan')):.2f}×.")
+    if other:
+        r = other["ratio"]
+        text.append(f"{label.strip().capitalize()} (interleaved reps) / this commit: total "
+                    f"**{r['total']:.2f}×**, engines + tool server {r.get('engines_tools', float('nan')):.2f}×, "
+                    f"actor ranks {r.get('ranks', float('nan')):.2f}×.")
     text.append(f"Source: {d['meta'].get('source', '?')}. " + _provenance(d["meta"]))
     return "\n\n".join(text)
 
