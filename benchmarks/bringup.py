@@ -54,10 +54,9 @@ def one(run_dir: Path, inputs: list[str], overrides: list[str], tree: Path = ROO
 
 
 def rev_name(rev: str) -> str:
-    """`rev` as a short commit id and its subject's start, e.g. '3a5fa33 (Planner review: probe ...)'."""
-    out = subprocess.run(["git", "log", "-1", "--format=%h (%s", rev], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout.strip()
-    return out[:60] + ("...)" if len(out) > 60 else ")")
+    """`rev` as a short commit id."""
+    return subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
 def worktree(rev: str, root: Path) -> Path:

@@ -197,7 +197,7 @@ def bringup(d: dict) -> str:
             "not add up."]
     if other:
         r = other["ratio"]
-        text.append(f"{label.strip().capitalize()} (interleaved reps) / this commit: total "
+        text.append(f"{label.strip()[0].upper()}{label.strip()[1:]} (interleaved reps) / this commit: total "
                     f"**{r['total']:.2f}×**, engines + tool server {r.get('engines_tools', float('nan')):.2f}×, "
                     f"actor ranks {r.get('ranks', float('nan')):.2f}×.")
     text.append(f"Source: {d['meta'].get('source', '?')}. " + _provenance(d["meta"]))
