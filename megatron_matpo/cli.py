@@ -13,10 +13,9 @@ DEFAULT_WORK_DIR = Path(os.environ.get("MATPO_WORK_DIR", "runs"))
 
 
 def _quiet_libraries() -> None:
-    from megatron_matpo.compat import cache_packages_distributions, quiet_library_noise
+    from megatron_matpo.compat import prepare_process
 
-    quiet_library_noise()
-    cache_packages_distributions()
+    prepare_process()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 

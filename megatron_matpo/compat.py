@@ -459,7 +459,7 @@ def finish_wandb_run(run) -> None:
 
 def quiet_library_noise() -> None:
     """Silence start-up chatter that says nothing actionable, at its source, in every process that
-    imports the stack (the CLI, each Ray worker through `worker_process_setup_hook`, local ranks):
+    imports the stack (through `prepare_process`):
     the probes above, megatron-core's per-parameter DDP/optimizer INFO logs, httpx's line per request.
     Idempotent and cheap: it imports no library (Ray workers that never use torch stay without it)."""
     import warnings
@@ -475,3 +475,11 @@ def quiet_library_noise() -> None:
             log.addFilter(_DropMessages(pattern, without_cuda_only=no_cuda))
     for msg in _PROBE_WARNINGS:
         warnings.filterwarnings("ignore", message=msg)
+
+
+def prepare_process() -> None:
+    """What every process of the stack runs before it imports the libraries: the CLI, each Ray worker
+    (orchestrate/__init__, and Ray's worker_process_setup_hook on a joined cluster), each local rank.
+    Idempotent; imports no library."""
+    quiet_library_noise()
+    cache_packages_distributions()

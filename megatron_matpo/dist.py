@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from megatron_matpo import platform
-from megatron_matpo.compat import cache_packages_distributions, quiet_library_noise
+from megatron_matpo.compat import prepare_process
 from megatron_matpo.model.layout import ParallelLayout
 from megatron_matpo.ports import free_port
 
@@ -50,8 +50,7 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # oversubscribed CPU ranks slow down ~40x without it
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    quiet_library_noise()
-    cache_packages_distributions()
+    prepare_process()
     try:
         result = fn(*args)
         queue.put((rank, "ok", result if rank == 0 else None))

@@ -46,9 +46,9 @@ def start_ray(cfg: OrchestrateSection, needed_cpus: int) -> None:
     kw: dict = dict(log_to_driver=True, include_dashboard=False, configure_logging=True, logging_level="warning")
     if address:
         # a cluster started elsewhere (`ray start`): the workers' environment travels as the job's runtime
-        # env; the hook runs in each worker before it imports anything, so library probes stay quiet
+        # env; the hook prepares each worker before it imports anything (compat.prepare_process)
         ray.init(address=address, runtime_env={"env_vars": env, "worker_process_setup_hook":
-                                               "megatron_matpo.compat.quiet_library_noise"}, **kw)
+                                               "megatron_matpo.compat.prepare_process"}, **kw)
         return
     # a local cluster of our own: ray.init() without an address joins the last `ray start` cluster on this
     # machine (/tmp/ray/ray_current_cluster, ray 2.60), e.g. another user's or a Slurm job's; "local" never does.
@@ -62,7 +62,7 @@ def start_ray(cfg: OrchestrateSection, needed_cpus: int) -> None:
     # No runtime env here: ray 2.60 starts every worker of a job with one through `setup_worker.py`, a
     # second interpreter that imports ray (~1 s of CPU per worker) before exec'ing the worker, which
     # imports it again. The raylet started now inherits this environment and hands it to its workers;
-    # they quiet library probes when they import megatron_matpo.orchestrate (its __init__).
+    # they are prepared when they import megatron_matpo.orchestrate (its __init__).
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

@@ -52,10 +52,10 @@ class ActorWorker:
     def setup(self, rank: int, world: int, master_addr: str, master_port: int, local_rank: int = 0) -> dict:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-        from megatron_matpo.compat import quiet_library_noise
+        from megatron_matpo.compat import prepare_process
         from megatron_matpo.dist import init_megatron
 
-        quiet_library_noise()  # also run by Ray's worker_process_setup_hook; here for ranks started otherwise
+        prepare_process()  # a Ray worker ran it when it imported megatron_matpo.orchestrate; here for other starts
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         init_megatron(self.spec.layout, seed=self.spec.seed)
         return self.build()
