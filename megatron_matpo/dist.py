@@ -29,10 +29,11 @@ def init_megatron(layout: ParallelLayout, seed: int = 1234) -> None:
         torch.distributed.init_process_group(backend=platform.dist_backend(), timeout=timedelta(minutes=10))
     world = torch.distributed.get_world_size()
     if world != layout.world_size:
-        raise RuntimeError(f"torch.distributed world size {world} != tp*pp*dp = {layout.world_size}")
+        raise RuntimeError(f"torch.distributed world size {world} != tp*pp*cp*dp = {layout.world_size}")
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp)
+            tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+            context_parallel_size=layout.cp)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 

@@ -297,7 +297,8 @@ class Trainer:
         if st.critic is not None:
             with t("values"):
                 rows, a = [r for p in per_prompt for r in p], cfg.actor
-                st.critic.load_batch([pack_rows(rows, a.max_tokens_per_micro_batch, a.dp, pad_to_multiple=a.tp)])
+                st.critic.load_batch([pack_rows(rows, a.max_tokens_per_micro_batch, a.dp, pad_to_multiple=a.tp,
+                                                   cp_size=a.cp)])
                 values = st.critic.values()
                 ad = cfg.advantage
                 m.update(apply_gae(rows, values, ad.gamma, ad.lam, ad.whiten))
@@ -308,7 +309,7 @@ class Trainer:
                 for mini in minis:
                     set_loss_weights(mini, cfg.loss.agg)
             packed = [pack_rows(mini, cfg.actor.max_tokens_per_micro_batch, cfg.actor.dp,
-                                pad_to_multiple=cfg.actor.tp) for mini in minis]
+                                pad_to_multiple=cfg.actor.tp, cp_size=cfg.actor.cp) for mini in minis]
             actors.load_batch(packed)
         m.update(S.prefixed("pack", packing_stats(packed[0])))
         # one on-policy update: its own forward gives the old logprobs (and the parity with the engine). A KL

@@ -51,6 +51,9 @@ def logits_vs_hf(hf_dirs: dict[str, str], layout: ParallelLayout,
         built = build_model(hf_dir, layout, load_weights=True, dtype=dtype)
         seqs = _sequences(built.provider.vocab_size)
         ref = _hf_logits(hf_dir, seqs)
+        if layout.cp > 1:  # packed only (CP splits THD micro-batches), each sequence padded to 2*cp
+            out[f"{arch}/packed"] = _cp_logits_diff(built, seqs, ref, layout.cp)
+            continue
         padded = full_logits(built.chunks, [pad_sequences(seqs)], platform.device())
         packed = full_logits(built.chunks, [pack_sequences(seqs)], platform.device())
         d_pad = d_pack = 0.0
@@ -63,6 +66,25 @@ def logits_vs_hf(hf_dirs: dict[str, str], layout: ParallelLayout,
                 offs += n
         out[f"{arch}/padded"], out[f"{arch}/packed"] = d_pad, d_pack
     return _max_over_world(out)
+
+
+def _cp_logits_diff(built, seqs: list[torch.Tensor], ref: list[torch.Tensor], cp: int) -> float:
+    """Max |megatron − transformers| over the real tokens of a packed micro-batch split over the CP group."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_matpo import platform
+    from megatron_matpo.model.context_parallel import shard, unshard
+    from megatron_matpo.model.forward import MicroBatch, full_logits, pack_sequences
+
+    whole = pack_sequences([torch.cat([s, torch.zeros((-len(s)) % (2 * cp), dtype=s.dtype)]) for s in seqs])
+    cu, rank = whole.cu_seqlens.tolist(), ps.get_context_parallel_rank()
+    mb = MicroBatch(shard(whole.input_ids, cu, cp, rank), shard(whole.position_ids, cu, cp, rank),
+                    whole.cu_seqlens, cp_size=cp)
+    logits = full_logits(built.chunks, [mb], platform.device())
+    if logits is None:
+        return 0.0
+    full = unshard(logits[0], cu, cp, ps.get_context_parallel_group())
+    return max((full[0, s:s + len(r), : r.shape[-1]] - r).abs().max().item() for s, r in zip(cu, ref))
 
 
 def packed_backward(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
@@ -270,6 +292,46 @@ def train_losses(hf_dir: str, layout: ParallelLayout, steps: int = 3,
     return _max_over_world(losses)
 
 
+def train_packed(hf_dir: str, layout: ParallelLayout, steps: int = 3) -> dict[str, float]:
+    """Losses and grad norms of `steps` PPO steps (DDP + distributed Adam) on packed rows through the
+    trainer's path (pack_rows -> actor.train_step), any TP × PP × CP × DP: equal to a single process."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_matpo import platform
+    from megatron_matpo.algo.loss import LossConfig
+    from megatron_matpo.model.builder import build_model
+    from megatron_matpo.train.actor import compute_logprobs, train_step
+    from megatron_matpo.train.optim import OptimConfig, build_optimizer, ddp_config
+    from megatron_matpo.train.packing import Row, pack_rows
+
+    optim = OptimConfig(lr=1e-3, clip_grad=1.0, use_distributed_optimizer=True)
+    built = build_model(hf_dir, layout, load_weights=True, ddp_config=ddp_config(optim))
+    opt = build_optimizer(built.chunks, optim)
+    g = torch.Generator().manual_seed(11)
+    rows = []
+    for i, n in enumerate([9, 14, 5, 11]):
+        ids = torch.randint(0, built.provider.vocab_size, (n,), generator=g).tolist()
+        rows.append(Row(ids, [0] * (n // 3) + [1] * (n - n // 3), [0.0] * n, advantage=(1.0, -1.0, 0.5, -0.5)[i],
+                        row_id=i))
+    n_tok = sum(sum(r.loss_mask[1:]) for r in rows)
+    mbs = pack_rows(rows, 64, layout.dp, pad_to_multiple=layout.tp, cp_size=layout.cp)[ps.get_data_parallel_rank()]
+    dev = platform.device()
+    first = compute_logprobs(built.chunks, mbs, dev)  # the initial policy's: ratio 1 at the first step
+    for p, lp in zip(mbs, first or []):
+        p.old_logprobs = lp.float()
+    reports = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 \
+        and ps.get_context_parallel_rank() == 0
+    out = {}
+    for step in range(steps):
+        stats = train_step(built.chunks, opt, mbs, LossConfig(), global_token_count=n_tok, device=dev)
+        loss = torch.tensor([stats["loss"] if reports else 0.0], dtype=torch.float64)
+        torch.distributed.all_reduce(loss)  # the DP ranks' shares of the global token mean
+        out[f"loss{step}"] = loss.item()
+        out[f"grad_norm{step}"] = stats["grad_norm"]
+        out[f"ok{step}"] = 1.0 - stats["step_skipped"]
+    return _max_over_world(out)
+
+
 def output_layer_lr_step(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
     """`optim.output_layer_lr` through megatron's param-group overrides (and its LR scheduler): with
     lr=0 one Adam step moves the output layer by ~output_layer_lr per weight and nothing else."""
@@ -333,7 +395,8 @@ def actor_step(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
         old = [0.0] + [logp[j - 1, s[j]].item() for j in range(1, n)]  # row convention: token j's logprob
         mask = [0] * (n // 2) + [1] * (n - n // 2)  # the "generated" half
         rows.append(Row(s.tolist(), mask, old, advantage=(1.0 if i != 1 else -1.0), row_id=i))
-    (mbs,) = pack_rows(rows, max_tokens_per_micro_batch=64, dp_size=1)
+    pack = {"max_tokens_per_micro_batch": 64, "dp_size": 1, "cp_size": layout.cp}
+    (mbs,) = pack_rows(rows, **pack)
     kl = LossConfig(kl_coef=0.05)  # a small reference-KL term in the loss: the trainer fuses with it on too
 
     def with_reference(packed):  # a reference policy 0.05 nats below the old one on the generated tokens
@@ -361,7 +424,7 @@ def actor_step(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
     # the same first step with the old logprobs taken from the update's own forward (one mini-batch):
     # the same loss and gradient, and the parity against the batch's (here transformers') logprobs
     built2 = build_model(hf_dir, layout, load_weights=True, ddp_config=ddp_config(optim))
-    (mbs2,) = pack_rows(rows, max_tokens_per_micro_batch=64, dp_size=1)
+    (mbs2,) = pack_rows(rows, **pack)
     fused = train_step(built2.chunks, build_optimizer(built2.chunks, optim), with_reference(mbs2), kl,
                        global_token_count=sum(sum(r.loss_mask) for r in rows), device=dev, old_from_forward=True)
     out["kl_term"] = stats.get("kl", 0.0)
@@ -378,7 +441,7 @@ def actor_step(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
     from megatron_matpo.algo.off_policy import OffPolicyConfig
 
     built3 = build_model(hf_dir, layout, load_weights=True, ddp_config=ddp_config(optim))
-    (mbs3,) = pack_rows(rows, max_tokens_per_micro_batch=64, dp_size=1)
+    (mbs3,) = pack_rows(rows, **pack)
     shift = {0: 0.3, 1: 1.0, 2: -0.2}
     for p in mbs3:
         d = torch.tensor([shift.get(int(r), 0.0) for r in p.row_ids[0]]).unsqueeze(0)
@@ -406,7 +469,7 @@ def actor_step(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
     owner = {r.row_id: max(r.row_id - 1, 0) for r in rows}
     paper_rows = [dataclasses.replace(r, rollout_id=owner[r.row_id]) for r in rows]
     set_loss_weights(paper_rows, "rollout-mean-token-mean")
-    (mbs4,) = pack_rows(paper_rows, max_tokens_per_micro_batch=64, dp_size=1)
+    (mbs4,) = pack_rows(paper_rows, **pack)
     paper = train_step(built3.chunks, build_optimizer(built3.chunks, optim), mbs4,
                        LossConfig(agg="rollout-mean-token-mean"), global_token_count=n_tok, device=dev,
                        old_from_forward=True)
@@ -575,6 +638,8 @@ def world_checks(hf_dirs: dict[str, str], phases: list[tuple[str, ParallelLayout
             res = train_losses(hf_dirs["qwen3"], layout)
         elif name == "train_recompute":  # full activation recompute: same losses, less memory
             res = train_losses(hf_dirs["qwen3"], layout, recompute="full")
+        elif name == "train_packed":
+            res = train_packed(hf_dirs["qwen3"], layout)
         elif name == "output_lr":
             res = output_layer_lr_step(hf_dirs["qwen3"], layout)
         elif name == "actor":
@@ -585,6 +650,6 @@ def world_checks(hf_dirs: dict[str, str], phases: list[tuple[str, ParallelLayout
             res = verifier_step(hf_dirs["qwen3"], layout, work_dir)
         else:
             raise ValueError(name)
-        results[f"{name}@tp{layout.tp}pp{layout.pp}dp{layout.dp}"] = res
+        results[f"{name}@{layout.tag}"] = res
         parallel_state.destroy_model_parallel()
     return results

@@ -16,7 +16,8 @@ LOGIT_TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def world1(tiny_models):
-    phases = [("logits", L()), ("packed_backward", L()), ("train", L()), ("actor", L()), ("critic", L())]
+    phases = [("logits", L()), ("packed_backward", L()), ("train", L()), ("train_packed", L()), ("actor", L()),
+              ("critic", L())]
     return launch_local(world_checks, 1, tiny_models, phases)
 
 
@@ -26,7 +27,8 @@ def world2(tiny_models, odd_vocab_model, tmp_path_factory):
               ("train", L(tp=2)), ("train", L(dp=2)), ("train_recompute", L(tp=2)), ("output_lr", L(tp=2)),
               ("actor", L(tp=2)), ("critic", L(tp=2)), ("critic", L(pp=2)), ("vocab_padding", L(tp=2)),
               ("vocab_padding_reshard", L(pp=2)), ("verifier", L(tp=2)), ("verifier", L(pp=2)),
-              ("reshard", L(tp=2)), ("reshard", L(pp=2))]
+              ("reshard", L(tp=2)), ("reshard", L(pp=2)),
+              ("logits", L(cp=2)), ("train_packed", L(cp=2)), ("actor", L(cp=2))]
     return launch_local(world_checks, 2, {**tiny_models, "qwen3-odd": odd_vocab_model}, phases,
                         str(tmp_path_factory.mktemp("world2")))
 
@@ -35,7 +37,10 @@ def world2(tiny_models, odd_vocab_model, tmp_path_factory):
 def world4(tiny_models, odd_vocab_model, tmp_path_factory):
     work = tmp_path_factory.mktemp("roundtrip")
     phases = [("logits", L(tp=2, pp=2)), ("roundtrip", L(tp=2, pp=2)), ("reshard", L(tp=2, pp=2)),
-              ("reshard", L(tp=2, dp=2))]
+              ("reshard", L(tp=2, dp=2)),
+              ("logits", L(tp=2, cp=2)), ("logits", L(pp=2, cp=2)), ("train_packed", L(tp=2, cp=2)),
+              ("train_packed", L(pp=2, cp=2)), ("train_packed", L(cp=2, dp=2)), ("actor", L(tp=2, cp=2)),
+              ("reshard", L(tp=2, cp=2))]
     return launch_local(world_checks, 4, {**tiny_models, "qwen3-odd": odd_vocab_model}, phases, str(work)), work
 
 
@@ -47,6 +52,35 @@ def test_logits_match_transformers(request, arch, world, key):
     res = res[0] if world == "world4" else res
     assert res[key][f"{arch}/padded"] <= LOGIT_TOL
     assert res[key][f"{arch}/packed"] <= LOGIT_TOL  # THD packed == per-sequence transformers
+
+
+CP_WORLDS = [("world2", "tp1pp1cp2dp1"), ("world4", "tp2pp1cp2dp1"), ("world4", "tp1pp2cp2dp1")]
+
+
+def _world(request, name):
+    res = request.getfixturevalue(name)
+    return res[0] if name == "world4" else res
+
+
+@pytest.mark.parametrize("world,tag", CP_WORLDS)
+def test_context_parallel_logits_match_transformers(request, world, tag):
+    # each packed sequence split in 2*cp chunks, rank r holding chunks r and 2cp-1-r: every token's logits
+    # equal transformers' on the whole sequence, every architecture
+    res = _world(request, world)[f"logits@{tag}"]
+    assert set(res) == {f"{a}/packed" for a in ARCHS}
+    assert max(res.values()) <= LOGIT_TOL, res
+
+
+@pytest.mark.parametrize("world,tag", CP_WORLDS + [("world4", "tp1pp1cp2dp2")])
+def test_context_parallel_train_steps_match_single_process(request, world1, world, tag):
+    # three PPO steps on packed rows (pack_rows(cp_size) -> shard_for_cp -> actor.train_step): the same losses
+    # and grad norms as one process
+    ref, got = world1["train_packed@tp1pp1dp1"], _world(request, world)[f"train_packed@{tag}"]
+    for step in range(3):
+        assert got[f"ok{step}"] == 1.0
+        assert abs(got[f"loss{step}"] - ref[f"loss{step}"]) <= 1e-6, (step, got, ref)
+        assert abs(got[f"grad_norm{step}"] - ref[f"grad_norm{step}"]) <= 1e-5 * ref[f"grad_norm{step}"], (step, got)
+    assert ref["loss2"] < ref["loss0"]  # the optimizer really stepped
 
 
 @pytest.mark.parametrize("world,key", [("world1", "packed_backward@tp1pp1dp1"),
@@ -95,9 +129,10 @@ def test_roundtrip_bit_exact_and_loadable(world4, tiny_models, arch):
     assert (back / "tokenizer.json").is_file() and (back / "config.json").is_file()
 
 
-@pytest.mark.parametrize("world,key", [("world1", "actor@tp1pp1dp1"), ("world2", "actor@tp2pp1dp1")])
+@pytest.mark.parametrize("world,key", [("world1", "actor@tp1pp1dp1"), ("world2", "actor@tp2pp1dp1"),
+                                       ("world2", "actor@tp1pp1cp2dp1"), ("world4", "actor@tp2pp1cp2dp1")])
 def test_actor_logprobs_and_first_ppo_step(request, world, key):
-    res = request.getfixturevalue(world)[key]
+    res = _world(request, world)[key]
     assert res["old_vs_actor"] <= 1e-5  # actor logprobs (vocab-parallel) == transformers'
     assert res["clip_frac"] == 0.0 and abs(res["approx_kl"]) <= 1e-9  # first step: ratio == 1
     assert res["skipped"] == 0.0
@@ -152,7 +187,8 @@ def test_vocabulary_tp_does_not_divide_is_padded_and_masked(world2, world4, odd_
 
 @pytest.mark.parametrize("arch", [*ARCHS, "qwen3-odd"])
 @pytest.mark.parametrize("world,key", [("world2", "reshard@tp2pp1dp1"), ("world2", "reshard@tp1pp2dp1"),
-                                       ("world4", "reshard@tp2pp2dp1"), ("world4", "reshard@tp2pp1dp2")])
+                                       ("world4", "reshard@tp2pp2dp1"), ("world4", "reshard@tp2pp1dp2"),
+                                       ("world4", "reshard@tp2pp1cp2dp1")])
 def test_weight_sync_export_is_the_hf_model(request, arch, world, key):
     """What the weight sync sends (bridge/reshard.py, every rank writing only its own slices) is the HF
     file, bit for bit, at every layout: the engines' weights are the model's."""

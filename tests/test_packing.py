@@ -5,8 +5,9 @@ import torch
 
 from megatron_matpo.train.packing import (
     IGNORE_LABEL, PAD_ROW_ID, PackedMicroBatch, Row, balance_ranks, equalize_bins, pack_rows, packing_stats,
-    partition_karmarkar_karp, partition_longest_first,
+    partition_karmarkar_karp, partition_longest_first, shard_for_cp,
 )
+from megatron_matpo.model.context_parallel import zigzag_index
 
 
 def make_row(n: int, rng: random.Random, row_id: int | None = None, role: str = "worker",
@@ -161,6 +162,60 @@ def test_pad_to_multiple_adds_masked_segment():
     # already a multiple: no dummy segment
     (rank,) = pack_rows([Row(list(range(1, 9)), [1] * 8, [0.0] * 8, 1.0)], 64, 1, pad_to_multiple=8)
     assert rank[0].micro_batch.cu_seqlens.tolist() == [0, 8]
+
+
+def test_cp_pads_each_row_and_the_total_by_hand():
+    # cp=2: every segment to a multiple of 4, the packed length to a multiple of 4 * pad_to_multiple
+    a = Row([11, 12, 13, 14, 15], [0, 1, 1, 1, 1], [0.0, -0.1, -0.2, -0.3, -0.4], 2.0, row_id=0)
+    b = Row([21, 22], [0, 1], [0.0, -0.5], -1.0, row_id=1)
+    (rank,) = pack_rows([a, b], 64, 1, pad_to_multiple=2, pad_token_id=99, cp_size=2)
+    (p,) = rank
+    assert p.micro_batch.cu_seqlens.tolist() == [0, 8, 12, 16]  # a: 5 -> 8, b: 2 -> 4, dummy to 16 (= 2*2*2*2)
+    assert p.micro_batch.input_ids.tolist() == [[11, 12, 13, 14, 15, 99, 99, 99, 21, 22, 99, 99, 99, 99, 99, 99]]
+    assert p.micro_batch.position_ids[0, :12].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]
+    # a row's padding predicts nothing and belongs to no row; its last real token predicts nothing either
+    assert p.labels[0, :8].tolist() == [12, 13, 14, 15, IGNORE_LABEL, IGNORE_LABEL, IGNORE_LABEL, IGNORE_LABEL]
+    assert p.loss_mask[0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]
+    assert p.row_ids[0, :12].tolist() == [0] * 5 + [PAD_ROW_ID] * 3 + [1] * 2 + [PAD_ROW_ID] * 2
+    assert p.num_loss_tokens == 5 and p.num_real_tokens == 7
+    # the budget counts padded rows: 5 + 2 real tokens, but 8 + 4 packed do not fit in 11
+    with pytest.raises(ValueError, match="padded to 2\\*cp"):
+        pack_rows([a], 7, 1, cp_size=2)
+    assert [len(m) for m in pack_rows([a, b], 11, 1, cp_size=2)] == [2]
+
+
+def test_zigzag_chunks_balance_causal_work_and_cover_every_position():
+    cu = [0, 8, 12, 24]  # chunk lengths 2, 1, 3 at cp = 2
+    assert zigzag_index(cu, 2, 0).tolist() == [0, 1, 6, 7, 8, 11, 12, 13, 14, 21, 22, 23]
+    assert zigzag_index(cu, 2, 1).tolist() == [2, 3, 4, 5, 9, 10, 15, 16, 17, 18, 19, 20]
+    for cp in (2, 3, 4):
+        cu = [0, 4 * cp, 10 * cp, 12 * cp]
+        parts = [zigzag_index(cu, cp, r) for r in range(cp)]
+        assert sorted(torch.cat(parts).tolist()) == list(range(cu[-1]))  # a partition of the positions
+        # causal work (keys each query sees) is the same on every rank
+        work = [sum(int(i) - s + 1 for i in idx for s, e in zip(cu, cu[1:]) if s <= i < e) for idx in parts]
+        assert len(set(work)) == 1
+    with pytest.raises(ValueError, match="multiple of 2\\*cp=4"):
+        zigzag_index([0, 6], 2, 0)
+
+
+def test_shard_for_cp_splits_every_per_position_tensor_alike():
+    rng = random.Random(3)
+    rows = [make_row(n, rng, i) for i, n in enumerate([9, 14, 5])]
+    (rank,) = pack_rows(rows, 64, 1, cp_size=2)
+    (p,) = rank
+    cu = p.micro_batch.cu_seqlens.tolist()
+    parts = [shard_for_cp(p, 2, r) for r in range(2)]
+    for r, q in enumerate(parts):
+        idx = zigzag_index(cu, 2, r)
+        assert q.micro_batch.cu_seqlens.tolist() == cu and q.micro_batch.cp_size == 2
+        for name in ("labels", "loss_mask", "old_logprobs", "advantages", "ref_logprobs", "row_ids"):
+            assert torch.equal(getattr(q, name), getattr(p, name)[:, idx]), name
+        assert torch.equal(q.micro_batch.input_ids, p.micro_batch.input_ids[:, idx])
+        assert torch.equal(q.micro_batch.extras["labels"], q.labels)
+        assert q.micro_batch.packed_seq_params().cu_seqlens_q_padded.tolist() == cu
+    assert sum(q.num_loss_tokens for q in parts) == p.num_loss_tokens
+    assert shard_for_cp(p, 1, 0) is p
 
 
 def test_equalize_splits_before_padding():

@@ -5,11 +5,13 @@ CPU exactly as TE's fused attention trains them on GPU.
 megatron-core 0.19's `DotProductAttention` refuses packed sequences. Here, on CUDA in bf16/fp16,
 torch's flash-attention varlen kernel runs all `cu_seqlens` segments in one launch; elsewhere each
 segment runs causal `scaled_dot_product_attention` on its own. Either way no token attends across a
-sequence boundary. Unpacked causal batches use SDPA too; an explicit attention mask falls back to
+sequence boundary. With context parallelism (cp > 1) each rank holds two chunks of every sequence and
+attends over the CP group's gathered keys (model/context_parallel.py). Unpacked causal batches use SDPA too; an explicit attention mask falls back to
 megatron's own implementation.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch
@@ -64,9 +66,21 @@ def packed_attention_varlen(q, k, v, cu_q: torch.Tensor, cu_kv: torch.Tensor, ma
 
 
 class PackedDotProductAttention(DotProductAttention):
+    def __init__(self, config, *args, **kwargs):
+        # megatron-core 0.19's DotProductAttention refuses cp > 1 (only TE's attention does CP); this
+        # one does it for packed batches, so the parent is built from a copy that says cp = 1
+        self.cp = config.context_parallel_size
+        parent = copy.copy(config)
+        parent.context_parallel_size = 1
+        super().__init__(parent, *args, **kwargs)
+        self.config = config
+
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
+            if self.cp > 1:
+                raise NotImplementedError(f"context parallelism (cp={self.cp}) runs packed THD micro-batches "
+                                          "only; this batch is padded (BSHD)")
             if attention_mask is not None or attention_bias is not None:
                 return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, None)
             return self._causal_bshd(query, key, value)
@@ -76,7 +90,14 @@ class PackedDotProductAttention(DotProductAttention):
         cu_q = p.cu_seqlens_q_padded if p.cu_seqlens_q_padded is not None else p.cu_seqlens_q
         cu_kv = p.cu_seqlens_kv_padded if p.cu_seqlens_kv_padded is not None else p.cu_seqlens_kv
         dropout = self.attention_dropout.p if self.training else 0.0
-        if varlen_usable(query, dropout):
+        if self.cp > 1:
+            from megatron.core import parallel_state
+
+            from megatron_matpo.model.context_parallel import cp_packed_attention
+
+            out = cp_packed_attention(query, key, value, cu_q.tolist(), self.softmax_scale,
+                                      parallel_state.get_context_parallel_group(), dropout)
+        elif varlen_usable(query, dropout):
             out = packed_attention_varlen(query, key, value, cu_q, cu_kv, p.max_seqlen_q, p.max_seqlen_kv,
                                           self.softmax_scale)
         else:

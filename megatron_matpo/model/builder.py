@@ -95,12 +95,15 @@ def build_model(hf_dir: str | Path, layout: ParallelLayout, *, load_weights: boo
     check_rope(hf_config, str(hf_dir))
     bridge = bridge or make_bridge(hf_dir, hf_config)
     if (parallel_state.get_tensor_model_parallel_world_size() != layout.tp
-            or parallel_state.get_pipeline_model_parallel_world_size() != layout.pp):
+            or parallel_state.get_pipeline_model_parallel_world_size() != layout.pp
+            or parallel_state.get_context_parallel_world_size() != layout.cp):
         raise LayoutError(f"megatron parallel state is tp={parallel_state.get_tensor_model_parallel_world_size()} "
-                          f"pp={parallel_state.get_pipeline_model_parallel_world_size()}, layout asks {layout}")
+                          f"pp={parallel_state.get_pipeline_model_parallel_world_size()} "
+                          f"cp={parallel_state.get_context_parallel_world_size()}, layout asks {layout}")
     provider = bridge.to_megatron_provider(load_weights=False)
     provider.tensor_model_parallel_size = layout.tp
     provider.pipeline_model_parallel_size = layout.pp
+    provider.context_parallel_size = layout.cp
     provider.sequence_parallel = False
     provider.params_dtype = provider.pipeline_dtype = dtype
     provider.bf16, provider.fp16 = dtype == torch.bfloat16, dtype == torch.float16

@@ -21,6 +21,9 @@ class MicroBatch:
     position_ids: torch.Tensor
     cu_seqlens: torch.Tensor | None = None
     extras: dict | None = None  # labels, masks, old logprobs... for the loss function
+    # > 1: a context-parallel rank's part (two chunks of every sequence, model/context_parallel.py);
+    # `cu_seqlens` are then the whole micro-batch's boundaries
+    cp_size: int = 1
 
     @property
     def packed(self) -> bool:
@@ -37,8 +40,9 @@ class MicroBatch:
 
         cu = self.cu_seqlens.to(torch.int32)
         max_len = int((cu[1:] - cu[:-1]).max())
-        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                               max_seqlen_q=max_len, max_seqlen_kv=max_len)
+        padded = cu if self.cp_size > 1 else None  # TE's CP attention reads the padded boundaries
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=padded,
+                               cu_seqlens_kv_padded=padded, max_seqlen_q=max_len, max_seqlen_kv=max_len)
 
 
 def pack_sequences(seqs: list[torch.Tensor]) -> MicroBatch:

@@ -1,4 +1,4 @@
-"""Parallel layout (TP × PP × DP) and its validation against a HuggingFace model config (a vocabulary
+"""Parallel layout (TP × PP × CP × DP) and its validation against a HuggingFace model config (a vocabulary
 TP does not divide is padded: model/vocab.py).
 
 Validation runs in the launching process, before any worker starts, so a bad layout costs nothing
@@ -18,14 +18,20 @@ class ParallelLayout:
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    cp: int = 1  # context parallel: each packed sequence split over `cp` ranks (model/context_parallel.py)
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.cp * self.dp
+
+    @property
+    def tag(self) -> str:
+        """e.g. tp2pp1dp1, tp2pp1cp2dp1: a layout in result keys and log lines."""
+        return f"tp{self.tp}pp{self.pp}" + (f"cp{self.cp}" if self.cp > 1 else "") + f"dp{self.dp}"
 
     def validate(self, hf_config, section: str = "parallel") -> "ParallelLayout":
         """`section`: how the messages name the layout's fields (`actor` in a training config)."""
-        for name in ("tp", "pp", "dp"):
+        for name in ("tp", "pp", "dp", "cp"):
             if getattr(self, name) < 1:
                 raise LayoutError(f"{section}.{name}: must be >= 1, got {getattr(self, name)}")
         heads = hf_config.num_attention_heads

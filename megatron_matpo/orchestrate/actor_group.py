@@ -59,7 +59,7 @@ class ActorGroup:
 
     @property
     def reports(self) -> list[bool]:
-        """Per rank: whether its results count (last pipeline stage, TP rank 0; one per DP rank)."""
+        """Per rank: whether its results count (last pipeline stage, TP rank 0, CP rank 0; one per DP rank)."""
         return [i["reports"] for i in self.info]
 
     # ---- the collective calls of the loop (see ActorWorker / CriticWorker for what each does) ------

@@ -1,6 +1,11 @@
-"""The Megatron actor's two RL operations on packed micro-batches, for any TP × PP × DP:
+"""The Megatron actor's two RL operations on packed micro-batches, for any TP × PP × CP × DP:
 per-token logprobs (old/reference policy) and one PPO update, whose optimizer step
 (`optimizer_step`) the critic's value update shares.
+
+Micro-batches arrive whole on every CP rank; each rank runs its part (`packing.shard_for_cp`) and
+logprobs come back whole (gathered over the CP group), so callers never see the CP split. The loss
+needs no CP term: each rank's loss is its tokens' sum over the global token count, megatron's
+schedule multiplies it by cp and DDP averages gradients over DP × CP.
 
 Logprobs come from the vocab-parallel logits without gathering the vocabulary: megatron's
 `vocab_parallel_cross_entropy` is exactly −log p(label) computed shard-wise.
@@ -11,7 +16,7 @@ import torch
 
 from megatron_matpo.algo.loss import LossConfig, policy_loss
 from megatron_matpo.algo.off_policy import importance_weights
-from megatron_matpo.train.packing import PackedMicroBatch
+from megatron_matpo.train.packing import PackedMicroBatch, shard_for_cp
 from megatron_matpo.train.stats import is_stats
 from megatron_matpo.model.forward import run_schedule
 
@@ -41,9 +46,19 @@ def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
     return (torch.log(z) + m - ex / z).squeeze(-1)
 
 
+def cp_parts(mbs: list[PackedMicroBatch]) -> list[PackedMicroBatch]:
+    """This rank's CP part of each whole micro-batch (the micro-batches themselves when cp == 1)."""
+    from megatron.core import parallel_state as ps
+
+    cp = ps.get_context_parallel_world_size()
+    return mbs if cp == 1 else [shard_for_cp(p, cp, ps.get_context_parallel_rank()) for p in mbs]
+
+
 def compute_logprobs(chunks: list, mbs: list[PackedMicroBatch], device: torch.device) -> list[torch.Tensor] | None:
-    """Per-position logprobs of each micro-batch's labels (last pipeline stage; None elsewhere)."""
+    """Per-position logprobs of each whole micro-batch's labels (last pipeline stage; None elsewhere)."""
     from megatron.core import parallel_state
+
+    from megatron_matpo.model.context_parallel import unshard
 
     def keep(out, p: PackedMicroBatch):
         lp = token_logprobs(out, p.labels)
@@ -51,12 +66,43 @@ def compute_logprobs(chunks: list, mbs: list[PackedMicroBatch], device: torch.de
 
     for c in chunks:
         c.eval()
+    parts = cp_parts(mbs)
     with torch.no_grad():
-        reported = run_schedule(chunks, [p.micro_batch for p in mbs], keep, forward_only=True, device=device,
-                                with_each=mbs)
+        reported = run_schedule(chunks, [p.micro_batch for p in parts], keep, forward_only=True, device=device,
+                                with_each=parts)
     if not parallel_state.is_pipeline_last_stage():
         return None
-    return [r["logprobs"] for r in reported]
+    cp, group = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_group()
+    return [unshard(r["logprobs"], p.micro_batch.cu_seqlens.tolist(), cp, group) for r, p in zip(reported, mbs)]
+
+
+# how each reported metric combines over the CP ranks of a micro-batch: token-weighted means, maxima; the
+# rest are sums (the losses are already divided by the global token count)
+_MEAN_OVER = {"clip_frac": "tokens", "dual_clip_frac": "tokens", "approx_kl": "tokens", "ratio_mean": "tokens",
+              "is_ratio_mean": "is_tokens", "is_truncated_frac": "is_tokens", "is_masked_frac": "is_tokens"}
+_MAX = ("ratio_max", "is_ratio_max", "parity_abs_diff_max")
+
+
+def reduce_over_cp(reported: list[dict]) -> list[dict]:
+    """Each micro-batch's metrics over its CP parts (a collective of the CP group; identity at cp 1)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_context_parallel_world_size() == 1 or not reported:
+        return reported
+    group = ps.get_context_parallel_group()
+    out = []
+    for r in reported:
+        keys = sorted(r)
+        sums = torch.stack([r[k].float().cpu() * (r[_MEAN_OVER[k]].float().cpu() if k in _MEAN_OVER else 1.0)
+                            if k not in _MAX else torch.zeros(()) for k in keys])
+        maxes = torch.stack([r[k].float().cpu() if k in _MAX else torch.zeros(()) for k in keys])
+        torch.distributed.all_reduce(sums, group=group)
+        torch.distributed.all_reduce(maxes, op=torch.distributed.ReduceOp.MAX, group=group)
+        total = dict(zip(keys, sums))
+        out.append({k: maxes[i] if k in _MAX else
+                    total[k] / total[_MEAN_OVER[k]].clamp_min(1.0) if k in _MEAN_OVER else total[k]
+                    for i, k in enumerate(keys)})
+    return out
 
 
 def optimizer_step(chunks: list, optimizer, mbs: list[PackedMicroBatch], loss_fn, device: torch.device
@@ -81,8 +127,10 @@ def optimizer_step(chunks: list, optimizer, mbs: list[PackedMicroBatch], loss_fn
         c.train()
         c.zero_grad_buffer()
     optimizer.zero_grad()
-    reported = run_schedule(chunks, [p.micro_batch for p in mbs], scaled, forward_only=False, device=device,
-                            with_each=mbs)
+    parts = cp_parts(mbs)
+    reported = run_schedule(chunks, [p.micro_batch for p in parts], scaled, forward_only=False, device=device,
+                            with_each=parts)
+    reported = reduce_over_cp(reported)
     ok, grad_norm, _ = optimizer.step()
     return reported, {"grad_norm": float(grad_norm or 0.0), "step_skipped": float(not ok)}
 

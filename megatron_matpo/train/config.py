@@ -18,7 +18,8 @@ from megatron_matpo.train.optim import OptimConfig
 class ActorSection:
     tp: int = 1
     pp: int = 1
-    dp: int = 1  # 0 = fill the cluster: (orchestrate.nodes x gpus_per_node) / (tp x pp)
+    dp: int = 1  # 0 = fill the cluster: (orchestrate.nodes x gpus_per_node) / (tp x pp x cp)
+    cp: int = 1  # context parallel: every packed sequence split over cp ranks (load-balanced chunks)
     dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
     max_tokens_per_micro_batch: int = 8192  # THD packing budget; every trajectory must fit
     recompute: str = "none"  # activation recompute: none | full (every layer; long contexts on big models)
@@ -28,7 +29,7 @@ class ActorSection:
 
     @property
     def layout(self) -> ParallelLayout:
-        return ParallelLayout(tp=self.tp, pp=self.pp, dp=self.dp)
+        return ParallelLayout(tp=self.tp, pp=self.pp, dp=self.dp, cp=self.cp)
 
 
 @dataclass
@@ -185,8 +186,13 @@ class TrainConfig:
              f"local | web, got {ro.toolbox.backend!r}")
         need(ro.reward.scorer in ("exact_match", "judge"), "rollout.reward.scorer",
              f"exact_match | judge, got {ro.reward.scorer!r}")
-        for name in ("tp", "pp"):
+        for name in ("tp", "pp", "cp"):
             need(getattr(a, name) >= 1, f"actor.{name}", f"must be >= 1, got {getattr(a, name)}")
+        need(a.cp == 1 or self.advantage.estimator != "gae", "actor.cp",
+             f"{a.cp} with advantage.estimator=gae: the critic (laid out like the actor) runs at cp=1 only for now")
+        need(a.cp == 1 or self.loss.off_policy.level != "sequence", "actor.cp",
+             f"{a.cp} with loss.off_policy.level=sequence: a sequence's weight would need its tokens from every "
+             "CP rank; use level=token or cp=1")
         need(a.dp >= 0, "actor.dp", f"must be >= 1 (or 0: fill the cluster), got {a.dp}")
         positive("actor.max_tokens_per_micro_batch", a.max_tokens_per_micro_batch)
         need(a.dtype in ("auto", "float32", "bfloat16"), "actor.dtype", f"auto | float32 | bfloat16, got {a.dtype!r}")
@@ -301,7 +307,7 @@ class TrainConfig:
         a, o, eng = self.actor, self.orchestrate, self.rollout.engine
         stacks = self.maporl.stacks if self.algorithm == "maporl" else 1  # policies, each with its actor + engines
         models = 2 if self.advantage.estimator == "gae" else 1  # a critic per policy, laid out like its actor
-        model_gpus = stacks * models * a.tp * a.pp
+        model_gpus = stacks * models * a.tp * a.pp * a.cp
         if not o.gpus_per_node:  # CPU or an unchecked single machine
             need(a.dp >= 1, "actor.dp", "0 (fill the cluster) needs orchestrate.nodes and orchestrate.gpus_per_node")
             return
@@ -323,12 +329,12 @@ class TrainConfig:
             need(actor_gpus % model_gpus == 0, "actor.dp",
                  f"actor world size {actor_gpus} ({nodes} nodes x {o.gpus_per_node} GPUs"
                  f"{'' if o.colocate else f' - {engine_gpus} engine GPUs'}) is not divisible by policies x models"
-                 " x tp x pp "
+                 " x tp x pp x cp "
                  f"= {model_gpus} (models: the actor, plus a critic with advantage.estimator=gae)")
             a.dp = actor_gpus // model_gpus
         world = model_gpus * a.dp
         need(world <= actor_gpus, "actor.dp",
-             f"{stacks} x {models} model(s) x actor tp x pp x dp = {world} GPUs but the allocation has {actor_gpus} "
+             f"{stacks} x {models} model(s) x actor tp x pp x cp x dp = {world} GPUs but the allocation has {actor_gpus} "
              f"for actors ({nodes} nodes x {o.gpus_per_node} GPUs, colocate={o.colocate})")
         need(engine_gpus <= total, "rollout.engine.num_engines",
              f"{stacks} x {eng.num_engines} engines x TP {eng.tp_size} = {engine_gpus} GPUs > {total} in the "

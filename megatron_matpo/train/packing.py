@@ -13,9 +13,16 @@ the same sequence, so every per-token tensor is shifted to the predicting positi
 `labels[i] = token[i+1]`, `loss_mask[i] = row.loss_mask[j+1]`, `old_logprobs[i] = row.old_logprobs[j+1]`
 (j = i's index within its row). The last position of each sequence predicts nothing: label
 `IGNORE_LABEL` (0, a valid vocab index so a vocab-parallel gather never goes out of range) and mask 0.
+
+Context parallelism (`cp_size` > 1): each row's segment is padded to a multiple of 2·cp (padding
+tokens after its last token, row id `PAD_ROW_ID`, mask 0: causal attention keeps them out of the
+row's logits) and the packed length to a multiple of `pad_to_multiple`·2·cp, so every CP rank's part
+(`shard_for_cp`, model/context_parallel.py's layout) is a multiple of `pad_to_multiple`. The budget
+counts the whole packed length, padding included, before the CP split.
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 from dataclasses import dataclass
@@ -100,7 +107,7 @@ class PackedMicroBatch:
 # ---------------------------------------------------------------- validation
 
 
-def _check_rows(rows: list[Row], capacity: int, budget: int) -> None:
+def _check_rows(rows: list[Row], capacity: int, budget: int, seq_multiple: int = 1) -> None:
     for idx, r in enumerate(rows):
         rid = r.row_id if r.row_id is not None else idx
         n = len(r.token_ids)
@@ -112,11 +119,12 @@ def _check_rows(rows: list[Row], capacity: int, budget: int) -> None:
                 raise ValueError(f"row {rid} (index {idx}): {name} has {len(v)} entries, token_ids has {n}")
         if isinstance(r.advantage, list) and len(r.advantage) != n:
             raise ValueError(f"row {rid} (index {idx}): advantage has {len(r.advantage)} entries, token_ids has {n}")
-        if n > capacity:
+        if _padded_len(n, seq_multiple) > capacity:
             extra = "" if capacity == budget else f" (budget rounded down to the pad multiple: {capacity})"
+            padded = "" if seq_multiple == 1 else f" ({_padded_len(n, seq_multiple)} padded to 2*cp)"
             raise ValueError(
-                f"row {rid} (index {idx}) has {n} tokens, more than max_tokens_per_micro_batch={budget}{extra};"
-                f" raise the budget or truncate the row")
+                f"row {rid} (index {idx}) has {n} tokens{padded}, more than max_tokens_per_micro_batch={budget}"
+                f"{extra}; raise the budget or truncate the row")
     ids = [r.row_id if r.row_id is not None else i for i, r in enumerate(rows)]
     if len(set(ids)) != len(ids):
         raise ValueError("row ids must be unique")
@@ -232,8 +240,23 @@ def _shifted(values: list, fill) -> list:
     return list(values[1:]) + [fill]
 
 
+def _padded_len(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _pad_values(n: int, labels, mask, old, ref, adv, ret, val, wts, owner, parity) -> None:
+    """Append `n` padding positions (predict nothing, train nothing) to the per-position lists."""
+    labels += [IGNORE_LABEL] * n
+    mask += [0] * n
+    parity += [0] * n
+    owner += [PAD_ROW_ID] * n
+    for xs in (old, ref, adv, ret, val, wts):
+        if xs is not None:
+            xs += [0.0] * n
+
+
 def _build(rows: list[Row], ids: list[int], pad_to_multiple: int, pad_token_id: int,
-           with_ref: bool, with_weights: bool) -> PackedMicroBatch:
+           with_ref: bool, with_weights: bool, seq_multiple: int = 1) -> PackedMicroBatch:
     seqs, labels, mask, old, ref, adv, owner, parity = [], [], [], [], [], [], [], []
     with_values = any(r.returns is not None for r in rows)
     ret, val, wts = [], [], []
@@ -256,22 +279,19 @@ def _build(rows: list[Row], ids: list[int], pad_to_multiple: int, pad_token_id: 
                 raise ValueError(f"row {rid}: a batch with loss weights needs one on every row")
             wts += [float(r.loss_weight)] * n
         owner += [rid] * n
+        extra = _padded_len(n, seq_multiple) - n  # CP: the row's segment to a multiple of 2·cp
+        if extra:
+            seqs[-1] = torch.cat([seqs[-1], torch.full((extra,), pad_token_id, dtype=torch.long)])
+            _pad_values(extra, labels, mask, old, ref, adv, ret if with_values else None,
+                        val if with_values else None, wts if with_weights else None, owner, parity)
     total = len(owner)
     # Dummy segment (own cu_seqlens entry so it attends to nothing real): rounds the packed length
     # up to the TP / sequence-parallel multiple, or is the whole micro-batch of a padding one.
     pad = (-total) % pad_to_multiple if total else pad_to_multiple
     if pad:
         seqs.append(torch.full((pad,), pad_token_id, dtype=torch.long))
-        labels += [IGNORE_LABEL] * pad
-        mask += [0] * pad
-        old += [0.0] * pad
-        ref += [0.0] * pad
-        adv += [0.0] * pad
-        ret += [0.0] * pad if with_values else []
-        val += [0.0] * pad if with_values else []
-        wts += [0.0] * pad if with_weights else []
-        owner += [PAD_ROW_ID] * pad
-        parity += [0] * pad
+        _pad_values(pad, labels, mask, old, ref, adv, ret if with_values else None, val if with_values else None,
+                    wts if with_weights else None, owner, parity)
     mb = pack_sequences(seqs)
 
     def t(x, dtype):
@@ -297,24 +317,30 @@ def _build(rows: list[Row], ids: list[int], pad_to_multiple: int, pad_token_id: 
 
 
 def pack_rows(rows: list[Row], max_tokens_per_micro_batch: int, dp_size: int, pad_to_multiple: int = 1,
-              equalize_micro_batches: bool = True, pad_token_id: int = 0) -> list[list[PackedMicroBatch]]:
+              equalize_micro_batches: bool = True, pad_token_id: int = 0,
+              cp_size: int = 1) -> list[list[PackedMicroBatch]]:
     """Pack `rows` into THD micro-batches for each DP rank; returns `[rank][micro_batch]`.
 
     Every packed length, padding included, is <= `max_tokens_per_micro_batch` (when padding, rows are
-    binned against the budget rounded down to a multiple of `pad_to_multiple`). A row longer than
-    that raises ValueError: nothing is truncated silently. With `equalize_micro_batches` all ranks
-    return the same number of micro-batches (see `equalize_bins`).
+    binned against the budget rounded down to a multiple of `pad_to_multiple`, × 2·`cp_size` with
+    context parallelism). A row longer than that raises ValueError: nothing is truncated silently.
+    With `equalize_micro_batches` all ranks return the same number of micro-batches (see
+    `equalize_bins`). The micro-batches are whole: each CP rank takes its part with `shard_for_cp`.
     """
     if dp_size < 1:
         raise ValueError(f"dp_size must be >= 1, got {dp_size}")
     if pad_to_multiple < 1:
         raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
-    capacity = max_tokens_per_micro_batch // pad_to_multiple * pad_to_multiple
+    if cp_size < 1:
+        raise ValueError(f"cp_size must be >= 1, got {cp_size}")
+    seq_multiple = 2 * cp_size if cp_size > 1 else 1
+    multiple = pad_to_multiple * seq_multiple
+    capacity = max_tokens_per_micro_batch // multiple * multiple
     if capacity < 1:
         raise ValueError(f"max_tokens_per_micro_batch={max_tokens_per_micro_batch} is smaller than"
-                         f" pad_to_multiple={pad_to_multiple}")
-    _check_rows(rows, capacity, max_tokens_per_micro_batch)
-    sizes = [len(r) for r in rows]
+                         f" the pad multiple {multiple} (pad_to_multiple={pad_to_multiple}, cp={cp_size})")
+    _check_rows(rows, capacity, max_tokens_per_micro_batch, seq_multiple)
+    sizes = [_padded_len(len(r), seq_multiple) for r in rows]
     ids = [r.row_id if r.row_id is not None else i for i, r in enumerate(rows)]
     with_ref = any(r.ref_logprobs is not None for r in rows)
     with_weights = any(r.loss_weight is not None for r in rows)  # then padding micro-batches carry zeros too
@@ -323,8 +349,30 @@ def pack_rows(rows: list[Row], max_tokens_per_micro_batch: int, dp_size: int, pa
     rank_bins = [first_fit_decreasing(ix, sizes, capacity) for ix in ranks]
     if equalize_micro_batches:
         rank_bins = equalize_bins(rank_bins, sizes)
-    return [[_build([rows[i] for i in b or []], [ids[i] for i in b or []], pad_to_multiple,
-                    pad_token_id, with_ref, with_weights) for b in bins] for bins in rank_bins]
+    return [[_build([rows[i] for i in b or []], [ids[i] for i in b or []], multiple,
+                    pad_token_id, with_ref, with_weights, seq_multiple) for b in bins] for bins in rank_bins]
+
+
+_PER_POSITION = ("labels", "loss_mask", "old_logprobs", "advantages", "ref_logprobs", "row_ids", "parity_mask",
+                 "returns", "old_values", "rollout_logprobs", "loss_weights")
+
+
+def shard_for_cp(p: PackedMicroBatch, cp: int, rank: int) -> PackedMicroBatch:
+    """CP rank `rank`'s part of a whole packed micro-batch: two chunks of every sequence
+    (model/context_parallel.py), every per-position tensor alike; `cu_seqlens` stay global."""
+    if cp == 1:
+        return p
+    from megatron_matpo.model.context_parallel import shard
+
+    cu = p.micro_batch.cu_seqlens.tolist()
+    part = {name: None if getattr(p, name) is None else shard(getattr(p, name), cu, cp, rank)
+            for name in _PER_POSITION}
+    mb = MicroBatch(shard(p.micro_batch.input_ids, cu, cp, rank), shard(p.micro_batch.position_ids, cu, cp, rank),
+                    p.micro_batch.cu_seqlens, cp_size=cp)
+    out = dataclasses.replace(p, micro_batch=mb, num_loss_tokens=int(part["loss_mask"].sum()), **part)
+    mb.extras = {**(p.micro_batch.extras or {}), **{k: part[k] for k in ("labels", "loss_mask", "old_logprobs",
+                 "advantages", "ref_logprobs", "row_ids", "loss_weights")}, "num_loss_tokens": out.num_loss_tokens}
+    return out
 
 
 def set_loss_weights(rows: list[Row], agg: str) -> None:

@@ -83,9 +83,11 @@ class ActorWorker:
                 c.requires_grad_(False)
         self.sync = None
         self.rank = rank
-        self.reports = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+        self.reports = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+                        and ps.get_context_parallel_rank() == 0)
         return {"rank": rank, "dp_rank": ps.get_data_parallel_rank(), "tp_rank": ps.get_tensor_model_parallel_rank(),
-                "pp_rank": ps.get_pipeline_model_parallel_rank(), "reports": self.reports}
+                "pp_rank": ps.get_pipeline_model_parallel_rank(), "cp_rank": ps.get_context_parallel_rank(),
+                "reports": self.reports}
 
     def connect_engines(self, engine_urls: list[str]) -> None:
         from megatron_matpo.bridge import WeightSync
@@ -94,7 +96,8 @@ class ActorWorker:
 
     # ---- one step's data --------------------------------------------------------------------------
     def load_batch(self, mini_batches: list[list[PackedMicroBatch]]) -> None:
-        """This rank's micro-batches (its DP slice) of each mini-batch."""
+        """This rank's micro-batches (its DP slice, whole: CP ranks split them at each forward) of each
+        mini-batch."""
         self.batches = mini_batches
 
     def _forward_logprobs(self, chunks: list, mbs: list[PackedMicroBatch]) -> list[torch.Tensor] | None:
@@ -199,7 +202,7 @@ class ActorWorker:
 
         rows = [Row(token_ids=t, loss_mask=[1] * len(t), old_logprobs=[0.0] * len(t), advantage=0.0) for t in token_ids]
         (mbs,) = pack_rows(rows, max_tokens_per_micro_batch=max(map(len, token_ids)) * len(rows), dp_size=1,
-                           pad_to_multiple=self.spec.layout.tp)
+                           pad_to_multiple=self.spec.layout.tp, cp_size=self.spec.layout.cp)
         lps = self._forward_logprobs(self.built.chunks, mbs)
         if lps is None or not self.reports or self.rank_dp() != 0:
             return {}
