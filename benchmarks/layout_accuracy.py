@@ -2,10 +2,10 @@
 machine (CPU: gloo processes, fp32), Spearman's rho and Kendall's tau over the layouts.
 
 Predictions: `megatron_matpo.planner` (`matpo bench-layouts`) for the `cpu-tiny` cluster preset, over
-every fitting TP×PP×DP layout of 1 and 2 processes × packing budgets (1, 2, 4 rows) × recompute ×
-distributed optimizer, without sequence parallelism (as `build_model` runs); `--count` of them are
-picked evenly over the predicted ranking (one per distinct predicted time, fastest and slowest
-included), plus the fastest TP, PP, DP or single-process layout if that kind is missing. Then
+every fitting TP(+SP)×PP×CP×DP layout of 1 and 2 processes × packing budgets (1, 2, 4 rows) ×
+recompute × distributed optimizer; `--count` of them are picked evenly over the predicted ranking
+(one per distinct predicted time, fastest and slowest included), plus the fastest TP, SP, PP, CP, DP
+or single-process layout if that kind is missing. Then
 `planner.calibrate.probe` fits the machine constants (collective latency and bandwidth, FLOP rate,
 fixed cost per layer and micro-batch) and the chosen layouts are priced again with them.
 Measurements: `planner.measure.measure_layouts` (real Megatron PPO steps on packed THD micro-batches;
@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_env, median, meta, write_result  # noqa: E402
 
 SPEARMAN_TARGET = 0.8  # issue 18, over >= 7 layouts
-FAMILIES = {"tp": lambda lay: lay.tp > 1, "pp": lambda lay: lay.pp > 1, "dp": lambda lay: lay.dp > 1,
-            "one process": lambda lay: lay.world == 1}
+FAMILIES = {"tp": lambda lay: lay.tp > 1 and not lay.sp, "sp": lambda lay: lay.sp, "pp": lambda lay: lay.pp > 1,
+            "cp": lambda lay: lay.cp > 1, "dp": lambda lay: lay.dp > 1, "one process": lambda lay: lay.world == 1}
 
 
 def default_model() -> Path:
@@ -62,10 +62,9 @@ def main() -> None:
     spec = ModelSpec.from_hf(str(model))
     cluster = PRESETS["cpu-tiny"]
     work = Workload(seq_len=args.seq_len, global_batch_tokens=args.batch_tokens)
-    assume = Assumptions(sequence_parallel=False)
+    assume = Assumptions(sequence_parallel=True)  # each TP layout with and without SP
     budgets = [args.seq_len * k for k in (1, 2, 4)]
-    preds = [p for g in (1, 2) for p in plan(spec, cluster, work, assume, gpus=g, micro_batch_tokens=budgets).ranked
-             if p.layout.cp == 1]
+    preds = [p for g in (1, 2) for p in plan(spec, cluster, work, assume, gpus=g, micro_batch_tokens=budgets).ranked]
     preds.sort(key=lambda p: (p.time.total, p.memory.total))
     chosen = spread(preds, args.count)
     for kind, has in FAMILIES.items():  # every kind of parallelism at least once (its fastest layout)

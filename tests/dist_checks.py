@@ -51,8 +51,8 @@ def logits_vs_hf(hf_dirs: dict[str, str], layout: ParallelLayout,
         built = build_model(hf_dir, layout, load_weights=True, dtype=dtype)
         seqs = _sequences(built.provider.vocab_size)
         ref = _hf_logits(hf_dir, seqs)
-        if layout.cp > 1:  # packed only (CP splits THD micro-batches), each sequence padded to 2*cp
-            out[f"{arch}/packed"] = _cp_logits_diff(built, seqs, ref, layout.cp)
+        if layout.cp > 1 or layout.sp:  # packed only, as the trainer packs for CP (2*cp) and SP (tp)
+            out[f"{arch}/packed"] = _split_logits_diff(built, seqs, ref, layout)
             continue
         padded = full_logits(built.chunks, [pad_sequences(seqs)], platform.device())
         packed = full_logits(built.chunks, [pack_sequences(seqs)], platform.device())
@@ -68,23 +68,24 @@ def logits_vs_hf(hf_dirs: dict[str, str], layout: ParallelLayout,
     return _max_over_world(out)
 
 
-def _cp_logits_diff(built, seqs: list[torch.Tensor], ref: list[torch.Tensor], cp: int) -> float:
-    """Max |megatron − transformers| over the real tokens of a packed micro-batch split over the CP group."""
+def _split_logits_diff(built, seqs: list[torch.Tensor], ref: list[torch.Tensor], layout: ParallelLayout) -> float:
+    """Max |megatron − transformers| over the real tokens of a micro-batch packed as the trainer packs it
+    (pack_rows: each row to 2*cp, the whole to the TP multiple) and split over the CP group."""
     from megatron.core import parallel_state as ps
 
     from megatron_matpo import platform
-    from megatron_matpo.model.context_parallel import shard, unshard
-    from megatron_matpo.model.forward import MicroBatch, full_logits, pack_sequences
+    from megatron_matpo.model.context_parallel import unshard
+    from megatron_matpo.model.forward import full_logits
+    from megatron_matpo.train.packing import Row, pack_rows, shard_for_cp
 
-    whole = pack_sequences([torch.cat([s, torch.zeros((-len(s)) % (2 * cp), dtype=s.dtype)]) for s in seqs])
-    cu, rank = whole.cu_seqlens.tolist(), ps.get_context_parallel_rank()
-    mb = MicroBatch(shard(whole.input_ids, cu, cp, rank), shard(whole.position_ids, cu, cp, rank),
-                    whole.cu_seqlens, cp_size=cp)
-    logits = full_logits(built.chunks, [mb], platform.device())
+    rows = [Row(s.tolist(), [1] * len(s), [0.0] * len(s), 0.0, row_id=i) for i, s in enumerate(seqs)]
+    ((whole,),) = pack_rows(rows, 1024, 1, pad_to_multiple=layout.tp, cp_size=layout.cp)  # longest row first
+    part = shard_for_cp(whole, layout.cp, ps.get_context_parallel_rank())
+    logits = full_logits(built.chunks, [part.micro_batch], platform.device())
     if logits is None:
         return 0.0
-    full = unshard(logits[0], cu, cp, ps.get_context_parallel_group())
-    return max((full[0, s:s + len(r), : r.shape[-1]] - r).abs().max().item() for s, r in zip(cu, ref))
+    full = unshard(logits[0], whole.micro_batch.cu_seqlens.tolist(), layout.cp, ps.get_context_parallel_group())
+    return max((full[0, whole.row_ids[0] == i, : r.shape[-1]] - r).abs().max().item() for i, r in enumerate(ref))
 
 
 def packed_backward(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:

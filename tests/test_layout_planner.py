@@ -211,7 +211,7 @@ def test_invalid_layouts_rejected_with_reasons(qwen3_14b):
         "tp=3 does not divide intermediate_size=17408"]  # the vocabulary is padded to a multiple of TP
     assert "tp=16 spans nodes (gpus_per_node=8)" in parallel_problems(qwen3_14b, A800, 16, 1, 1)
     assert parallel_problems(qwen3_14b, A800, 8, 3, 1) == ["pp=3 does not divide num_hidden_layers=40"]
-    assert parallel_problems(qwen3_14b, PRESETS["cpu-tiny"], 1, 1, 2)[0].startswith("cp=2 needs TransformerEngine")
+    assert parallel_problems(qwen3_14b, PRESETS["cpu-tiny"], 1, 1, 2) == []  # our attention does CP without TE
     assert parallel_problems(qwen3_14b, A800, 8, 8, 4) == []
 
     valid, rejected = enumerate_layouts(qwen3_14b, A800, LONG, gpus=96)
@@ -277,7 +277,7 @@ def test_cli_ranks_qwen3_14b_on_a800(tmp_path, capsys):
     lines = text.splitlines()
     assert lines[0].startswith("Qwen3ForCausalLM (14.768B params) on a800x128: 128 of 128 GPUs")
     header = lines[1].split()
-    assert header[:5] == ["#", "TP", "PP", "CP", "DP"]
+    assert header[:6] == ["#", "TP", "SP", "PP", "CP", "DP"]
     ranks = [line.split()[0] for line in lines[3:8]]
     assert ranks == ["1", "2", "3", "4", "5"]
     doc = json.loads(out_json.read_text())
@@ -319,8 +319,8 @@ def test_cli_calibrates_on_this_machine(tiny_models, tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["qwen3_14b_matpo", "qwen3_14b_single_agent"])
 def test_qwen3_14b_configs_use_the_best_layout_the_trainer_runs(tmp_path, capsys, name):
-    """The cluster configs' actor layout is the planner's first among layouts the builder supports (no CP,
-    no sequence parallelism), and the memory and step time their comment states are its predictions."""
+    """The cluster configs' actor layout is the planner's first (the builder runs every layout it ranks: CP
+    and sequence parallelism included), and the memory and step time their comment states are its predictions."""
     import re
 
     import yaml
@@ -330,12 +330,14 @@ def test_qwen3_14b_configs_use_the_best_layout_the_trainer_runs(tmp_path, capsys
     text = (REPO / "configs" / f"{name}.yaml").read_text()
     actor = yaml.safe_load(text)["actor"]
     out = tmp_path / "layouts.json"
-    assert main(["--model", str(QWEN3_14B / "config.json"), "--cluster", "a800x128", "--seq-len", "40960", "--cp", "1",
-                 "--no-sequence-parallel", "--plain", "--json", str(out)]) == 0
+    assert main(["--model", str(QWEN3_14B / "config.json"), "--cluster", "a800x128", "--seq-len", "40960",
+                 "--plain", "--json", str(out)]) == 0
     capsys.readouterr()
     best = json.loads(out.read_text())["ranked"][0]
     lay = best["layout"]
-    assert (lay["tp"], lay["pp"], 128 // (lay["tp"] * lay["pp"])) == (actor["tp"], actor["pp"], lay["dp"]), best
+    assert (lay["tp"], lay["pp"], lay["cp"], lay["sp"]) == (
+        actor["tp"], actor["pp"], actor.get("cp", 1), actor.get("sequence_parallel", False)), best
+    assert actor["dp"] == 0 and lay["dp"] == 128 // (lay["tp"] * lay["pp"] * lay["cp"]), best  # dp fills the cluster
     assert lay["recompute"] == (actor["recompute"] == "full") and lay["micro_batch_tokens"] == actor[
         "max_tokens_per_micro_batch"]
     stated = re.search(r"predicts ([\d.]+) GiB per GPU and\n# ([\d.]+) s per optimizer step", text)

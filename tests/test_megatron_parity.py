@@ -28,7 +28,8 @@ def world2(tiny_models, odd_vocab_model, tmp_path_factory):
               ("actor", L(tp=2)), ("critic", L(tp=2)), ("critic", L(pp=2)), ("vocab_padding", L(tp=2)),
               ("vocab_padding_reshard", L(pp=2)), ("verifier", L(tp=2)), ("verifier", L(pp=2)),
               ("reshard", L(tp=2)), ("reshard", L(pp=2)),
-              ("logits", L(cp=2)), ("train_packed", L(cp=2)), ("actor", L(cp=2))]
+              ("logits", L(cp=2)), ("train_packed", L(cp=2)), ("actor", L(cp=2)),
+              ("logits", L(tp=2, sp=True)), ("train_packed", L(tp=2, sp=True))]
     return launch_local(world_checks, 2, {**tiny_models, "qwen3-odd": odd_vocab_model}, phases,
                         str(tmp_path_factory.mktemp("world2")))
 
@@ -40,7 +41,7 @@ def world4(tiny_models, odd_vocab_model, tmp_path_factory):
               ("reshard", L(tp=2, dp=2)),
               ("logits", L(tp=2, cp=2)), ("logits", L(pp=2, cp=2)), ("train_packed", L(tp=2, cp=2)),
               ("train_packed", L(pp=2, cp=2)), ("train_packed", L(cp=2, dp=2)), ("actor", L(tp=2, cp=2)),
-              ("reshard", L(tp=2, cp=2))]
+              ("reshard", L(tp=2, cp=2)), ("logits", L(tp=2, pp=2, sp=True)), ("train_packed", L(tp=2, cp=2, sp=True))]
     return launch_local(world_checks, 4, {**tiny_models, "qwen3-odd": odd_vocab_model}, phases, str(work)), work
 
 
@@ -55,6 +56,7 @@ def test_logits_match_transformers(request, arch, world, key):
 
 
 CP_WORLDS = [("world2", "tp1pp1cp2dp1"), ("world4", "tp2pp1cp2dp1"), ("world4", "tp1pp2cp2dp1")]
+SP_WORLDS = [("world2", "tp2pp1dp1sp"), ("world4", "tp2pp2dp1sp")]
 
 
 def _world(request, name):
@@ -62,19 +64,21 @@ def _world(request, name):
     return res[0] if name == "world4" else res
 
 
-@pytest.mark.parametrize("world,tag", CP_WORLDS)
-def test_context_parallel_logits_match_transformers(request, world, tag):
-    # each packed sequence split in 2*cp chunks, rank r holding chunks r and 2cp-1-r: every token's logits
-    # equal transformers' on the whole sequence, every architecture
+@pytest.mark.parametrize("world,tag", CP_WORLDS + SP_WORLDS)
+def test_context_and_sequence_parallel_logits_match_transformers(request, world, tag):
+    # CP: each packed sequence split in 2*cp chunks, rank r holding chunks r and 2cp-1-r; SP: the activations
+    # outside attention and MLP split over the TP ranks. Every token's logits equal transformers' on the whole
+    # sequence, every architecture
     res = _world(request, world)[f"logits@{tag}"]
     assert set(res) == {f"{a}/packed" for a in ARCHS}
     assert max(res.values()) <= LOGIT_TOL, res
 
 
-@pytest.mark.parametrize("world,tag", CP_WORLDS + [("world4", "tp1pp1cp2dp2")])
-def test_context_parallel_train_steps_match_single_process(request, world1, world, tag):
+@pytest.mark.parametrize("world,tag", CP_WORLDS + [("world4", "tp1pp1cp2dp2"), ("world2", "tp2pp1dp1sp"),
+                                      ("world4", "tp2pp1cp2dp1sp")])
+def test_context_and_sequence_parallel_train_steps_match_single_process(request, world1, world, tag):
     # three PPO steps on packed rows (pack_rows(cp_size) -> shard_for_cp -> actor.train_step): the same losses
-    # and grad norms as one process
+    # and grad norms as one process (SP: the norms' partial weight gradients summed over TP)
     ref, got = world1["train_packed@tp1pp1dp1"], _world(request, world)[f"train_packed@{tag}"]
     for step in range(3):
         assert got[f"ok{step}"] == 1.0

@@ -31,8 +31,9 @@ PREEMPT_AFTER = 5  # the Slurm job gets SIGUSR1 once this step's checkpoint exis
 WORLD = ["bootstrap.toy_answer=c", "checkpoint.every=1", "checkpoint.keep_last=2", "checkpoint.export_hf=true",
          "eval.every=10", "eval.max_prompts=2"]
 # the first start (steps 1-2): colocated and synced by tensors, with the frozen reference (its forward costs
-# ~6 s a step here, so the Slurm half runs without it, in the toy's own broadcast mode)
-HERE = ["orchestrate.colocate=true", "sync.mode=tensor", "loss.kl_coef=0.001"]
+# ~6 s a step here, so the Slurm half runs without it, in the toy's own broadcast mode), and its two ranks
+# context-parallel (each holds half of every packed sequence) where the resumed half runs them as DP ranks
+HERE = ["orchestrate.colocate=true", "sync.mode=tensor", "loss.kl_coef=0.001", "actor.dp=1", "actor.cp=2"]
 # the second half (steps 3-10, engines on their own bundles): each step rolled out while the one before
 # trains, on the weights from two steps back (async is refused with colocated engines), corrected by
 # token-level TIS from the engine's logprobs to the recomputed ones
@@ -154,6 +155,10 @@ def test_matpo_end_to_end(matpo_world):
     assert "matpo train: algorithm  MATPO (planner + workers); 10 steps x 8 prompts x 8 samples" in out, out[:3000]
     assert f"matpo train: run dir    {run} (full config: {run / 'config.yaml'})" in out, out[:3000]
     assert "rollout:\n" not in out and m[1]["bringup/first_sync_s"] > 0 and m[KILL_AT]["bringup/first_sync_s"] > 0
+    # steps 1-2 trained context-parallel (CP 2), the resumed steps from their checkpoint as DP ranks (DP 2):
+    # the distributed optimizer's shards (over DP x CP) and the weights carry across
+    assert "matpo train: actor      TP 1 x PP 1 x CP 2 x DP 1," in matpo_world["killed"]["stdout"]
+    assert "matpo train: actor      TP 1 x PP 1 x DP 2," in out, out[:3000]
     # ... and nothing else that reads as a failure: no traceback, error or library probe (the first start's
     # console up to its kill; the Slurm job's log, which also holds Ray's and the job script's own lines)
     assert_quiet_console(matpo_world["killed"]["stdout"])

@@ -43,8 +43,9 @@ def check_layout(hf_dir: str | Path, layout: ParallelLayout) -> ParallelLayout:
     return layout.validate(load_hf_config(hf_dir))
 
 
-def layer_spec(config):
-    """TE spec where TE runs; else megatron's local spec with THD-capable core attention."""
+def layer_spec(config, vp_stage: int | None = None):
+    """TE spec where TE runs; else megatron's local spec with THD-capable core attention (and, with
+    sequence parallelism, norms that take it: the block spec then names its final norm too)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec)
 
@@ -54,7 +55,20 @@ def layer_spec(config):
 
     spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
     spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
-    return spec
+    if not config.sequence_parallel:
+        return spec
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlock, TransformerBlockSubmodules, get_num_layers_to_build)
+
+    from megatron_matpo.model.norm import SequenceParallelNorm
+
+    layer, attn = spec.submodules, spec.submodules.self_attention.submodules
+    layer.input_layernorm = layer.pre_mlp_layernorm = SequenceParallelNorm
+    if config.qk_layernorm:  # per head, after the QKV projection gathered the sequence
+        attn.q_layernorm = attn.k_layernorm = SequenceParallelNorm
+    return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
+        layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=SequenceParallelNorm))
 
 
 @dataclass
@@ -104,7 +118,7 @@ def build_model(hf_dir: str | Path, layout: ParallelLayout, *, load_weights: boo
     provider.tensor_model_parallel_size = layout.tp
     provider.pipeline_model_parallel_size = layout.pp
     provider.context_parallel_size = layout.cp
-    provider.sequence_parallel = False
+    provider.sequence_parallel = layout.sp
     provider.params_dtype = provider.pipeline_dtype = dtype
     provider.bf16, provider.fp16 = dtype == torch.bfloat16, dtype == torch.float16
     provider.seq_length = seq_length

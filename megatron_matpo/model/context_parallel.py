@@ -11,8 +11,9 @@ divides them by cp to find each rank's chunks, and so does the attention here.
 Attention: each rank all-gathers the keys and values of the CP group (one collective per layer, a
 differentiable one: the backward sums the key/value gradients back onto their owners), rebuilds each
 sequence's keys in order, and runs its own query chunks against them under the causal mask of their
-global positions. Memory per rank is O(t·kv) for the gathered keys, not a ring's O(t/cp); at the
-context lengths this serves (agent rollouts, 40k tokens) that is the simple and exact choice.
+global positions: each chunk against the keys up to its own end, so every rank computes its balanced
+share of the causal scores. Memory per rank is O(t·kv) for the gathered keys, not a ring's O(t/cp);
+at the context lengths this serves (agent rollouts, 40k tokens) that is the simple and exact choice.
 """
 from __future__ import annotations
 
@@ -98,12 +99,16 @@ def cp_packed_attention(q, k, v, cu_seqlens: list[int], scale: float, group, dro
         order = [(m, 0) if m < cp else (2 * cp - 1 - m, 1) for m in range(2 * cp)]
         kf = torch.cat([ks[r, lo + h * c: lo + (h + 1) * c] for r, h in order])  # [n, nkv, d]
         vf = torch.cat([vs[r, lo + h * c: lo + (h + 1) * c] for r, h in order])
-        qpos = torch.cat([torch.arange(rank * c, (rank + 1) * c),
-                          torch.arange((2 * cp - 1 - rank) * c, (2 * cp - rank) * c)]).to(q.device)
-        mask = torch.arange(n, device=q.device)[None, :] <= qpos[:, None]  # [2c, n] causal on global positions
-        qi, ki, vi = q[lo:lo + 2 * c].transpose(0, 1), kf.transpose(0, 1), vf.transpose(0, 1)
+        kf, vf = kf.transpose(0, 1), vf.transpose(0, 1)  # [nkv, n, d]
         if rep > 1:
-            ki, vi = ki.repeat_interleave(rep, dim=0), vi.repeat_interleave(rep, dim=0)
-        o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, dropout_p=dropout, scale=scale)
-        out[lo:lo + 2 * c] = o.transpose(0, 1)
+            kf, vf = kf.repeat_interleave(rep, dim=0), vf.repeat_interleave(rep, dim=0)
+        # each query chunk against the keys up to its own end only: (2cp + 1) c^2 scores per rank, the
+        # balanced share of the causal n^2 / 2
+        for j, m in enumerate((rank, 2 * cp - 1 - rank)):
+            end = (m + 1) * c
+            mask = torch.ones(c, end, dtype=torch.bool, device=q.device).tril(end - c)  # causal, bottom-right
+            qi = q[lo + j * c: lo + (j + 1) * c].transpose(0, 1)
+            o = F.scaled_dot_product_attention(qi, kf[:, :end], vf[:, :end], attn_mask=mask, dropout_p=dropout,
+                                               scale=scale)
+            out[lo + j * c: lo + (j + 1) * c] = o.transpose(0, 1)
     return out

@@ -80,10 +80,6 @@ def run(args: argparse.Namespace) -> int:
         mfu=args.mfu, memory_margin=args.memory_margin, overhead_gib=args.overhead_gib,
         comm_efficiency=args.comm_efficiency, dp_exposed_fraction=args.dp_exposed,
         tp_exposed_fraction=args.tp_exposed, sequence_parallel=not args.no_sequence_parallel)
-    if args.measure and assumptions.sequence_parallel:
-        # predict what will be measured: build_model runs without sequence parallelism
-        print("--measure: predicting without sequence parallelism, as build_model runs", flush=True)
-        assumptions = dataclasses.replace(assumptions, sequence_parallel=False)
     if args.calibrate:
         from megatron_matpo import platform
         from megatron_matpo.planner.calibrate import calibrated, probe, to_yaml
@@ -140,9 +136,9 @@ def _measure(args: argparse.Namespace, result) -> dict:
     if result.gpus > _local_devices():
         raise ValueError(f"--measure runs {result.gpus} local processes, this machine has {_local_devices()} "
                          f"devices: pass --gpus")
-    chosen = spread([p for p in result.ranked if p.layout.cp == 1], args.measure_count)
+    chosen = spread(result.ranked, args.measure_count)
     if not chosen:
-        raise ValueError("--measure: no fitting layout with cp=1 to run")
+        raise ValueError("--measure: no fitting layout to run")
     model_dir = Path(args.model)
     model_dir = model_dir.parent if model_dir.is_file() else model_dir
     measured = measure_layouts(str(model_dir), [p.layout for p in chosen], result.workload.global_batch_tokens,

@@ -32,6 +32,7 @@ class Layout:
     micro_batch_tokens: int = 4096  # THD packing budget per micro-batch (before the CP split)
     recompute: bool = False  # full, uniform, 1 layer per checkpoint
     distributed_optimizer: bool = True
+    sp: bool = False  # sequence parallelism (tp > 1): norms and residuals on 1/tp of the tokens
 
     @property
     def world(self) -> int:
@@ -40,7 +41,7 @@ class Layout:
     @property
     def key(self) -> str:
         return (f"tp{self.tp}-pp{self.pp}-cp{self.cp}-dp{self.dp}-mbt{self.micro_batch_tokens}"
-                f"-rc{int(self.recompute)}-do{int(self.distributed_optimizer)}")
+                f"-rc{int(self.recompute)}-do{int(self.distributed_optimizer)}" + ("-sp1" if self.sp else ""))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,7 +69,7 @@ class Assumptions:
     comm_efficiency: float = 0.8  # NCCL bus bandwidth / nominal link bandwidth
     tp_exposed_fraction: float = 1.0  # megatron overlaps no TP collectives by default
     dp_exposed_fraction: float = 1.0  # the repo's ddp_config sets overlap_grad_reduce=False
-    sequence_parallel: bool = True  # used when tp > 1 and the cluster has TransformerEngine
+    sequence_parallel: bool = True  # the search also tries each tp > 1 layout with SP (Layout.sp)
     # last stage, one micro-batch, per token and vocab entry on a TP rank: the fp32 logits
     # (Float16Module hands the last stage fp32; megatron's cross-entropy turns them into the softmax
     # in place and saves it for backward) + two fp32 temporaries of the actor's entropy metric
@@ -79,7 +80,8 @@ class Assumptions:
 
 
 def uses_sequence_parallel(layout: Layout, cluster: Cluster, assumptions: Assumptions) -> bool:
-    return assumptions.sequence_parallel and cluster.transformer_engine and layout.tp > 1
+    """TE's norms or ours (model/norm.py) both take SP: the layout decides."""
+    return layout.sp and layout.tp > 1
 
 
 # ---------------------------------------------------------------- memory
@@ -261,13 +263,22 @@ def _stage_slot(spec: ModelSpec, cluster: Cluster, layout: Layout, workload: Wor
 
     cp_time = 0.0
     if cp > 1:
-        # ring attention passes each rank's K and V around the ring (cp - 1 hops) in forward, and
-        # K, V plus their grads in backward; it overlaps the attention kernels it feeds
-        kv_bytes = tokens * 2 * spec.kv_dim / tp * pb
-        hops = layers * (3 + (1 if layout.recompute else 0)) * (cp - 1)
-        exchange = hops * (kv_bytes / group_bandwidth(cluster, cp, tp, assumptions) + alpha)
-        attn_compute = passes * tokens * layers * attn_per_token / tp / rate
-        cp_time = max(0.0, exchange - attn_compute)
+        kv_bytes = tokens * 2 * spec.kv_dim / tp * pb  # this rank's K and V of one layer
+        bw = group_bandwidth(cluster, cp, tp, assumptions)
+        forwards = 2 if layout.recompute else 1
+        if cluster.transformer_engine:
+            # TE's ring attention passes each rank's K and V around the ring (cp - 1 hops) in forward, and
+            # K, V plus their grads in backward; it overlaps the attention kernels it feeds
+            hops = layers * (2 + forwards) * (cp - 1)
+            exchange = hops * (kv_bytes / bw + alpha)
+            attn_compute = passes * tokens * layers * attn_per_token / tp / rate
+            cp_time = max(0.0, exchange - attn_compute)
+        else:
+            # ours (model/context_parallel.py), not overlapped: all-gather K and V per forward, and in
+            # backward sum the gathered gradient over the group (an all-reduce on gloo)
+            gather = 2 * (reduce_scatter_time(cp * kv_bytes / 2, cp, bw) + alpha)
+            back = 2 * (all_reduce_time(cp * kv_bytes / 2, cp, bw) + alpha)
+            cp_time = layers * (forwards * gather + back)
 
     p2p = 0.0
     if pp > 1:

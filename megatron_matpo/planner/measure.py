@@ -94,7 +94,7 @@ def _measure_one(hf_dir: str, layout: Layout, n_rows: int, seq_len: int, steps: 
 
     cuda = platform.capabilities().cuda
     dtype = torch.bfloat16 if cuda else torch.float32
-    par = ParallelLayout(tp=layout.tp, pp=layout.pp, dp=layout.dp)
+    par = ParallelLayout(tp=layout.tp, pp=layout.pp, dp=layout.dp, cp=layout.cp, sp=layout.sp)
     init_megatron(par)
     optim = OptimConfig(use_distributed_optimizer=layout.distributed_optimizer)
     bridge = _ProviderOverrides(make_bridge(hf_dir), **provider_settings(layout))
@@ -104,7 +104,8 @@ def _measure_one(hf_dir: str, layout: Layout, n_rows: int, seq_len: int, steps: 
     n_params = sum(p.numel() for c in built.chunks for p in c.parameters())
 
     rows = synthetic_rows(n_rows, seq_len, built.provider.vocab_size)
-    packed = pack_rows(rows, layout.micro_batch_tokens, dp_size=layout.dp)
+    packed = pack_rows(rows, layout.micro_batch_tokens, dp_size=layout.dp, pad_to_multiple=layout.tp,
+                       cp_size=layout.cp)
     mbs = packed[parallel_state.get_data_parallel_rank()]
     loss_tokens = sum(sum(r.loss_mask) for r in rows)
     device = platform.device()
@@ -126,7 +127,8 @@ def _measure_one(hf_dir: str, layout: Layout, n_rows: int, seq_len: int, steps: 
     peak = torch.cuda.max_memory_allocated() if cuda else rss.peak
     mine = {"rank": torch.distributed.get_rank(), "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
             "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
-            "dp_rank": parallel_state.get_data_parallel_rank(), "params": n_params, "peak_bytes": peak,
+            "dp_rank": parallel_state.get_data_parallel_rank(), "cp_rank": parallel_state.get_context_parallel_rank(),
+            "params": n_params, "peak_bytes": peak,
             "times": times, "loss": stats.get("loss"), "micro_batches": len(mbs)}
     everyone: list[dict | None] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(everyone, mine)
@@ -148,7 +150,7 @@ def _measure_one(hf_dir: str, layout: Layout, n_rows: int, seq_len: int, steps: 
         "peak_memory_gib": max(r["peak_bytes"] for r in everyone) / GIB,
         "memory_kind": "torch.cuda.max_memory_allocated" if cuda else "process RSS (sampled every 5 ms)",
         "loss": losses[0] if losses else None,
-        "params_per_rank": [{k: r[k] for k in ("rank", "tp_rank", "pp_rank", "dp_rank", "params")}
+        "params_per_rank": [{k: r[k] for k in ("rank", "tp_rank", "pp_rank", "cp_rank", "dp_rank", "params")}
                             for r in everyone],
     }
 
@@ -173,9 +175,6 @@ def measure_layouts(hf_dir: str, layouts: Sequence[Layout], tokens_per_step: int
         return []
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
-    for lay in layouts:
-        if lay.cp != 1:
-            raise ValueError(f"{lay.key}: context parallelism is not wired into this repo's launcher; measure cp=1")
     seq_len = seq_len or min(lay.micro_batch_tokens for lay in layouts)
     n_rows = tokens_per_step // seq_len
     for lay in layouts:

@@ -12,13 +12,13 @@ from megatron_matpo.planner.cost import Prediction, memory_budget
 from megatron_matpo.planner.model_stats import param_counts
 from megatron_matpo.planner.search import Plan
 
-COLUMNS = ("#", "TP", "PP", "CP", "DP", "mb tokens", "m", "recomp", "dist-opt", "mem GiB", "step s",
+COLUMNS = ("#", "TP", "SP", "PP", "CP", "DP", "mb tokens", "m", "recomp", "dist-opt", "mem GiB", "step s",
            "tok/s/GPU", "MFU", "bubble", "TP s", "DP s")
 
 
 def _row(rank: int, p: Prediction) -> list[str]:
     lay, t = p.layout, p.time
-    return [str(rank), str(lay.tp), str(lay.pp), str(lay.cp), str(lay.dp), str(lay.micro_batch_tokens),
+    return [str(rank), str(lay.tp), "on" if lay.sp else "off", str(lay.pp), str(lay.cp), str(lay.dp), str(lay.micro_batch_tokens),
             str(t.micro_batches), "on" if lay.recompute else "off", "on" if lay.distributed_optimizer else "off",
             f"{p.memory.total / GIB:.1f}", f"{t.total:.3g}", f"{p.tokens_per_s / lay.world:.0f}",
             f"{p.mfu:.1%}", f"{t.bubble_fraction:.0%}", f"{t.tp_comm:.3g}", f"{t.dp_comm:.3g}"]

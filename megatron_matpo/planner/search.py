@@ -29,8 +29,6 @@ def parallel_problems(spec: ModelSpec, cluster: Cluster, tp: int, pp: int, cp: i
         why.append(f"tp={tp} spans nodes (gpus_per_node={cluster.gpus_per_node})")
     if spec.layers % pp:
         why.append(f"pp={pp} does not divide num_hidden_layers={spec.layers}")
-    if cp > 1 and not cluster.transformer_engine:
-        why.append(f"cp={cp} needs TransformerEngine attention ({cluster.name} has none)")
     return why
 
 
@@ -61,10 +59,11 @@ def enumerate_layouts(spec: ModelSpec, cluster: Cluster, workload: Workload, gpu
                       cp: Iterable[int] | None = None, micro_batch_tokens: Iterable[int] | None = None,
                       recompute: Sequence[bool] = (False, True),
                       distributed_optimizer: Sequence[bool] = (True, False),
+                      sequence_parallel: Sequence[bool] = (False, True),
                       allow_cross_node_tp: bool = False) -> tuple[list[Layout], list[Rejection]]:
     """All layouts with tp·pp·cp·dp == gpus (default: the whole cluster), valid ones and rejected
     ones with their reasons. Candidates default to every divisor for TP and PP, CP in {1,2,4,8},
-    and packing budgets of 1, 2 and 4 rows."""
+    packing budgets of 1, 2 and 4 rows, and each tp > 1 layout with and without SP."""
     gpus = gpus or cluster.gpus
     if gpus > cluster.gpus:
         raise ValueError(f"--gpus {gpus} exceeds {cluster.name}'s {cluster.gpus} GPUs")
@@ -97,8 +96,9 @@ def enumerate_layouts(spec: ModelSpec, cluster: Cluster, workload: Workload, gpu
                         continue
                     for rc in recompute:
                         for do in distributed_optimizer:
-                            valid.append(Layout(tp=t, pp=p, dp=d, cp=c, micro_batch_tokens=mbt,
-                                                recompute=rc, distributed_optimizer=do))
+                            for sp in sorted(set(sequence_parallel)) if t > 1 else [False]:
+                                valid.append(Layout(tp=t, pp=p, dp=d, cp=c, micro_batch_tokens=mbt,
+                                                    recompute=rc, distributed_optimizer=do, sp=sp))
     return valid, rejected
 
 
@@ -117,6 +117,7 @@ class Plan:
 def plan(spec: ModelSpec, cluster: Cluster, workload: Workload, assumptions: Assumptions | None = None,
          gpus: int | None = None, **search) -> Plan:
     assumptions = assumptions or Assumptions()
+    search.setdefault("sequence_parallel", (False, True) if assumptions.sequence_parallel else (False,))
     layouts, rejected = enumerate_layouts(spec, cluster, workload, gpus, **search)
     preds = [predict(spec, cluster, lay, workload, assumptions) for lay in layouts]
     fit = sorted((p for p in preds if p.fits), key=lambda p: (p.time.total, p.memory.total))

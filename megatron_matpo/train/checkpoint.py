@@ -66,10 +66,12 @@ class _World:
     tp: int
     pp: int
     dp: int
+    cp: int = 1
 
     @property
     def layout(self) -> dict[str, int]:
-        return {"tp": self.tp, "pp": self.pp, "dp": self.dp}
+        # cp only when > 1: a checkpoint written before CP existed has the same layout record
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, **({"cp": self.cp} if self.cp > 1 else {})}
 
 
 def _world() -> _World:
@@ -78,7 +80,8 @@ def _world() -> _World:
     if not torch.distributed.is_initialized() or not ps.model_parallel_is_initialized():
         raise CheckpointError("training checkpoints need an initialized Megatron world (dist.init_megatron)")
     return _World(torch.distributed.get_rank(), ps.get_tensor_model_parallel_world_size(),
-                  ps.get_pipeline_model_parallel_world_size(), ps.get_data_parallel_world_size())
+                  ps.get_pipeline_model_parallel_world_size(), ps.get_data_parallel_world_size(),
+                  ps.get_context_parallel_world_size())
 
 
 def checkpoint_name(step: int) -> str:
@@ -260,9 +263,9 @@ def _prune(root: Path, keep_last: int, keep: Path) -> None:
 def load_checkpoint(ckpt_dir: str | Path, chunks: list, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler and RNG states from `ckpt_dir`; returns the saved `extra`.
 
-    Same layout: everything is restored exactly. Different TP/PP/DP: the model reshards; optimizer
-    state reshards only if it was saved with `optim_format="fully_reshardable"` (DP alone may change
-    with the default format), otherwise this raises — pass `optimizer=None` to load weights only
+    Same layout: everything is restored exactly. Different TP/PP/CP/DP: the model reshards; optimizer
+    state reshards only if it was saved with `optim_format="fully_reshardable"` (DP and CP alone may
+    change with the default format: the distributed optimizer shards over DP × CP), otherwise this raises — pass `optimizer=None` to load weights only
     (then build a fresh optimizer, or call `optimizer.reload_model_params()` for fp16/bf16 main
     params). RNG states are restored per rank only for the same layout. `scheduler=None` skips it.
     """

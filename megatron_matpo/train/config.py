@@ -20,6 +20,7 @@ class ActorSection:
     pp: int = 1
     dp: int = 1  # 0 = fill the cluster: (orchestrate.nodes x gpus_per_node) / (tp x pp x cp)
     cp: int = 1  # context parallel: every packed sequence split over cp ranks (load-balanced chunks)
+    sequence_parallel: bool = False  # SP: norms, dropout and residuals on a 1/tp slice of the sequence (tp > 1)
     dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
     max_tokens_per_micro_batch: int = 8192  # THD packing budget; every trajectory must fit
     recompute: str = "none"  # activation recompute: none | full (every layer; long contexts on big models)
@@ -29,7 +30,7 @@ class ActorSection:
 
     @property
     def layout(self) -> ParallelLayout:
-        return ParallelLayout(tp=self.tp, pp=self.pp, dp=self.dp, cp=self.cp)
+        return ParallelLayout(tp=self.tp, pp=self.pp, dp=self.dp, cp=self.cp, sp=self.sequence_parallel)
 
 
 @dataclass
@@ -190,6 +191,10 @@ class TrainConfig:
             need(getattr(a, name) >= 1, f"actor.{name}", f"must be >= 1, got {getattr(a, name)}")
         need(a.cp == 1 or self.advantage.estimator != "gae", "actor.cp",
              f"{a.cp} with advantage.estimator=gae: the critic (laid out like the actor) runs at cp=1 only for now")
+        need(not a.sequence_parallel or self.advantage.estimator != "gae", "actor.sequence_parallel",
+             "with advantage.estimator=gae: the critic (laid out like the actor) runs without SP for now")
+        need(not a.sequence_parallel or a.tp > 1, "actor.sequence_parallel",
+             f"splits activations over the TP ranks; it needs actor.tp > 1, got tp={a.tp}")
         need(a.cp == 1 or self.loss.off_policy.level != "sequence", "actor.cp",
              f"{a.cp} with loss.off_policy.level=sequence: a sequence's weight would need its tokens from every "
              "CP rank; use level=token or cp=1")

@@ -34,7 +34,7 @@ def startup_summary(cfg: TrainConfig) -> str:
         f"algorithm  {algo}; {cfg.steps} steps x {cfg.prompts_per_step} prompts x {ro.n_samples} samples",
         *(f"model      {_model(m)}" for m in models),
         f"data       {cfg.data}" + (f" (eval: {cfg.eval.data} every {cfg.eval.every} steps)" if cfg.eval.every else ""),
-        f"actor      TP {a.tp} x PP {a.pp} x DP {a.dp}, {cfg.resolved_dtype()}, lr {cfg.optim.lr:g}"
+        f"actor      TP {a.tp}{' (SP)' if a.sequence_parallel else ''} x PP {a.pp}{f' x CP {a.cp}' if a.cp > 1 else ''} x DP {a.dp}, {cfg.resolved_dtype()}, lr {cfg.optim.lr:g}"
         + (f" (output layer {cfg.optim.output_layer_lr:g})" if cfg.optim.output_layer_lr is not None else "")
         + (f"; {stacks} policies" if stacks > 1 else ""),
         f"engines    {eng.num_engines} SGLang engine(s) per policy, TP {eng.tp_size}; tools: {tools}",
