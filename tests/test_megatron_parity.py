@@ -70,7 +70,7 @@ def test_context_and_sequence_parallel_logits_match_transformers(request, world,
     # outside attention and MLP split over the TP ranks. Every token's logits equal transformers' on the whole
     # sequence, every architecture
     res = _world(request, world)[f"logits@{tag}"]
-    assert set(res) == {f"{a}/packed" for a in ARCHS}
+    assert {f"{a}/packed" for a in ARCHS} <= set(res)  # world2 also has the odd-vocabulary model
     assert max(res.values()) <= LOGIT_TOL, res
 
 

@@ -316,3 +316,27 @@ def test_loss_weights_add_up_to_the_rollout_mean_over_ranks_and_micro_batches():
     rows[1].loss_weight = None
     with pytest.raises(ValueError, match="loss weight"):
         pack_rows(rows, max_tokens_per_micro_batch=16, dp_size=1)
+
+
+@pytest.mark.parametrize("cp", [2, 3])
+def test_zigzag_attention_equals_whole_sequence_attention(cp):
+    """Every CP rank's queries against the gathered keys (model/context_parallel.py), put back in place, equal
+    causal attention over the whole packed sequences (GQA, several sequences); gradients reach every key."""
+    from megatron_matpo.model.attention import packed_attention_loop
+    from megatron_matpo.model.context_parallel import shard, zigzag_attention
+
+    torch.manual_seed(0)
+    m = 2 * cp
+    cu = [0, 3 * m, 4 * m, 9 * m]
+    q, k, v = (torch.randn(cu[-1], n, 8, dtype=torch.float64, requires_grad=True) for n in (4, 2, 2))
+    ref = packed_attention_loop(q, k, v, cu, cu, 8 ** -0.5)
+    ks = torch.stack([shard(k, cu, cp, r, dim=0) for r in range(cp)])
+    vs = torch.stack([shard(v, cu, cp, r, dim=0) for r in range(cp)])
+    out = torch.zeros_like(ref)
+    for r in range(cp):
+        part = zigzag_attention(shard(q, cu, cp, r, dim=0), ks, vs, cu, r, 8 ** -0.5)
+        out = out.index_copy(0, zigzag_index(cu, cp, r), part)
+    assert (out - ref).abs().max().item() < 1e-12
+    g_ref = torch.autograd.grad(ref.sum(), (q, k, v))
+    g_out = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all((a - b).abs().max().item() < 1e-12 for a, b in zip(g_out, g_ref))

@@ -86,9 +86,16 @@ def cp_packed_attention(q, k, v, cu_seqlens: list[int], scale: float, group, dro
     q: [t/cp, nq, d], k, v: [t/cp, nkv, d] (this rank's chunks, `zigzag_index` order); `cu_seqlens`:
     the global boundaries. Returns [t/cp, nq, d].
     """
-    cp, rank = group.size(), group.rank()
-    rep = q.size(1) // k.size(1)
     ks, vs = _GatherFromCP.apply(k, group), _GatherFromCP.apply(v, group)  # [cp, t/cp, nkv, d]
+    return zigzag_attention(q, ks, vs, cu_seqlens, group.rank(), scale, dropout)
+
+
+def zigzag_attention(q, ks, vs, cu_seqlens: list[int], rank: int, scale: float, dropout: float = 0.0):
+    """The local part of `cp_packed_attention`, given every CP rank's keys and values ([cp, t/cp, nkv, d],
+    as gathered): rank `rank`'s queries [t/cp, nq, d] against each whole sequence, causal on global
+    positions."""
+    cp = ks.size(0)
+    rep = q.size(1) // ks.size(2)
     out = torch.empty_like(q)
     for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:]):
         n = e - s
@@ -97,9 +104,8 @@ def cp_packed_attention(q, k, v, cu_seqlens: list[int], scale: float, group, dro
         c, lo = n // (2 * cp), s // cp  # chunk length; the sequence's offset in every rank's local layout
         # chunk m of the sequence: rank m's first half (m < cp), else rank 2cp-1-m's second half
         order = [(m, 0) if m < cp else (2 * cp - 1 - m, 1) for m in range(2 * cp)]
-        kf = torch.cat([ks[r, lo + h * c: lo + (h + 1) * c] for r, h in order])  # [n, nkv, d]
-        vf = torch.cat([vs[r, lo + h * c: lo + (h + 1) * c] for r, h in order])
-        kf, vf = kf.transpose(0, 1), vf.transpose(0, 1)  # [nkv, n, d]
+        kf = torch.cat([ks[r, lo + h * c: lo + (h + 1) * c] for r, h in order]).transpose(0, 1)  # [nkv, n, d]
+        vf = torch.cat([vs[r, lo + h * c: lo + (h + 1) * c] for r, h in order]).transpose(0, 1)
         if rep > 1:
             kf, vf = kf.repeat_interleave(rep, dim=0), vf.repeat_interleave(rep, dim=0)
         # each query chunk against the keys up to its own end only: (2cp + 1) c^2 scores per rank, the
