@@ -17,6 +17,8 @@ CPU redirects, written for megatron-core 0.19.2 with torch 2.14.1 (re-check on u
 - Hard-coded `device="cuda"` / `torch.cuda.current_device()` tensors (pipeline schedules,
   `transformer/utils.py` causal masks, rotary `inv_freq`), `.cuda()`, `.pin_memory()`: a
   `TorchFunctionMode` rewrites CUDA devices to CPU.
+- `torch.autograd.backward` called through the mode (activation recompute) runs its engine with the
+  mode pushed again, so the layers' backward it starts is rewritten too (`_backward_under_mode`).
 - `Tensor.type()` answers `torch.cuda.FloatTensor`-style names, because megatron's optimizers
   (`optimizer.py`, `distrib_optimizer.py`) accept only those strings for fp32/bf16 params.
 - `import megatron.core` imports triton (`transformer/moe/ops/paged_stash.py`); torch's CUDA
@@ -226,4 +228,26 @@ class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
             kwargs["pin_memory"] = False
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], _CPU) + tuple(args[2:])
+        if func is torch.autograd.backward:
+            return _backward_under_mode(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _backward_under_mode(tensors, grad_tensors=None, retain_graph=None, create_graph=False, inputs=None):
+    """`torch.autograd.backward` after its torch-function dispatch, with the rewrite on.
+
+    torch 2.14.1's `torch.autograd.backward` dispatches to torch-function modes, and a mode is off
+    while its own handler runs: the backward that megatron's activation recompute starts inside its
+    `CheckpointFunction.backward` would run the layers' backward without the rewrite (with sequence
+    parallelism that backward allocates on `torch.cuda.current_device()`). This is the rest of
+    torch's function (grads made, the engine run) inside a fresh instance of the mode; the engine
+    call itself does not dispatch, so the mode is not re-entered."""
+    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+    from torch.autograd.graph import _engine_run_backward
+
+    tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+    grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(grad_tensors, len(tensors)), is_grads_batched=False)
+    with _CudaToCpuMode():
+        _engine_run_backward(tensors, grads, create_graph if retain_graph is None else retain_graph, create_graph,
+                             tuple(inputs) if inputs is not None else (), allow_unreachable=True,
+                             accumulate_grad=True)

@@ -200,6 +200,23 @@ def test_calibration_sets_the_probed_constants():
     bw = group_bandwidth(c, 2, 1, a)
     assert all_reduce_time(LARGE_BYTES, 2, bw) + c.collective_latency_us * 1e-6 == pytest.approx(
         probe["all_reduce_large_s"])
+    assert c.concurrent_compute_factor == 1.0  # no busy-ranks measurement: unchanged
+    # both ranks busy: 0.1 s of compute alone (0.108 - 0.008 fixed) takes 0.125 s at once -> factor 1.25;
+    # the TP=2 step: (0.1 x 1.25) / 2 compute + 0.008 fixed + 18 collectives (4 per layer + 2) of
+    # 1 row x 256 tokens x hidden 64 fp32, plus 18 x 2 ms latency -> alpha = 2 ms
+    busy = {**probe, "micro_batch_s": [0.108, 0.3], "rows": [1, 4], "seq_len": 256, "hidden": 64,
+            "concurrent_micro_batch_s": 0.008 + 0.125}
+    achieved = 2 * 1 / 2 * LARGE_BYTES / (probe["all_reduce_large_s"] - probe["all_reduce_small_s"])
+    per_bytes = 1 / 2 * 2 * 256 * 64 * 4 / achieved
+    busy["tp_micro_batch_s"] = 0.125 / 2 + 0.008 + 18 * (per_bytes + 0.002)
+    c = calibrated(PRESETS["cpu-tiny"], busy, a)
+    assert c.concurrent_compute_factor == pytest.approx(1.25) and c.collective_latency_us == pytest.approx(2000)
+    # the factor applies to layouts of several ranks only
+    spec, work = ModelSpec.from_hf(str(QWEN3_14B)), Workload(seq_len=256, global_batch_tokens=1024)
+    one, two = Layout(tp=1, pp=1, dp=1, micro_batch_tokens=256), Layout(tp=1, pp=1, dp=2, micro_batch_tokens=256)
+    flat = replace(c, concurrent_compute_factor=1.0)
+    assert step_time(spec, c, one, work, a).compute == step_time(spec, flat, one, work, a).compute
+    assert step_time(spec, c, two, work, a).compute == pytest.approx(1.25 * step_time(spec, flat, two, work, a).compute)
 
 
 # ---------------------------------------------------------------- validation and search

@@ -29,7 +29,7 @@ def world2(tiny_models, odd_vocab_model, tmp_path_factory):
               ("vocab_padding_reshard", L(pp=2)), ("verifier", L(tp=2)), ("verifier", L(pp=2)),
               ("reshard", L(tp=2)), ("reshard", L(pp=2)),
               ("logits", L(cp=2)), ("train_packed", L(cp=2)), ("actor", L(cp=2)),
-              ("logits", L(tp=2, sp=True)), ("train_packed", L(tp=2, sp=True))]
+              ("logits", L(tp=2, sp=True)), ("train_packed", L(tp=2, sp=True)), ("train_recompute", L(tp=2, sp=True))]
     return launch_local(world_checks, 2, {**tiny_models, "qwen3-odd": odd_vocab_model}, phases,
                         str(tmp_path_factory.mktemp("world2")))
 
@@ -96,7 +96,8 @@ def test_packed_backward(request, world, key):
     assert res["loss_diff"] <= 1e-6 * 200  # summed CE over ~21 tokens (~150): relative 1e-6
 
 
-@pytest.mark.parametrize("key", ["train@tp2pp1dp1", "train@tp1pp1dp2", "train_recompute@tp2pp1dp1"])
+@pytest.mark.parametrize("key", ["train@tp2pp1dp1", "train@tp1pp1dp2", "train_recompute@tp2pp1dp1",
+                                 "train_recompute@tp2pp1dp1sp"])
 def test_train_steps_match_single_process(world1, world2, key):
     ref, got = world1["train@tp1pp1dp1"], world2[key]
     for step in range(3):

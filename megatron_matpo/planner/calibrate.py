@@ -9,7 +9,14 @@ makes fewer, larger micro-batches faster than the bubble alone predicts. The pro
 - collective latency and bandwidth: all-reduces of a 4-byte and of a 4 MiB tensor between 2 ranks;
 - compute: one rank runs forward + backward of the model on packed micro-batches of two sizes; the
   slope over tokens gives the effective FLOP rate, the intercept (spread over the layers) the fixed
-  cost per layer and micro-batch.
+  cost per layer and micro-batch;
+- compute with every rank busy: the small micro-batch on all ranks at once; over its time alone, the
+  factor by which ranks sharing a host slow each other (memory bandwidth; 1 on GPUs);
+- a collective inside a step: the model at TP = world on the small micro-batch. A gloo collective
+  between ranks that are computing costs far more than one in an idle loop (~2 ms vs ~0.3 ms on the
+  2-core machine: the ranks meet late and wake up slowly), so the latency charged to every collective
+  is what this step shows beyond its compute, fixed costs and bytes, per collective the model counts
+  (4 per layer, plus the embedding and the output layer).
 
 `calibrated(cluster, probe_result, assumptions)` returns the cluster with these fields set (`peak_tflops` so that
 `Assumptions.mfu` of it is the measured rate); `to_yaml` writes it for `--cluster FILE`.
@@ -85,12 +92,43 @@ def _probe_world(hf_dir: str, seq_len: int, rows: tuple[int, int], reps: int) ->
         torch.distributed.all_gather_object(everyone, times)
         per_size[k] = statistics.median([x for ts in everyone for x in ts])
     (k0, k1), (t0_, t1_) = rows, (per_size[rows[0]], per_size[rows[1]])
+    if world > 1:  # the same small micro-batch on every rank at once
+        mb = pack_sequences([torch.randint(0, vocab, (seq_len,), generator=g) for _ in range(k0)])
+        times = []
+        for i in range(reps + 1):
+            torch.distributed.barrier()
+            t_start = time.perf_counter()
+            run_schedule(built.chunks, [mb], loss, forward_only=False, device=device)
+            sync()
+            if i:
+                times.append(time.perf_counter() - t_start)
+        everyone = [None] * world
+        torch.distributed.all_gather_object(everyone, times)
+        out["concurrent_micro_batch_s"] = statistics.median([x for ts in everyone for x in ts])
     flops = {k: 3 * k * forward_flops(spec, seq_len) for k in rows}  # forward + backward (2x)
     rate = (flops[k1] - flops[k0]) / max(t1_ - t0_, 1e-9)
     intercept = max(0.0, t0_ - flops[k0] / rate)
     out.update({"seq_len": seq_len, "rows": list(rows), "micro_batch_s": [t0_, t1_], "flops": [flops[k0], flops[k1]],
-                "effective_tflops": rate / 1e12, "fixed_per_micro_batch_s": intercept, "layers": spec.layers})
+                "effective_tflops": rate / 1e12, "fixed_per_micro_batch_s": intercept, "layers": spec.layers,
+                "hidden": spec.hidden})
     parallel_state.destroy_model_parallel()
+    if world > 1 and spec.heads % world == 0 and spec.kv_heads % world == 0:
+        del built
+        init_megatron(ParallelLayout(tp=world))
+        built = build_model(hf_dir, ParallelLayout(tp=world), load_weights=False)
+        for c in built.chunks:
+            c.train()
+        mb = pack_sequences([torch.randint(0, vocab, (seq_len,), generator=g) for _ in range(k0)])
+        times = []
+        for i in range(reps + 1):
+            torch.distributed.barrier()
+            t_start = time.perf_counter()
+            run_schedule(built.chunks, [mb], loss, forward_only=False, device=device)
+            sync()
+            if i:
+                times.append(time.perf_counter() - t_start)
+        out["tp_micro_batch_s"] = statistics.median(times)
+        parallel_state.destroy_model_parallel()
     return out
 
 
@@ -109,14 +147,28 @@ def calibrated(cluster: Cluster, measured: dict, assumptions) -> Cluster:
     and a peak such that `assumptions.mfu` of it is the measured FLOP rate."""
     changes: dict = {"peak_tflops": measured["effective_tflops"] / assumptions.mfu,
                      "layer_overhead_ms": 1e3 * measured["fixed_per_micro_batch_s"] / measured["layers"]}
+    factor = 1.0
+    if "concurrent_micro_batch_s" in measured:
+        fixed, alone = measured["fixed_per_micro_batch_s"], measured["micro_batch_s"][0]
+        factor = max(1.0, (measured["concurrent_micro_batch_s"] - fixed) / max(alone - fixed, 1e-9))
+        changes["concurrent_compute_factor"] = factor
     if "all_reduce_small_s" in measured:
         alpha = measured["all_reduce_small_s"]
         n = measured["world"]
         # what the model charges an all-reduce: alpha + 2(n-1)/n * bytes / (nvlink_gbs / 2 * comm_efficiency)
         achieved = 2 * (n - 1) / n * LARGE_BYTES / max(measured["all_reduce_large_s"] - alpha, 1e-9)
+        if "tp_micro_batch_s" in measured:  # a collective inside a step (see the module docstring)
+            k0, t0_ = measured["rows"][0], measured["micro_batch_s"][0]
+            fixed = measured["fixed_per_micro_batch_s"]
+            count = 4 * measured["layers"] + 2  # cost._stage_slot's TP collectives: no SP, no recompute
+            per_bytes = 2 * (n - 1) / n * k0 * measured["seq_len"] * measured["hidden"] * 4 / achieved
+            beyond = measured["tp_micro_batch_s"] - (t0_ - fixed) * factor / n - fixed - count * per_bytes
+            alpha = max(alpha, beyond / count)
         changes.update(collective_latency_us=alpha * 1e6, nvlink_gbs=2 * achieved / assumptions.comm_efficiency / 1e9)
+    idle = (f" (an idle all-reduce: {measured['all_reduce_small_s'] * 1e6:.4g} us)"
+            if "tp_micro_batch_s" in measured else "")
     desc = (f"{cluster.description} | calibrated by planner/calibrate.py: "
-            f"{', '.join(f'{k}={v:.4g}' for k, v in changes.items())}")
+            f"{', '.join(f'{k}={v:.4g}' for k, v in changes.items())}{idle}")
     return dataclasses.replace(cluster, name=f"{cluster.name}-calibrated", description=desc, **changes).validate()
 
 

@@ -33,8 +33,8 @@ class Cluster:
     nvlink_gbs: float
     internode_gbs: float
     dtype: str = "bf16"  # training parameter dtype: bf16 on GPUs, fp32 in this repo's CPU runs
-    # TransformerEngine present: sequence parallelism (needs TE/Apex norms) and context parallelism
-    # (needs TE attention) are available; without it both stay off, as in the repo's local spec
+    # TransformerEngine present: context parallelism runs TE's ring attention (overlapped); without it
+    # the repo's own all-gather attention (model/context_parallel.py). SP runs either way.
     transformer_engine: bool = True
     # per-device memory the formula does not see: CUDA context, NCCL buffers, workspaces (GPU); the
     # interpreter, torch and megatron themselves (CPU, where "device memory" is process RSS)
@@ -44,6 +44,9 @@ class Cluster:
     # one layer's forward + backward of one micro-batch beyond its FLOPs (dispatch, kernel launches)
     collective_latency_us: float = 0.0
     layer_overhead_ms: float = 0.0
+    # compute time x this when several ranks compute at once (processes of a CPU host share its memory
+    # bandwidth and caches; 1 on GPUs, each rank its own device): planner/calibrate.py measures it
+    concurrent_compute_factor: float = 1.0
     description: str = ""
 
     @property
@@ -64,6 +67,9 @@ class Cluster:
         for name in ("collective_latency_us", "layer_overhead_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"cluster {self.name}: {name} must be >= 0, got {getattr(self, name)}")
+        if self.concurrent_compute_factor < 1:
+            raise ValueError(f"cluster {self.name}: concurrent_compute_factor must be >= 1, "
+                             f"got {self.concurrent_compute_factor}")
         if self.dtype not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"cluster {self.name}: dtype must be bf16, fp16 or fp32, got {self.dtype!r}")
         return self

@@ -249,6 +249,8 @@ def _stage_slot(spec: ModelSpec, cluster: Cluster, layout: Layout, workload: Wor
     layer_flops = tokens * layers * (linear_flops_per_token(spec) + attn_per_token) / tp
     head_flops = tokens * output_layer_flops_per_token(spec) / tp if last else 0.0
     compute = (passes * layer_flops + 3 * head_flops) / rate
+    if layout.world > 1:  # the ranks compute at the same time (a CPU host's shared memory bandwidth)
+        compute *= cluster.concurrent_compute_factor
     alpha = cluster.collective_latency_us * 1e-6  # per collective / message
 
     tp_time = 0.0
