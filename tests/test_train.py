@@ -270,6 +270,9 @@ def test_config_errors_before_anything_starts(tmp_path):
         load("actor.cp=2", "loss.off_policy.mode=tis", "loss.off_policy.level=sequence").validate()
     with pytest.raises(ConfigError, match="actor.sequence_parallel: splits activations over the TP ranks"):
         load("actor.tp=1", "actor.sequence_parallel=true").validate()
+    with pytest.raises(ConfigError, match=r"2047 is smaller than the longest agent context \(2048 tokens; the budget "
+                                          r"is 2044 as a multiple of the TP/CP padding"):
+        load("actor.tp=1", "actor.cp=2", "actor.max_tokens_per_micro_batch=2047").validate()
     with pytest.raises(ConfigError, match="actor.cp: must be >= 1, got 0"):
         load("actor.cp=0").validate()
     cp = load("actor.tp=2", "actor.cp=2", "actor.dp=0", "orchestrate.nodes=1", "orchestrate.gpus_per_node=8",

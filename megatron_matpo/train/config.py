@@ -231,9 +231,15 @@ class TrainConfig:
         longest = max(wf.planner.max_context_tokens, wf.worker.max_context_tokens)
         if self.algorithm == "maporl":
             longest = mp.discussion.max_context_tokens
-        need(longest <= a.max_tokens_per_micro_batch, "actor.max_tokens_per_micro_batch",
-             f"{a.max_tokens_per_micro_batch} is smaller than the longest agent context ({longest} tokens, "
-             "rollout.workflow.*.max_context_tokens or maporl.discussion.max_context_tokens): a trajectory "
+        # as pack_rows pads: each row to 2·cp (CP), the micro-batch to tp (× 2·cp)
+        seq_multiple = 2 * a.cp if a.cp > 1 else 1
+        capacity = a.max_tokens_per_micro_batch // (a.tp * seq_multiple) * (a.tp * seq_multiple)
+        padded = -(-longest // seq_multiple) * seq_multiple
+        need(padded <= capacity, "actor.max_tokens_per_micro_batch",
+             f"{a.max_tokens_per_micro_batch} is smaller than the longest agent context ({longest} tokens"
+             f"{f', {padded} padded to 2*cp' if padded != longest else ''}"
+             f"{f'; the budget is {capacity} as a multiple of the TP/CP padding' if capacity != a.max_tokens_per_micro_batch else ''}"
+             ", rollout.workflow.*.max_context_tokens or maporl.discussion.max_context_tokens): a trajectory "
              "could not be packed")
         if self.deterministic:
             from megatron_matpo import platform
