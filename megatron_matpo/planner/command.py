@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dp-exposed", type=float, default=1.0, help="fraction of DP grad comm not overlapped")
     p.add_argument("--tp-exposed", type=float, default=1.0, help="fraction of TP comm not overlapped")
     p.add_argument("--no-sequence-parallel", action="store_true",
-                   help="assume sequence parallelism off (this repo's builder currently turns it off)")
+                   help="rank TP layouts without sequence parallelism only (default: each with and without)")
     p.add_argument("--top", type=int, default=10, help="rows in the printed table")
     p.add_argument("--plain", action="store_true", help="plain-text table even when rich is installed")
     p.add_argument("--json", default="runs/bench-layouts/layouts.json", help="write the full ranking here")
