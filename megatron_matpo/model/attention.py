@@ -5,9 +5,9 @@ CPU exactly as TE's fused attention trains them on GPU.
 megatron-core 0.19's `DotProductAttention` refuses packed sequences. Here, on CUDA in bf16/fp16,
 torch's flash-attention varlen kernel runs all `cu_seqlens` segments in one launch; elsewhere each
 segment runs causal `scaled_dot_product_attention` on its own. Either way no token attends across a
-sequence boundary. With context parallelism (cp > 1) each rank holds two chunks of every sequence and
-attends over the CP group's gathered keys (model/context_parallel.py). Unpacked causal batches use SDPA too; an explicit attention mask falls back to
-megatron's own implementation.
+sequence boundary. With context parallelism (cp > 1) each rank holds two chunks of every sequence
+and attends over the CP group's gathered keys (model/context_parallel.py). Unpacked causal batches
+use SDPA too; an explicit attention mask falls back to megatron's own implementation.
 """
 from __future__ import annotations
 
