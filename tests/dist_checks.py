@@ -523,7 +523,7 @@ def critic_step(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
         old_v = [0.0] + ref_v[i][:-1].tolist()  # row convention: token j's value sits at position j-1
         rows.append(Row(s.tolist(), mask, [0.0] * n, advantage=0.0, row_id=i, reward=1.0,
                         returns=[float(i) - 1.0] * n, old_values=old_v))
-    packed = pack_rows(rows, max_tokens_per_micro_batch=64, dp_size=1, pad_to_multiple=layout.tp)
+    packed = pack_rows(rows, max_tokens_per_micro_batch=64, dp_size=1, pad_to_multiple=layout.tp, cp_size=layout.cp)
     w.load_batch([packed[0]])
     got = w.values()
     out = {"value_vs_hf": 0.0, "rows": float(len(got))}

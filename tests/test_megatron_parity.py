@@ -29,7 +29,8 @@ def world2(tiny_models, odd_vocab_model, tmp_path_factory):
               ("vocab_padding_reshard", L(pp=2)), ("verifier", L(tp=2)), ("verifier", L(pp=2)),
               ("reshard", L(tp=2)), ("reshard", L(pp=2)),
               ("logits", L(cp=2)), ("train_packed", L(cp=2)), ("actor", L(cp=2)),
-              ("logits", L(tp=2, sp=True)), ("train_packed", L(tp=2, sp=True)), ("train_recompute", L(tp=2, sp=True))]
+              ("logits", L(tp=2, sp=True)), ("train_packed", L(tp=2, sp=True)), ("train_recompute", L(tp=2, sp=True)),
+              ("critic", L(cp=2))]
     return launch_local(world_checks, 2, {**tiny_models, "qwen3-odd": odd_vocab_model}, phases,
                         str(tmp_path_factory.mktemp("world2")))
 
@@ -154,7 +155,7 @@ def test_actor_logprobs_and_first_ppo_step(request, world, key):
     assert res["paper_reported"] == 1.0 and res["paper_loss_err"] <= 1e-5, res  # loss.agg=rollout-mean-token-mean
 
 
-@pytest.mark.parametrize("key", ["critic@tp1pp1dp1", "critic@tp2pp1dp1", "critic@tp1pp2dp1"])
+@pytest.mark.parametrize("key", ["critic@tp1pp1dp1", "critic@tp2pp1dp1", "critic@tp1pp2dp1", "critic@tp1pp1cp2dp1"])
 def test_critic_values_and_value_steps(world1, world2, key):
     """The critic (value head on the Megatron model) == transformers' hidden states · head; its value
     loss steps agree across TP / PP with the single-process run and lower the loss."""

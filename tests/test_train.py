@@ -278,9 +278,9 @@ def test_config_errors_before_anything_starts(tmp_path):
     cp = load("actor.tp=2", "actor.cp=2", "actor.dp=0", "orchestrate.nodes=1", "orchestrate.gpus_per_node=8",
               "orchestrate.colocate=true", "sync.mode=tensor").validate()
     assert cp.actor.dp == 2 and cp.actor.layout.world_size == 8  # 8 GPUs / (TP 2 x CP 2)
-    with pytest.raises(ConfigError, match="actor.cp: 2 with advantage.estimator=gae"):
+    with pytest.raises(ConfigError, match="actor.sequence_parallel: with advantage.estimator=gae"):
         config.load(TrainConfig, REPO / "configs/maporl_tiny_cpu.yaml", [
-            f"run_dir={tmp_path}/m", "advantage.estimator=gae", "actor.cp=2"]).validate()
+            f"run_dir={tmp_path}/m", "advantage.estimator=gae", "actor.tp=2", "actor.sequence_parallel=true"]).validate()
     # a critic per policy, laid out like its actor: 2 agents x (actor + critic) x TP 2 x dp 0 on 2 x 8 GPUs
     mp = config.load(TrainConfig, REPO / "configs/maporl_tiny_cpu.yaml", [
         f"run_dir={tmp_path}/m", "maporl.models=distinct", "advantage.estimator=gae", "actor.tp=2", "actor.dp=0",

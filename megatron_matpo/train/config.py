@@ -189,8 +189,6 @@ class TrainConfig:
              f"exact_match | judge, got {ro.reward.scorer!r}")
         for name in ("tp", "pp", "cp"):
             need(getattr(a, name) >= 1, f"actor.{name}", f"must be >= 1, got {getattr(a, name)}")
-        need(a.cp == 1 or self.advantage.estimator != "gae", "actor.cp",
-             f"{a.cp} with advantage.estimator=gae: the critic (laid out like the actor) runs at cp=1 only for now")
         need(not a.sequence_parallel or self.advantage.estimator != "gae", "actor.sequence_parallel",
              "with advantage.estimator=gae: the critic (laid out like the actor) runs without SP for now")
         need(not a.sequence_parallel or a.tp > 1, "actor.sequence_parallel",

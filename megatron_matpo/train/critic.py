@@ -26,21 +26,30 @@ class CriticWorker(ActorWorker):
     def values(self) -> dict[int, np.ndarray]:
         """Per row (id → values at its loss positions, in token order) of the current batch; the
         reporting ranks of each DP slice return theirs, the others {}."""
+        from megatron.core import parallel_state as ps
+
+        from megatron_matpo.model.context_parallel import unshard
+        from megatron_matpo.train.actor import cp_parts
+
         out: dict[int, np.ndarray] = {}
 
-        def keep(o, p: PackedMicroBatch):  # last pipeline stage only
-            rows, mask, v = p.row_ids[0], p.loss_mask[0] > 0, _values(o).detach().cpu()[0]
-            for rid in rows.unique().tolist():
-                if rid != PAD_ROW_ID:
-                    out[rid] = v[(rows == rid) & mask].numpy().astype(np.float32)
-            return torch.zeros((), device=o.device), {}
+        def keep(o, _p: PackedMicroBatch):  # last pipeline stage only
+            return torch.zeros((), device=o.device), {"values": _values(o).detach().cpu()}
 
         for c in self.built.chunks:
             c.eval()
+        cp, group = ps.get_context_parallel_world_size(), ps.get_context_parallel_group()
         for mbs in self.batches:
+            parts = cp_parts(mbs)  # each CP rank its part; the values come back whole
             with torch.no_grad():
-                run_schedule(self.built.chunks, [p.micro_batch for p in mbs], keep, forward_only=True,
-                             device=self.device, with_each=mbs)
+                reported = run_schedule(self.built.chunks, [p.micro_batch for p in parts], keep, forward_only=True,
+                                        device=self.device, with_each=parts)
+            for p, r in zip(mbs, reported):
+                v = unshard(r["values"], p.micro_batch.cu_seqlens.tolist(), cp, group)[0]
+                rows, mask = p.row_ids[0], p.loss_mask[0] > 0
+                for rid in rows.unique().tolist():
+                    if rid != PAD_ROW_ID:
+                        out[rid] = v[(rows == rid) & mask].numpy().astype(np.float32)
         return out if self.reports else {}
 
     def train(self, global_token_counts: list[int]) -> list[dict[str, float]]:
