@@ -48,12 +48,8 @@ def unshard(local: torch.Tensor, cu_seqlens: list[int], cp: int, group, dim: int
         return local
     parts = [torch.empty_like(local) for _ in range(cp)]
     torch.distributed.all_gather(parts, local.contiguous(), group=group)
-    shape = list(local.shape)
-    shape[dim] = cu_seqlens[-1]
-    out = local.new_empty(shape)
-    for r, part in enumerate(parts):
-        out.index_copy_(dim, zigzag_index(cu_seqlens, cp, r).to(out.device), part)
-    return out
+    order = torch.cat([zigzag_index(cu_seqlens, cp, r) for r in range(cp)]).to(local.device)
+    return torch.empty_like(torch.cat(parts, dim)).index_copy_(dim, order, torch.cat(parts, dim))
 
 
 class _GatherFromCP(torch.autograd.Function):

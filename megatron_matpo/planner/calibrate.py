@@ -74,37 +74,39 @@ def _probe_world(hf_dir: str, seq_len: int, rows: tuple[int, int], reps: int) ->
     def loss(o, _mb):
         return o.float().mean(), {}
 
-    per_size = {}
-    for k in rows:  # a micro-batch of k packed rows of seq_len, as the workload packs them
-        mb = pack_sequences([torch.randint(0, vocab, (seq_len,), generator=g) for _ in range(k)])
-        times = []
-        for r in range(world):
-            torch.distributed.barrier()
-            if torch.distributed.get_rank() != r:
-                continue
-            for i in range(reps + 1):
-                t0 = time.perf_counter()
-                run_schedule(built.chunks, [mb], loss, forward_only=False, device=device)
-                sync()
-                if i:
-                    times.append(time.perf_counter() - t0)
-        everyone: list = [None] * world
-        torch.distributed.all_gather_object(everyone, times)
-        per_size[k] = statistics.median([x for ts in everyone for x in ts])
-    (k0, k1), (t0_, t1_) = rows, (per_size[rows[0]], per_size[rows[1]])
-    if world > 1:  # the same small micro-batch on every rank at once
-        mb = pack_sequences([torch.randint(0, vocab, (seq_len,), generator=g) for _ in range(k0)])
+    def micro_batch(k: int):  # k packed rows of seq_len, as the workload packs them
+        return pack_sequences([torch.randint(0, vocab, (seq_len,), generator=g) for _ in range(k)])
+
+    def step_times(chunks, mb, together: bool) -> list[float]:
+        """`reps` timed forward + backward passes after one warm-up; `together`: all ranks start each one
+        at a barrier (else this rank runs alone, as called)."""
         times = []
         for i in range(reps + 1):
-            torch.distributed.barrier()
+            if together:
+                torch.distributed.barrier()
             t_start = time.perf_counter()
-            run_schedule(built.chunks, [mb], loss, forward_only=False, device=device)
+            run_schedule(chunks, [mb], loss, forward_only=False, device=device)
             sync()
             if i:
                 times.append(time.perf_counter() - t_start)
-        everyone = [None] * world
+        return times
+
+    def median_over_ranks(times: list[float]) -> float:
+        everyone: list = [None] * world
         torch.distributed.all_gather_object(everyone, times)
-        out["concurrent_micro_batch_s"] = statistics.median([x for ts in everyone for x in ts])
+        return statistics.median([x for ts in everyone for x in ts])
+
+    per_size = {}
+    for k in rows:
+        mb, times = micro_batch(k), []
+        for r in range(world):  # the ranks in turn, the others idle
+            torch.distributed.barrier()
+            if torch.distributed.get_rank() == r:
+                times = step_times(built.chunks, mb, together=False)
+        per_size[k] = median_over_ranks(times)
+    (k0, k1), (t0_, t1_) = rows, (per_size[rows[0]], per_size[rows[1]])
+    if world > 1:  # the same small micro-batch on every rank at once
+        out["concurrent_micro_batch_s"] = median_over_ranks(step_times(built.chunks, micro_batch(k0), together=True))
     flops = {k: 3 * k * forward_flops(spec, seq_len) for k in rows}  # forward + backward (2x)
     rate = (flops[k1] - flops[k0]) / max(t1_ - t0_, 1e-9)
     intercept = max(0.0, t0_ - flops[k0] / rate)
@@ -118,16 +120,7 @@ def _probe_world(hf_dir: str, seq_len: int, rows: tuple[int, int], reps: int) ->
         built = build_model(hf_dir, ParallelLayout(tp=world), load_weights=False)
         for c in built.chunks:
             c.train()
-        mb = pack_sequences([torch.randint(0, vocab, (seq_len,), generator=g) for _ in range(k0)])
-        times = []
-        for i in range(reps + 1):
-            torch.distributed.barrier()
-            t_start = time.perf_counter()
-            run_schedule(built.chunks, [mb], loss, forward_only=False, device=device)
-            sync()
-            if i:
-                times.append(time.perf_counter() - t_start)
-        out["tp_micro_batch_s"] = statistics.median(times)
+        out["tp_micro_batch_s"] = statistics.median(step_times(built.chunks, micro_batch(k0), together=True))
         parallel_state.destroy_model_parallel()
     return out
 

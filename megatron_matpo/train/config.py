@@ -229,10 +229,11 @@ class TrainConfig:
         longest = max(wf.planner.max_context_tokens, wf.worker.max_context_tokens)
         if self.algorithm == "maporl":
             longest = mp.discussion.max_context_tokens
-        # as pack_rows pads: each row to 2·cp (CP), the micro-batch to tp (× 2·cp)
-        seq_multiple = 2 * a.cp if a.cp > 1 else 1
-        capacity = a.max_tokens_per_micro_batch // (a.tp * seq_multiple) * (a.tp * seq_multiple)
-        padded = -(-longest // seq_multiple) * seq_multiple
+        from megatron_matpo.train.packing import packed_capacity, padded_row_len
+
+        # as the trainer packs: each row to 2·cp (CP), the micro-batch to tp (× 2·cp)
+        capacity = packed_capacity(a.max_tokens_per_micro_batch, a.tp, a.cp)
+        padded = padded_row_len(longest, a.cp)
         need(padded <= capacity, "actor.max_tokens_per_micro_batch",
              f"{a.max_tokens_per_micro_batch} is smaller than the longest agent context ({longest} tokens"
              f"{f', {padded} padded to 2*cp' if padded != longest else ''}"

@@ -244,6 +244,22 @@ def _padded_len(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def cp_row_multiple(cp_size: int) -> int:
+    """What each row is padded to under context parallelism (2·cp; 1 without)."""
+    return 2 * cp_size if cp_size > 1 else 1
+
+
+def packed_capacity(max_tokens_per_micro_batch: int, pad_to_multiple: int = 1, cp_size: int = 1) -> int:
+    """The packing budget as `pack_rows` uses it: rounded down to the micro-batch pad multiple."""
+    multiple = pad_to_multiple * cp_row_multiple(cp_size)
+    return max_tokens_per_micro_batch // multiple * multiple
+
+
+def padded_row_len(n: int, cp_size: int = 1) -> int:
+    """A row of `n` tokens as packed: padded to 2·cp under context parallelism."""
+    return _padded_len(n, cp_row_multiple(cp_size))
+
+
 def _pad_values(n: int, labels, mask, old, ref, adv, ret, val, wts, owner, parity) -> None:
     """Append `n` padding positions (predict nothing, train nothing) to the per-position lists."""
     labels += [IGNORE_LABEL] * n
@@ -333,9 +349,9 @@ def pack_rows(rows: list[Row], max_tokens_per_micro_batch: int, dp_size: int, pa
         raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
     if cp_size < 1:
         raise ValueError(f"cp_size must be >= 1, got {cp_size}")
-    seq_multiple = 2 * cp_size if cp_size > 1 else 1
+    seq_multiple = cp_row_multiple(cp_size)
     multiple = pad_to_multiple * seq_multiple
-    capacity = max_tokens_per_micro_batch // multiple * multiple
+    capacity = packed_capacity(max_tokens_per_micro_batch, pad_to_multiple, cp_size)
     if capacity < 1:
         raise ValueError(f"max_tokens_per_micro_batch={max_tokens_per_micro_batch} is smaller than"
                          f" the pad multiple {multiple} (pad_to_multiple={pad_to_multiple}, cp={cp_size})")
@@ -362,12 +378,12 @@ def shard_for_cp(p: PackedMicroBatch, cp: int, rank: int) -> PackedMicroBatch:
     (model/context_parallel.py), every per-position tensor alike; `cu_seqlens` stay global."""
     if cp == 1:
         return p
-    from megatron_matpo.model.context_parallel import shard
+    from megatron_matpo.model.context_parallel import zigzag_index
 
-    cu = p.micro_batch.cu_seqlens.tolist()
-    part = {name: None if getattr(p, name) is None else shard(getattr(p, name), cu, cp, rank)
+    idx = zigzag_index(p.micro_batch.cu_seqlens.tolist(), cp, rank)  # once for every tensor below
+    part = {name: None if getattr(p, name) is None else getattr(p, name).index_select(1, idx)
             for name in _PER_POSITION}
-    mb = MicroBatch(shard(p.micro_batch.input_ids, cu, cp, rank), shard(p.micro_batch.position_ids, cu, cp, rank),
+    mb = MicroBatch(p.micro_batch.input_ids.index_select(1, idx), p.micro_batch.position_ids.index_select(1, idx),
                     p.micro_batch.cu_seqlens, cp_size=cp)
     out = dataclasses.replace(p, micro_batch=mb, num_loss_tokens=int(part["loss_mask"].sum()), **part)
     mb.extras = {**(p.micro_batch.extras or {}), **{k: part[k] for k in ("labels", "loss_mask", "old_logprobs",
