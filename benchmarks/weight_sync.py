@@ -38,6 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, bench_env, median, meta, write_result  # noqa: E402
 
 RATIO_TARGET = 0.5
+# a variant's label -> (sync.export, sync.stream): "reshard" is the sync as it runs (our resharded export, the
+# whole sync in one engine call); "reshard-per-bucket" the same export with one engine call per bucket plus the
+# session and flush calls (the sync before 2026-12-07); "megatron_bridge" its export, one call per bucket
+LABELS = {"reshard": ("reshard", True), "reshard-per-bucket": ("reshard", False),
+          "megatron_bridge": ("megatron_bridge", False)}
 LAYOUTS = {"tp2": {"tp": 2}, "pp2": {"pp": 2}}
 
 
@@ -125,10 +130,11 @@ def world(model_dir: str, engine_url: str, engine_pids: list[int], layouts: list
 
         resharder = []
 
-        def export_only(export: str, built=built) -> tuple[float, int]:
+        def export_only(label: str, built=built) -> tuple[float, int]:
             """The export alone (nothing sent): its time and rank 0's peak extra memory. megatron-bridge:
             the gather of every full tensor; reshard: each rank's copy of its slices of every tensor into
             a buffer of the largest tensor (what it writes into the buckets)."""
+            export = LABELS[label][0]
             dist.barrier()
             if export == "reshard" and not resharder:
                 resharder.append(Resharder(built))
@@ -178,8 +184,10 @@ def world(model_dir: str, engine_url: str, engine_pids: list[int], layouts: list
 
         res = {"bytes": total, "tensors": len(sizes), "largest_tensor_bytes": largest,
                "first_export_s": first_export_s, "variants": []}
-        for mode, bucket_mb, export in variants:
-            cfg = SyncConfig(mode=mode, bucket_mb=bucket_mb or 64.0, disk_dir=disk_dir, timeout_s=300, export=export)
+        for mode, bucket_mb, label in variants:
+            export, stream = LABELS[label]
+            cfg = SyncConfig(mode=mode, bucket_mb=bucket_mb or 64.0, disk_dir=disk_dir, timeout_s=300, export=export,
+                             stream=stream)
             ws = WeightSync(cfg, built, [engine_url])
             try:
                 t0 = time.perf_counter()
@@ -211,7 +219,7 @@ def world(model_dir: str, engine_url: str, engine_pids: list[int], layouts: list
             finally:
                 ws.close()
             if rank0:
-                res["variants"].append({"mode": mode, "bucket_mb": bucket_mb, "export": export,
+                res["variants"].append({"mode": mode, "bucket_mb": bucket_mb, "export": label,
                                         "collection": ws.collection, "warmup_s": warm_s, "reps": rows})
         if rank0:
             out[lname] = res
@@ -279,8 +287,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--buckets", default="1,3", help="bucket sizes (MiB) for broadcast and tensor (at the default "
                     "model both give >= 16 buckets per sync, as production's ~28 GB in 512 MiB buckets)")
-    ap.add_argument("--exports", default="reshard,megatron_bridge",
-                    help="sync.export values, each variant run with each (interleaved: after vs before)")
+    ap.add_argument("--exports", default="reshard,reshard-per-bucket",
+                    help=f"variants of the sync ({', '.join(LABELS)}), each run at every mode, bucket and layout "
+                    "(interleaved: after vs before)")
     ap.add_argument("--modes", default="broadcast,tensor,disk")
     ap.add_argument("--layouts", default="tp2,pp2")
     ap.add_argument("--reps", type=int, default=3, help="timed syncs per variant (after one warm-up)")
@@ -303,8 +312,13 @@ def main() -> None:
     t_start = time.perf_counter()
     buckets = [float(x) for x in args.buckets.split(",") if x]
     variants: list[tuple[str, float | None, str]] = []
+    unknown = set(args.exports.split(",")) - set(LABELS)
+    if unknown:
+        ap.error(f"--exports: unknown {sorted(unknown)}; expected some of {', '.join(LABELS)}")
     for mode in args.modes.split(","):
         for export in args.exports.split(","):
+            if mode == "disk" and export == "reshard-per-bucket":
+                continue  # disk makes one engine call either way
             variants += [(mode, None, export)] if mode == "disk" else [(mode, b, export) for b in buckets]
     layouts = [x for x in args.layouts.split(",") if x]
     model = ensure_model(args)

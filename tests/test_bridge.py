@@ -23,12 +23,14 @@ SMALL_BUCKET_MB = 0.05  # ~52 KB: many buckets, and the 360 KB embedding/lm_head
 # (mode, bucket MiB, perturbation seed, other SyncConfig fields) per sync; a repeated (mode, bucket, fields)
 # reuses its WeightSync: the broadcast group is formed once for steps 0 and 1, and later groups coexist with
 # it. Every path on our resharded export (each rank's slices into shared memory), then its p2p collection
-# and megatron-bridge's export (the reference path)
+# and megatron-bridge's export (the reference path), then one engine call per bucket (sync.stream=false; the
+# others stream the whole sync through one call)
 PLAN = [("broadcast", SMALL_BUCKET_MB, 1, {}), ("broadcast", SMALL_BUCKET_MB, 2, {}),
         ("tensor", SMALL_BUCKET_MB, 3, {}), ("disk", 64.0, 4, {}), ("broadcast", 64.0, 5, {}), ("tensor", 64.0, 6, {}),
         ("broadcast", SMALL_BUCKET_MB, 7, {"collect": "p2p"}), ("tensor", SMALL_BUCKET_MB, 8, {"collect": "p2p"}),
         ("tensor", SMALL_BUCKET_MB, 9, {"export": "megatron_bridge"}),
-        ("broadcast", SMALL_BUCKET_MB, 10, {"export": "megatron_bridge"})]
+        ("broadcast", SMALL_BUCKET_MB, 10, {"export": "megatron_bridge"}),
+        ("broadcast", SMALL_BUCKET_MB, 11, {"stream": False}), ("tensor", SMALL_BUCKET_MB, 12, {"stream": False})]
 STEPS = [f"{i}-{mode}" for i, (mode, _, _, _) in enumerate(PLAN)]
 
 
@@ -295,6 +297,7 @@ def test_sync_streams_every_tensor_in_bounded_buckets(worlds, world, tiny_models
         s = steps[step]["stats"]
         assert s["bytes"] == total and s["tensors"] == len(hf), (step, s)
         assert s["resharded"] == (fields.get("export", "reshard") == "reshard"), (step, s)
+        assert s["streamed"] == (mode != "disk" and s["resharded"] == 1 and fields.get("stream", True)), (step, s)
         assert s["seconds"] > 0 and s["bytes_per_s"] > 0
         if mode == "disk":
             assert s["buckets"] == 1  # one safetensors shard

@@ -143,6 +143,16 @@ def _shared_memory_payload(bucket: Bucket) -> str:
     return base64.b64encode(payload).decode("ascii")
 
 
+def _shared_memory_payload_of(buffer: torch.Tensor, meta: dict) -> str:
+    """A streamed tensor sync's payload: the whole shared bucket buffer (mapped once per sync by each
+    engine TP rank) and the plan."""
+    from multiprocessing.reduction import ForkingPickler
+
+    with _named_shared_memory():
+        payload = ForkingPickler.dumps({"buffer": buffer, **meta})
+    return base64.b64encode(payload).decode("ascii")
+
+
 def _explain(exc: BaseException) -> str:
     """An engine error with SGLang's own message when the HTTP layer hid it."""
     import httpx
@@ -197,7 +207,8 @@ class WeightSync:
         bytes_per_s, tensors, held_bytes (bucket buffer kept across syncs), resharded (1 when
         bridge/reshard.py wrote the buckets, 0 for megatron-bridge's export) and the profile:
         produce_s (export + fill), send_s (transport + engine load), session_s, flush_s (bucketed
-        paths); other ranks {}."""
+        paths; a streamed sync has neither: its one engine call opens and flushes), streamed (1 when
+        the whole sync was one engine call); other ranks {}."""
         if self._closed:
             raise RuntimeError("WeightSync.sync() after close()")
         t0 = time.perf_counter()
@@ -211,10 +222,13 @@ class WeightSync:
         try:
             if self.cfg.mode == "disk":
                 n, max_bucket = self._sync_disk(buckets)
+            elif self._streams():
+                n, max_bucket = self._stream_buckets(buckets)  # flushes in the same engine call
             else:
                 n, max_bucket = self._sync_buckets(buckets)
-            with self._clock("flush_s"):
-                self._run_engines("flush_cache")
+            if not self._streams():
+                with self._clock("flush_s"):
+                    self._run_engines("flush_cache")
         except BaseException:
             with contextlib.suppress(Exception):
                 for _ in buckets:  # let the other ranks finish their part before we raise
@@ -226,7 +240,7 @@ class WeightSync:
         held = self._buffer.numel() if self._buffer is not None else 0
         return {"bytes": float(nbytes), "seconds": secs, "buckets": float(n), "max_bucket_bytes": float(max_bucket),
                 "bytes_per_s": nbytes / max(secs, 1e-9), "tensors": float(ntensors), "held_bytes": float(held),
-                "resharded": float(self._resharder is not None), **self._parts}
+                "resharded": float(self._resharder is not None), "streamed": float(self._streams()), **self._parts}
 
     def _buckets(self):
         """This sync's buckets (a collective iterator; Buckets on rank 0) and a callable giving
@@ -342,6 +356,86 @@ class WeightSync:
                     with contextlib.suppress(Exception):
                         self._run_engines("end_weight_update")
         return n, max_bucket
+
+    def _streams(self) -> bool:
+        """One engine call per sync (rollout/sglang_weights.py): needs the plan up front, i.e. our
+        resharded export (megatron-bridge's streams tensors it has not described yet)."""
+        return self.cfg.stream and self.cfg.mode != "disk" and self._resharder is not None
+
+    def _stream_buckets(self, buckets: Iterable[Bucket]) -> tuple[int, int]:
+        """The whole sync in one call per engine: the plan goes first, then rank 0 hands over each
+        bucket as it is produced (broadcast: its bytes; tensor: a doorbell for the shared buffer and
+        a barrier once the engines have loaded it), while the engines load the previous one."""
+        from megatron_matpo.rollout.sglang_weights import stream_format
+
+        if self._group is None:  # the tensor path uses the group for its doorbells only
+            self._init_group()
+        names, dtypes, shapes, counts = [], [], [], []
+        for bucket in self._layout:
+            counts.append(len(bucket))
+            for t, _ in bucket:
+                names.append(t.name)
+                dtypes.append(str(t.dtype).removeprefix("torch."))
+                shapes.append(list(t.shape))
+        fmt = stream_format(counts)
+        if self.cfg.mode == "broadcast":
+            calls = [c.update_weights_from_distributed(names, dtypes, shapes, self._group_name, load_format=fmt,
+                                                       flush_cache=True) for c in self._clients]
+        else:
+            calls = [c.update_weights_from_tensor(
+                [_shared_memory_payload_of(self._buffer, {"names": names, "dtypes": dtypes, "shapes": shapes,
+                                                          "group": self._group_name}) for _ in range(tp)],
+                load_format=fmt, flush_cache=True) for c, tp in zip(self._clients, self._tp_sizes())]
+        futs = [self._loop.submit(c) for c in calls]
+        n = max_bucket = 0
+        bell = torch.zeros(1, dtype=torch.int64)
+        it = iter(buckets)
+        try:
+            while True:
+                with self._clock("produce_s"):
+                    bucket = next(it, None)
+                if bucket is None:
+                    break
+                with self._clock("send_s"):
+                    if self.cfg.mode == "broadcast":
+                        self._await(torch.distributed.broadcast(bucket.flat, src=0, group=self._group, async_op=True),
+                                    futs, bucket.nbytes)
+                    else:
+                        bell.fill_(n)
+                        self._await(torch.distributed.broadcast(bell, src=0, group=self._group, async_op=True),
+                                    futs, bucket.nbytes)
+                        self._await(torch.distributed.barrier(group=self._group, async_op=True), futs, bucket.nbytes)
+                n += 1
+                max_bucket = max(max_bucket, bucket.nbytes)
+            with self._clock("send_s"):
+                wait_futures(futs, timeout=self.cfg.timeout_s)
+                for f in futs:
+                    if not f.done():
+                        raise TimeoutError(f"engine not done {self.cfg.timeout_s:.0f}s after the last bucket")
+                    f.result(timeout=0)
+        except BaseException as e:
+            with contextlib.suppress(Exception):
+                for _ in it:  # the other ranks finish their part of the collection
+                    pass
+            self._drop_group(tell_engines=False)  # a half-done stream leaves the group unusable
+            raise RuntimeError(f"streamed {self.cfg.mode} weight update failed: {_explain(e)}") from e
+        return n, max_bucket
+
+    def _await(self, work, futs: list[Future], nbytes: int) -> None:
+        """Wait for a collective with the engines, failing fast when an engine call has failed (it
+        never joins) and after `timeout_s`. Polls from 50 µs up to 2 ms: a bucket lands in well under
+        a millisecond at small sizes, so a fixed 2 ms sleep would dominate."""
+        deadline = time.monotonic() + self.cfg.timeout_s
+        nap = 5e-5
+        while not work.is_completed():
+            failed = [f for f in futs if f.done() and f.exception() is not None]
+            if failed:
+                raise failed[0].exception()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"a {nbytes}-byte bucket not taken by the engines after {self.cfg.timeout_s:.0f}s")
+            time.sleep(nap)
+            nap = min(nap * 2, 2e-3)
+        work.wait()
 
     @contextlib.contextmanager
     def _clock(self, part: str):

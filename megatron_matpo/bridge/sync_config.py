@@ -26,6 +26,9 @@ class SyncConfig:
     # every full tensor gathered on every rank (slower, more memory; kept as the reference)
     export: str = "reshard"
     collect: str = "auto"  # reshard: how slices meet on rank 0; auto = shared_memory on one CPU host, else p2p
+    # broadcast/tensor with export=reshard: the whole sync is one call per engine, the buckets streamed
+    # through it (rollout/sglang_weights.py); false: one call per bucket plus session and flush calls
+    stream: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

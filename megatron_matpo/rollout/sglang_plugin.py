@@ -1,4 +1,4 @@
-"""Our SGLang plugin: a batched decode for SGLang's torch-native attention backend (the one CPU
+"""Our SGLang plugin: streamed weight updates (`rollout/sglang_weights.py`) and a batched decode for SGLang's torch-native attention backend (the one CPU
 engines run), loaded by every SGLang process of this environment through SGLang's own plugin
 framework (entry point `sglang.srt.plugins` in setup.py; SGLang calls `register` at the start of its
 scheduler, detokenizer and engine processes, then applies the hooks).
@@ -32,6 +32,9 @@ def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(TARGET, batched_decode, HookType.AROUND)
+    from megatron_matpo.rollout import sglang_weights
+
+    sglang_weights.register(HookRegistry, HookType)  # a whole weight sync in one engine call
 
 
 def batched_decode(original, backend, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
