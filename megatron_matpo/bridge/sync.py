@@ -18,6 +18,13 @@ engines, in buckets of at most `bucket_mb`, reusing one buffer (see `buckets.py`
 - disk (fallback, any topology with a shared filesystem): rank 0 writes an HF safetensors directory
   (`convert.SafetensorsShardWriter`), then every engine gets `/update_weights_from_disk`.
 
+Streamed (`sync.stream`, the default with our resharded export): broadcast and tensor make one call per
+engine for the whole sync instead of one per bucket. The call carries the plan (every tensor's name,
+dtype, shape, and the tensors per bucket); the engine opens the session, takes each bucket as rank 0
+hands it over (broadcast: its bytes; tensor: a doorbell broadcast for the shared bucket buffer it mapped
+once, then a barrier once loaded), flushes and closes (`rollout/sglang_weights.py`, our plugin's hooks).
+Per call ~5-10 ms on a CPU host: the per-bucket calls cost more than the bytes at tens of MiB.
+
 SGLang 0.5.23 refuses tensor and distributed updates outside a `begin_weight_update` /
 `end_weight_update` session; disk updates need none. Every path flushes the engines' radix/KV cache
 afterwards (cached prefixes were computed with the old weights). Engines must be idle during a

@@ -17,8 +17,8 @@ It then flushes the cache and closes the session. The actor side is `bridge/sync
 A failed load does not stop the receiving (rank 0 keeps sending the plan to its end): the rest is
 drained and the call answers the first error.
 
-Memory on the engine: the receive ring (distributed: the largest bucket, or two bundled ones) or none
-(tensor: the shared buffer is the actor's). Layout: tensors back to back in a bucket, no padding
+Memory on the engine: the receive ring (distributed: the largest bucket) or none (tensor: the shared
+buffer is the actor's). Layout: tensors back to back in a bucket, no padding
 (SGLang's `FlattenedTensorBucket`, `bridge/buckets.py`).
 
 Engine processes import this module: no megatron imports (see sglang_plugin.py).
@@ -121,7 +121,7 @@ def update_from_distributed(original, manager, recv_req):
     target = manager.tp_worker.model_runner.weight_updater
     group = target._model_update_group[recv_req.group_name]
     plan = bucket_spans(recv_req.dtypes, recv_req.shapes, counts)
-    ring = Ring([spans[-1][4] for spans in plan], [len(spans) for spans in plan], target.device)
+    ring = Ring([spans[-1][4] for spans in plan], target.device)
 
     def buckets():
         # bucket k+1 is received (gloo's background thread) while the caller loads bucket k, when both fit
@@ -148,16 +148,13 @@ def update_from_distributed(original, manager, recv_req):
 
 
 class Ring:
-    """The receive buffer of a streamed broadcast: room for the largest bucket, or for two bundled buckets
-    (those of more than one tensor) side by side where that is more, so that one is received while the
-    previous one loads. A bucket that does not fit beside the one in flight waits for it. Extra memory:
-    max(largest bucket, 2 x largest bundled bucket) <= one bucket + the largest tensor whenever the bucket
-    size is at most the largest tensor (as in production: 512 MiB buckets, ~1.5 GB embeddings)."""
+    """The receive buffer of a streamed broadcast, the size of the largest bucket (what SGLang's own
+    per-bucket receive allocates): where the next bucket fits beside the one being loaded (bundled
+    buckets next to a larger lone tensor's), it is received meanwhile; else it waits for that load."""
 
-    def __init__(self, sizes: list[int], counts: list[int], device) -> None:
-        bundled = max([n for n, c in zip(sizes, counts) if c > 1], default=0)
+    def __init__(self, sizes: list[int], device) -> None:
         self.sizes = sizes
-        self.buf = torch.empty(max(max(sizes), 2 * bundled), dtype=torch.uint8, device=device)
+        self.buf = torch.empty(max(sizes), dtype=torch.uint8, device=device)
         self.prev: tuple[int, int] | None = None  # the region of the bucket in flight
 
     def place(self, k: int, alone: bool = False) -> int | None:
