@@ -87,6 +87,8 @@ def weight_sync(d: dict) -> str:
                      int(r["buckets"] or 0), f"{r['sync_s']:.3f}", f"{r['sync_s'] / (r['bytes'] / 1e9):.2f}",
                      f"{r['baseline_s'] / (r['bytes'] / 1e9):.2f}", f"**{r['ratio']:.3f}**",
                      " / ".join(f"{p.get(k, 0.0):.3f}" for k in ("produce_s", "send_s", "flush_s")),
+                     " / ".join(f"{p[k]:.3f}" for k in ("engine_wait_s", "engine_load_s")) if p.get("engine_load_s")
+                     else "-",
                      f"{r['export_s']:.3f}", " / ".join(f"{x / MiB:.2f}" for x in by_rank), tgt,
                      _ok(r["memory_target_met"]), f"{r['peak_extra_engine_bytes'] / MiB:.2f}"])
     head = (f"Model: Qwen3 architecture, hidden {m['hidden']}, {m['layers']} layers, FFN {m['ffn']}: "
@@ -110,7 +112,7 @@ def weight_sync(d: dict) -> str:
     return "\n\n".join([
         head,
         _table(["layout", "path", "export", "bucket MiB", "buckets", "sync s", "sync s/GB", "baseline s/GB",
-                f"ratio (target ≥ {d['targets']['ratio']})", "produce / send / flush s", "export-only s",
+                f"ratio (target ≥ {d['targets']['ratio']})", "produce / send / flush s", "engine wait / load s", "export-only s",
                 "peak extra MiB rank 0 / 1", "target MiB", "memory", "engine extra MiB"], rows),
         " ".join(lines), _provenance(d["meta"])])
 

@@ -244,7 +244,8 @@ def ensure_model(args) -> Path:
     return d
 
 
-PARTS = ("produce_s", "send_s", "session_s", "flush_s")  # WeightSync's profile of one sync (bridge/sync.py)
+# WeightSync's profile of one sync (bridge/sync.py); engine_*: the engine's own, streamed syncs only
+PARTS = ("produce_s", "send_s", "session_s", "flush_s", "engine_wait_s", "engine_load_s", "engine_flush_s")
 
 
 def summarize(layout: str, r: dict) -> list[dict]:

@@ -8,6 +8,7 @@ The shared engine gets its original weights back at the end (checked).
 """
 from __future__ import annotations
 
+import time
 import zlib
 
 import pytest
@@ -217,6 +218,24 @@ def _run_plan(built, engine_url: str, hf_dir: str, disk_dir: str, plan: list) ->
                 res["steps"][f"{i}-{mode}"] = {"stats": stats, "after": logprob_gap(on_engine(), actor),
                                                "before": logprob_gap(stale, actor),
                                                "groups_formed": ws.groups_formed}
+        # an engine that lost the broadcast group (destroyed, or the engine restarted): the streamed call is
+        # refused before its first bucket and the sync fails fast with the engine's reason; the next sync
+        # forms a new group and lands
+        ws = syncs[(PLAN[0][0], PLAN[0][1], ())]
+        if rank0:
+            ws._run_engines("destroy_weights_update_group", ws._group_name)
+        t0, error = time.perf_counter(), None
+        try:
+            ws.sync()
+        except RuntimeError as e:
+            error = str(e)
+        failed_s = time.perf_counter() - t0
+        _perturb(built, 99)
+        actor = _actor_logprobs(built, ROWS)
+        stats = ws.sync()
+        if rank0:
+            res["lost_group"] = {"error": error, "failed_s": failed_s, "stats": stats,
+                                 "groups_formed": ws.groups_formed, "after": logprob_gap(on_engine(), actor)}
     finally:
         for ws in syncs.values():
             ws.close()
@@ -298,6 +317,8 @@ def test_sync_streams_every_tensor_in_bounded_buckets(worlds, world, tiny_models
         assert s["bytes"] == total and s["tensors"] == len(hf), (step, s)
         assert s["resharded"] == (fields.get("export", "reshard") == "reshard"), (step, s)
         assert s["streamed"] == (mode != "disk" and s["resharded"] == 1 and fields.get("stream", True)), (step, s)
+        if s["streamed"]:  # the engine's own profile came back with its answer
+            assert s["engine_load_s"] > 0 and s["engine_wait_s"] > 0, (step, s)
         assert s["seconds"] > 0 and s["bytes_per_s"] > 0
         if mode == "disk":
             assert s["buckets"] == 1  # one safetensors shard
@@ -310,5 +331,26 @@ def test_sync_streams_every_tensor_in_bounded_buckets(worlds, world, tiny_models
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", ["tp2", "pp2"])
+def test_streamed_sync_refused_fails_fast_then_recovers(worlds, world):
+    lost = worlds[world]["lost_group"]
+    assert lost["error"] and "no weight-update group" in lost["error"], lost
+    assert lost["failed_s"] < 30  # not the 120 s timeout: the refusal ends the wait
+    assert lost["stats"]["streamed"] == 1 and lost["groups_formed"] == 2, lost
+    assert lost["after"]["max_abs"] <= PARITY_TOL, lost
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", ["tp2", "pp2"])
 def test_engine_weights_restored(worlds, world):
     assert worlds[world]["restored"]["max_abs"] <= 1e-6
+
+
+def test_ring_starts_by_hand():
+    from megatron_matpo.bridge.buckets import ring_starts
+
+    # capacity 10: 4 after 0 (clear), 4 after that (clear, ends at 8), 3 wraps to 0 and ends before 4 (clear),
+    # 6 fits after 3 at 3..9 but overlaps nothing in flight (clear), 5 neither fits after 9 nor before 3
+    assert ring_starts([4, 4, 3, 6, 5], 10) == [(0, True), (4, True), (0, True), (3, True), (0, False)]
+    assert ring_starts([10, 10], 10) == [(0, True), (0, False)]  # a full-size bucket waits for its predecessor
+    with pytest.raises(ValueError, match="does not fit"):
+        ring_starts([11], 10)

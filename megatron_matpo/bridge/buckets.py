@@ -12,7 +12,7 @@ sent from its own storage. Peak extra memory is therefore ≈ one bucket + the l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -20,11 +20,17 @@ import torch
 @dataclass
 class Bucket:
     """Tensors packed back to back in `flat` (uint8). Valid until the next bucket is requested:
-    the builder reuses its buffer, so a consumer must finish with a bucket before pulling another."""
+    the builder reuses its buffer, so a consumer must finish with a bucket before pulling another,
+    unless it sets `release`: then the builder may fill the next bucket beside this one (a ring,
+    `ring_starts`) and calls `release()` (which waits until the consumer is done) before it reuses
+    these bytes. `release` must not raise: the builder may be a collective iteration (collect.py)
+    that every rank must walk to its end; the consumer keeps a failure and raises it itself."""
     names: list[str]
     dtypes: list[torch.dtype]
     shapes: list[torch.Size]
     flat: torch.Tensor
+    release: Callable[[], None] | None = None
+    start: int = 0  # byte offset of `flat` in the builder's buffer
 
     @property
     def nbytes(self) -> int:
@@ -118,4 +124,26 @@ def plan_buckets(items: Sequence[tuple[int, int]], max_bytes: int) -> list[list[
         used += n
     if cur:
         out.append(cur)
+    return out
+
+
+def ring_starts(sizes: Sequence[int], capacity: int) -> list[tuple[int, bool]]:
+    """Where each bucket of `sizes` bytes goes in a buffer of `capacity` bytes used as a ring, and whether
+    it is clear of the bucket before it (so it can be filled while that one is still being sent): after
+    the previous bucket if it fits there, else at the start if it ends before the previous one begins,
+    else at the start once the previous one is released. Two buckets are never in flight beside a third:
+    the one before the previous is released before this one is filled."""
+    out: list[tuple[int, bool]] = []
+    prev = None
+    for n in sizes:
+        if n > capacity:
+            raise ValueError(f"a {n}-byte bucket does not fit the {capacity}-byte buffer")
+        if prev is None:
+            start, clear = 0, True
+        elif prev[1] + n <= capacity:
+            start, clear = prev[1], True
+        else:
+            start, clear = 0, n <= prev[0]
+        out.append((start, clear))
+        prev = (start, start + n)
     return out

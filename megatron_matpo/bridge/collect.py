@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from megatron_matpo.bridge.buckets import Bucket, plan_buckets
+from megatron_matpo.bridge.buckets import Bucket, plan_buckets, ring_starts
 from megatron_matpo.bridge.reshard import HFTensor, Resharder
 from megatron_matpo.bridge.sync_config import COLLECT
 
@@ -86,27 +86,63 @@ def _view(buf: torch.Tensor, t: HFTensor, off: int) -> torch.Tensor:
     return buf[off:off + t.nbytes].view(t.dtype).view(t.shape)
 
 
-def _bucket(buf: torch.Tensor, layout: list[tuple[HFTensor, int]]) -> Bucket:
-    end = max(off + t.nbytes for t, off in layout)
+def bucket_bytes(layout: list[tuple[HFTensor, int]]) -> int:
+    return max(off + t.nbytes for t, off in layout)
+
+
+def _bucket(buf: torch.Tensor, layout: list[tuple[HFTensor, int]], start: int = 0) -> Bucket:
     return Bucket([t.name for t, _ in layout], [t.dtype for t, _ in layout],
-                  [torch.Size(t.shape) for t, _ in layout], buf[:end])
+                  [torch.Size(t.shape) for t, _ in layout], buf[start:start + bucket_bytes(layout)], start=start)
+
+
+def _release(b: Bucket | None) -> None:
+    if b is not None and b.release is not None:
+        release, b.release = b.release, None
+        release()
 
 
 def resharded_buckets(rs: Resharder, layout: list[list[tuple[HFTensor, int]]], how: str,
                       buf: torch.Tensor | None) -> Iterator[Bucket | None]:
     """Collective: see the module docstring. `buf` is the bucket buffer (shared memory for
-    "shared_memory", on every rank; rank 0's CPU or device buffer for "p2p", None elsewhere)."""
+    "shared_memory", on every rank; rank 0's CPU or device buffer for "p2p", None elsewhere).
+
+    Shared memory: the buffer is a ring (`ring_starts`): while rank 0's consumer still sends bucket k
+    (it set `Bucket.release`), every rank fills bucket k+1 beside it, and one barrier per bucket says
+    both "every slice of k+1 is in" and "rank 0 has released k" (k+2 may then reuse k's bytes)."""
     rank0 = torch.distributed.get_rank() == 0
-    for i, bucket in enumerate(layout):
-        if how == "shared_memory":
-            if i:
-                torch.distributed.barrier()  # rank 0 has finished with the previous bucket
-            for t, off in bucket:
-                rs.fill(t, _view(buf, t, off))
-            torch.distributed.barrier()  # every rank's slices are in
-        else:
+    if how != "shared_memory":
+        prev = None
+        for bucket in layout:
+            if rank0:
+                _release(prev)  # one buffer: the previous bucket must be gone before it is refilled
             _p2p_fill(rs, bucket, buf)
-        yield _bucket(buf, bucket) if rank0 else None
+            prev = _bucket(buf, bucket) if rank0 else None
+            yield prev
+        if rank0:
+            _release(prev)
+        return
+    starts = ring_starts([bucket_bytes(b) for b in layout], buf.numel())
+    prev = None
+    for bucket, (start, clear) in zip(layout, starts):
+        if prev is not None and not clear:  # this bucket reuses the bytes of the one rank 0 may still send
+            if rank0:
+                _release(prev)
+            torch.distributed.barrier()
+        sub = buf[start:]
+        for t, off in bucket:
+            rs.fill(t, _view(sub, t, off))
+        if rank0:
+            _release(prev)  # (the previous bucket went out while this one was filled)
+        torch.distributed.barrier()  # every rank's slices are in; rank 0 has released the previous bucket
+        prev = _bucket(buf, bucket, start)
+        yield prev if rank0 else None
+    if rank0:
+        _release(prev)
+
+
+def ring_layout(layout: list[list[tuple[HFTensor, int]]], capacity: int) -> list[int]:
+    """The byte offset of each bucket in the shared-memory ring (what the tensor path tells the engine)."""
+    return [start for start, _ in ring_starts([bucket_bytes(b) for b in layout], capacity)]
 
 
 def _p2p_fill(rs: Resharder, bucket: list[tuple[HFTensor, int]], buf: torch.Tensor | None) -> None:

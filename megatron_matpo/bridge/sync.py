@@ -150,6 +150,14 @@ def _shared_memory_payload(bucket: Bucket) -> str:
     return base64.b64encode(payload).decode("ascii")
 
 
+def _slowest_engine(answers: list[dict]) -> dict[str, float]:
+    """The streamed calls' engine profiles (rollout/sglang_weights.py), the slowest engine's per part."""
+    from megatron_matpo.rollout.sglang_weights import read_profile
+
+    profiles = [read_profile(a.get("message", "")) for a in answers if isinstance(a, dict)]
+    return {k: max(p.get(k, 0.0) for p in profiles) for k in ("wait_s", "load_s", "flush_s")} if profiles else {}
+
+
 def _shared_memory_payload_of(buffer: torch.Tensor, meta: dict) -> str:
     """A streamed tensor sync's payload: the whole shared bucket buffer (mapped once per sync by each
     engine TP rank) and the plan."""
@@ -215,7 +223,8 @@ class WeightSync:
         bridge/reshard.py wrote the buckets, 0 for megatron-bridge's export) and the profile:
         produce_s (export + fill), send_s (transport + engine load), session_s, flush_s (bucketed
         paths; a streamed sync has neither: its one engine call opens and flushes), streamed (1 when
-        the whole sync was one engine call); other ranks {}."""
+        the whole sync was one engine call) and then the engine's own profile (engine_wait_s: waiting
+        for buckets, engine_load_s: loading them, engine_flush_s; the slowest engine's); other ranks {}."""
         if self._closed:
             raise RuntimeError("WeightSync.sync() after close()")
         t0 = time.perf_counter()
@@ -372,7 +381,9 @@ class WeightSync:
     def _stream_buckets(self, buckets: Iterable[Bucket]) -> tuple[int, int]:
         """The whole sync in one call per engine: the plan goes first, then rank 0 hands over each
         bucket as it is produced (broadcast: its bytes; tensor: a doorbell for the shared buffer and
-        a barrier once the engines have loaded it), while the engines load the previous one."""
+        a barrier once the engines have loaded it). Neither is waited for here: the bucket's `release`
+        waits, and the collection calls it only before it reuses those bytes, so the next bucket is
+        filled while this one is sent and loaded."""
         from megatron_matpo.rollout.sglang_weights import stream_format
 
         if self._group is None:  # the tensor path uses the group for its doorbells only
@@ -389,38 +400,63 @@ class WeightSync:
             calls = [c.update_weights_from_distributed(names, dtypes, shapes, self._group_name, load_format=fmt,
                                                        flush_cache=True) for c in self._clients]
         else:
-            calls = [c.update_weights_from_tensor(
-                [_shared_memory_payload_of(self._buffer, {"names": names, "dtypes": dtypes, "shapes": shapes,
-                                                          "group": self._group_name}) for _ in range(tp)],
-                load_format=fmt, flush_cache=True) for c, tp in zip(self._clients, self._tp_sizes())]
+            from megatron_matpo.bridge import collect
+
+            # where each bucket lies in the shared buffer (a ring for shared-memory collection)
+            starts = (collect.ring_layout(self._layout, self._buffer.numel()) if self._collect == "shared_memory"
+                      else [0] * len(counts))
+            meta = {"names": names, "dtypes": dtypes, "shapes": shapes, "starts": starts, "group": self._group_name}
+            calls = [c.update_weights_from_tensor([_shared_memory_payload_of(self._buffer, meta) for _ in range(tp)],
+                                                  load_format=fmt, flush_cache=True)
+                     for c, tp in zip(self._clients, self._tp_sizes())]
         futs = [self._loop.submit(c) for c in calls]
         n = max_bucket = 0
-        bell = torch.zeros(1, dtype=torch.int64)
+        aborted = False
+        errors: list[BaseException] = []
+
+        def released_by(work, nbytes: int):
+            # the bucket builder calls it (inside its collective iteration) before reusing the bucket's
+            # bytes (bridge/buckets.py): a failure is kept for this loop to raise, never raised in there,
+            # so that every rank still walks the collection to its end
+            def release() -> None:
+                if not aborted and not errors:
+                    try:
+                        self._await(work, futs, nbytes)
+                    except BaseException as e:  # noqa: BLE001 (raised below, outside the collection)
+                        errors.append(e)
+            return release
+
         it = iter(buckets)
         try:
             while True:
-                with self._clock("produce_s"):
+                with self._clock("produce_s"):  # export + fill, and waiting for the previous bucket's release
                     bucket = next(it, None)
+                if errors:
+                    raise errors[0]
                 if bucket is None:
                     break
                 with self._clock("send_s"):
                     if self.cfg.mode == "broadcast":
-                        self._await(torch.distributed.broadcast(bucket.flat, src=0, group=self._group, async_op=True),
-                                    futs, bucket.nbytes)
+                        work = torch.distributed.broadcast(bucket.flat, src=0, group=self._group, async_op=True)
                     else:
-                        bell.fill_(n)
+                        bell = torch.tensor([n], dtype=torch.int64)
                         self._await(torch.distributed.broadcast(bell, src=0, group=self._group, async_op=True),
                                     futs, bucket.nbytes)
-                        self._await(torch.distributed.barrier(group=self._group, async_op=True), futs, bucket.nbytes)
+                        work = torch.distributed.barrier(group=self._group, async_op=True)  # the engines' "loaded"
+                    bucket.release = released_by(work, bucket.nbytes)
                 n += 1
                 max_bucket = max(max_bucket, bucket.nbytes)
             with self._clock("send_s"):
                 wait_futures(futs, timeout=self.cfg.timeout_s)
+                answers = []
                 for f in futs:
                     if not f.done():
                         raise TimeoutError(f"engine not done {self.cfg.timeout_s:.0f}s after the last bucket")
-                    f.result(timeout=0)
+                    answers.append(f.result(timeout=0))
+            for part, secs in _slowest_engine(answers).items():
+                self._parts[f"engine_{part}"] = secs
         except BaseException as e:
+            aborted = True
             with contextlib.suppress(Exception):
                 for _ in it:  # the other ranks finish their part of the collection
                     pass
@@ -442,7 +478,16 @@ class WeightSync:
                 raise TimeoutError(f"a {nbytes}-byte bucket not taken by the engines after {self.cfg.timeout_s:.0f}s")
             time.sleep(nap)
             nap = min(nap * 2, 2e-3)
-        work.wait()
+        try:
+            work.wait()
+        except Exception as e:
+            # an engine that refused the call may drop its end first (a broken pipe here): its own reason
+            # says more, so give its answer a moment to arrive
+            wait_futures(futs, timeout=min(5.0, self.cfg.timeout_s))
+            failed = [f for f in futs if f.done() and f.exception() is not None]
+            if failed:
+                raise failed[0].exception() from e
+            raise
 
     @contextlib.contextmanager
     def _clock(self, part: str):
@@ -459,17 +504,8 @@ class WeightSync:
             bucket.names, bucket.dtype_names, shapes, self._group_name, load_format="flattened_bucket"))
             for c in self._clients]
         try:
-            work = torch.distributed.broadcast(bucket.flat, src=0, group=self._group, async_op=True)
-            deadline = time.monotonic() + self.cfg.timeout_s
-            while not work.is_completed():  # an engine that refused the call never joins the broadcast
-                failed = [f for f in futs if f.done() and f.exception() is not None]
-                if failed:
-                    raise failed[0].exception()
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"broadcast of a {bucket.nbytes}-byte bucket not received "
-                                       f"after {self.cfg.timeout_s:.0f}s")
-                time.sleep(0.002)
-            work.wait()
+            self._await(torch.distributed.broadcast(bucket.flat, src=0, group=self._group, async_op=True), futs,
+                        bucket.nbytes)
             wait_futures(futs, timeout=self.cfg.timeout_s)
             for f in futs:
                 f.result(timeout=0)

@@ -326,17 +326,18 @@ class EngineClient:
 
     async def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                               group_name: str, load_format: str | None = None,
-                                              flush_cache: bool = False) -> None:
+                                              flush_cache: bool = False) -> dict:
         """Receive tensors broadcast from group rank 0 and load them. Blocks until the broadcast
-        completes, so the trainer must broadcast concurrently."""
-        await self._weight_route("update_weights_from_distributed", {
+        completes, so the trainer must broadcast concurrently. Returns SGLang's answer."""
+        return await self._weight_route("update_weights_from_distributed", {
             "names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
             "load_format": load_format, "flush_cache": flush_cache})
 
     async def update_weights_from_tensor(self, serialized_named_tensors: list[str], load_format: str | None = None,
-                                         flush_cache: bool = False) -> None:
-        """Load tensors from base64 MultiprocessingSerializer payloads, one per engine TP rank."""
-        await self._weight_route("update_weights_from_tensor", {
+                                         flush_cache: bool = False) -> dict:
+        """Load tensors from base64 MultiprocessingSerializer payloads, one per engine TP rank. Returns
+        SGLang's answer."""
+        return await self._weight_route("update_weights_from_tensor", {
             "serialized_named_tensors": serialized_named_tensors, "load_format": load_format,
             "flush_cache": flush_cache})
 

@@ -13,7 +13,8 @@ session, then for each bucket, in order:
 - tensor: waits for rank 0's doorbell (a one-element broadcast: the bucket is in the shared-memory
   buffer the call mapped once), loads views of the shared buffer in place, then a barrier tells rank 0
   it may refill it.
-It then flushes the cache and closes the session. The actor side is `bridge/sync.py` (`sync.stream`).
+It then flushes the cache and closes the session, and appends its profile to the answer (`read_profile`:
+seconds waiting for buckets, loading them, flushing). The actor side is `bridge/sync.py` (`sync.stream`).
 A failed load does not stop the receiving (rank 0 keeps sending the plan to its end): the rest is
 drained and the call answers the first error.
 
@@ -26,10 +27,13 @@ Engine processes import this module: no megatron imports (see sglang_plugin.py).
 from __future__ import annotations
 
 import math
+import re
+import time
 
 import torch
 
 STREAM = "matpo_stream:"
+PROFILE = " [matpo_stream wait_s={wait_s:.4f} load_s={load_s:.4f} flush_s={flush_s:.4f}]"
 SCHEDULER = "sglang.srt.managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager"
 
 
@@ -38,10 +42,12 @@ def stream_format(counts: list[int]) -> str:
     return STREAM + ",".join(str(int(c)) for c in counts)
 
 
-def parse_counts(load_format: str | None) -> list[int] | None:
-    """Tensors per bucket of a streamed sync, or None for any other load format."""
-    if not load_format or not load_format.startswith(STREAM):
-        return None
+def is_stream(load_format: str | None) -> bool:
+    return bool(load_format) and load_format.startswith(STREAM)
+
+
+def parse_counts(load_format: str) -> list[int]:
+    """Tensors per bucket of a streamed sync."""
     counts = [int(x) for x in load_format[len(STREAM):].split(",") if x]
     if not counts or min(counts) < 1:
         raise ValueError(f"load_format {load_format!r}: every bucket needs >= 1 tensor")
@@ -68,6 +74,18 @@ def bucket_spans(dtypes: list, shapes: list, counts: list[int]) -> list[list[tup
     return out
 
 
+def _group(updater, name: str):
+    groups = updater._model_update_group
+    if name not in groups:
+        raise KeyError(f"no weight-update group {name!r} on this engine (it has {sorted(groups)}): "
+                       "it was destroyed, or the engine restarted")
+    return groups[name]
+
+
+def _refused(e: BaseException) -> str:
+    return f"streamed weight update refused before its first bucket: {type(e).__name__}: {e}"
+
+
 def views(flat: torch.Tensor, names: list[str], spans) -> list[tuple[str, torch.Tensor]]:
     return [(names[j], flat[a:b].view(dt).view(shape)) for j, dt, shape, a, b in spans]
 
@@ -85,10 +103,18 @@ def _streamed(manager, recv_req, source: str, buckets, out_cls):
                 pass
             return out_cls(success=False, message=r.message)
     success, message = True, "Succeeded to update parameter online."
+    wait_s = load_s = 0.0  # the engine's profile: waiting for the next bucket, loading buckets
     try:
         with manager._observe_weight_load(source):
             runners = manager._select_runners(recv_req.selector)
-            for tensors in buckets:
+            it = iter(buckets)
+            while True:
+                t0 = time.perf_counter()
+                tensors = next(it, None)
+                t1 = time.perf_counter()
+                wait_s += t1 - t0
+                if tensors is None:
+                    break
                 if not success:
                     continue  # drain
                 try:
@@ -98,6 +124,7 @@ def _streamed(manager, recv_req, source: str, buckets, out_cls):
                             break
                 except Exception as e:  # noqa: BLE001 (answered to the caller; the stream is drained)
                     success, message = False, f"streamed weight update failed: {type(e).__name__}: {e}"
+                load_s += time.perf_counter() - t1
             if success:
                 import msgspec
 
@@ -107,21 +134,31 @@ def _streamed(manager, recv_req, source: str, buckets, out_cls):
         if opened:
             manager.end_weight_update(EndWeightUpdateReqInput())
     if success:
+        t0 = time.perf_counter()
         success, message = manager.flush_cache_after_weight_update(recv_req, success, message)
+        message += PROFILE.format(wait_s=wait_s, load_s=load_s, flush_s=time.perf_counter() - t0)
     return out_cls(success=success, message=message)
+
+
+def read_profile(message: str) -> dict[str, float]:
+    """The engine's profile a streamed call appends to its answer: wait_s, load_s, flush_s."""
+    m = re.search(r"\[matpo_stream wait_s=([0-9.]+) load_s=([0-9.]+) flush_s=([0-9.]+)\]", message or "")
+    return {"wait_s": float(m[1]), "load_s": float(m[2]), "flush_s": float(m[3])} if m else {}
 
 
 def update_from_distributed(original, manager, recv_req):
     """AROUND `SchedulerWeightUpdaterManager.update_weights_from_distributed`."""
-    counts = parse_counts(recv_req.load_format)
-    if counts is None:
+    if not is_stream(recv_req.load_format):
         return original(manager, recv_req)
     from sglang.srt.managers.io_struct import UpdateWeightsFromDistributedReqOutput
 
-    target = manager.tp_worker.model_runner.weight_updater
-    group = target._model_update_group[recv_req.group_name]
-    plan = bucket_spans(recv_req.dtypes, recv_req.shapes, counts)
-    ring = Ring([spans[-1][4] for spans in plan], target.device)
+    try:  # refused before any bucket: rank 0 sees the failed call and stops sending
+        target = manager.tp_worker.model_runner.weight_updater
+        group = _group(target, recv_req.group_name)
+        plan = bucket_spans(recv_req.dtypes, recv_req.shapes, parse_counts(recv_req.load_format))
+        ring = Ring([spans[-1][4] for spans in plan], target.device)
+    except Exception as e:  # noqa: BLE001 (answered to the caller, never raised into the scheduler)
+        return UpdateWeightsFromDistributedReqOutput(success=False, message=_refused(e))
 
     def buckets():
         # bucket k+1 is received (gloo's background thread) while the caller loads bucket k, when both fit
@@ -173,17 +210,20 @@ class Ring:
 
 def update_from_tensor(original, manager, recv_req):
     """AROUND `SchedulerWeightUpdaterManager.update_weights_from_tensor`: the payload is a dict with the
-    shared buffer ("buffer"), "names", "dtypes", "shapes" and the doorbell group's name ("group")."""
-    counts = parse_counts(recv_req.load_format)
-    if counts is None:
+    shared buffer ("buffer"), "names", "dtypes", "shapes", each bucket's byte offset in the buffer
+    ("starts": the actor fills it as a ring) and the doorbell group's name ("group")."""
+    if not is_stream(recv_req.load_format):
         return original(manager, recv_req)
     from sglang.srt.managers.io_struct import UpdateWeightsFromTensorReqOutput
 
-    payload = manager.tp_worker.deserialize_own_rank(recv_req.serialized_named_tensors)
-    target = manager.tp_worker.model_runner.weight_updater
-    group = target._model_update_group[payload["group"]]
-    shared = payload["buffer"]
-    plan = bucket_spans(payload["dtypes"], payload["shapes"], counts)
+    try:  # refused before any bucket: rank 0 sees the failed call and stops sending
+        payload = manager.tp_worker.deserialize_own_rank(recv_req.serialized_named_tensors)
+        group = _group(manager.tp_worker.model_runner.weight_updater, payload["group"])
+        shared = payload["buffer"]
+        plan = bucket_spans(payload["dtypes"], payload["shapes"], parse_counts(recv_req.load_format))
+    except Exception as e:  # noqa: BLE001 (answered to the caller, never raised into the scheduler)
+        torch.distributed.barrier(group=manager.tp_cpu_group)
+        return UpdateWeightsFromTensorReqOutput(success=False, message=_refused(e))
     bell = torch.zeros(1, dtype=torch.int64)
 
     def buckets():
@@ -191,7 +231,8 @@ def update_from_tensor(original, manager, recv_req):
             torch.distributed.broadcast(bell, src=0, group=group)  # bucket k is in the shared buffer
             if int(bell) != k:
                 raise RuntimeError(f"streamed tensor sync out of step: doorbell {int(bell)} for bucket {k}")
-            yield views(shared[:spans[-1][4]], payload["names"], spans)
+            start = payload["starts"][k]
+            yield views(shared[start:start + spans[-1][4]], payload["names"], spans)
             torch.distributed.barrier(group=group)  # loaded: rank 0 may refill the buffer
 
     out = _streamed(manager, recv_req, "tensor", buckets(), UpdateWeightsFromTensorReqOutput)
