@@ -16,7 +16,7 @@ class SyncConfig:
     disk_dir: str | None = None  # disk mode: where rank 0 writes (engines must read it); temp dir if None
     parity_every: int = 1  # check engine vs actor logprobs every N syncs (0: never); used by the caller
     parity_rows: int = 2  # rows per parity check; used by the caller
-    timeout_s: float = 600.0  # each engine call, and the broadcast group's rendezvous/collectives
+    timeout_s: float = 600.0  # each engine call (a streamed sync is one), the broadcast group's rendezvous/collectives
     group_name: str = "matpo_weight_sync"  # prefix; each WeightSync adds a unique suffix
     master_address: str | None = None  # actor rank 0's address as engines reach it; derived if None
     master_port: int | None = None  # broadcast group rendezvous port on actor rank 0; free port if None

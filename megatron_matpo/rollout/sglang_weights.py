@@ -15,8 +15,12 @@ session, then for each bucket, in order:
   it may refill it.
 It then flushes the cache and closes the session, and appends its profile to the answer (`read_profile`:
 seconds waiting for buckets, loading them, flushing). The actor side is `bridge/sync.py` (`sync.stream`).
-A failed load does not stop the receiving (rank 0 keeps sending the plan to its end): the rest is
-drained and the call answers the first error.
+A call it cannot start (no such group, a bad plan) is refused before the first bucket, so rank 0 stops
+at once; a failed load does not stop the receiving (rank 0 keeps sending the plan to its end): the rest
+is drained and the call answers the first error. Either way the scheduler never sees an exception.
+
+Written against SGLang 0.5.23's `SchedulerWeightUpdaterManager` (its session, runner selection, cache
+flush and weight-version bookkeeping are called, not copied); tests/test_bridge.py syncs through it.
 
 Memory on the engine: the receive ring (distributed: the largest bucket) or none (tensor: the shared
 buffer is the actor's). Layout: tensors back to back in a bucket, no padding
