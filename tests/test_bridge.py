@@ -1,7 +1,7 @@
 """Weight sync Megatron actor → SGLang engine.
 
 Bucketing (no processes): bounded sizes, stream order, oversized tensors alone, SGLang's flat layout.
-Sync (slow: a real engine and TP=2 / PP=2 actor worlds): the actor's weights are perturbed so the
+Sync (slow: a real engine and TP=2, PP=2 and TP=2 x PP=2 actor worlds): the actor's weights are perturbed so the
 engine is stale, synced with each transport, and then the engine's prefill logprobs must equal the
 actor's own megatron logprobs (fp32, ≤ 1e-4) and differ from the engine's logprobs before the sync.
 The shared engine gets its original weights back at the end (checked).
@@ -283,17 +283,20 @@ def bridge_world(hf_dir: str, engine_url: str, layouts: dict[str, L], disk_dir: 
 
 @pytest.fixture(scope="module")
 def worlds(tiny_models, engine, tmp_path_factory) -> dict[str, dict]:
-    """TP=2 and PP=2 actors (one 2-process world) synced into the shared engine."""
+    """TP=2 and PP=2 actors (one 2-process world), then TP=2 x PP=2 (a 4-process world), synced into the
+    shared engine."""
     from megatron_matpo.dist import launch_local
 
-    layouts = {"tp2": L(tp=2), "pp2": L(pp=2)}
     disk = tmp_path_factory.mktemp("weight-sync")
-    return launch_local(bridge_world, 2, tiny_models["qwen3"], engine.url, layouts, str(disk), PLAN)
+    out = launch_local(bridge_world, 2, tiny_models["qwen3"], engine.url, {"tp2": L(tp=2), "pp2": L(pp=2)},
+                       str(disk), PLAN)
+    return {**out, **launch_local(bridge_world, 4, tiny_models["qwen3"], engine.url, {"tp2pp2": L(tp=2, pp=2)},
+                                  str(disk), PLAN)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("step", STEPS)
-@pytest.mark.parametrize("world", ["tp2", "pp2"])
+@pytest.mark.parametrize("world", ["tp2", "pp2", "tp2pp2"])
 def test_engine_scores_like_actor_after_sync(worlds, world, step):
     r = worlds[world]["steps"][step]
     assert r["before"]["max_abs"] > STALE_MIN, r  # the engine really was stale
@@ -301,7 +304,7 @@ def test_engine_scores_like_actor_after_sync(worlds, world, step):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", ["tp2", "pp2"])
+@pytest.mark.parametrize("world", ["tp2", "pp2", "tp2pp2"])
 def test_sync_streams_every_tensor_in_bounded_buckets(worlds, world, tiny_models):
     from safetensors.torch import load_file
 
@@ -330,7 +333,7 @@ def test_sync_streams_every_tensor_in_bounded_buckets(worlds, world, tiny_models
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", ["tp2", "pp2"])
+@pytest.mark.parametrize("world", ["tp2", "pp2", "tp2pp2"])
 def test_streamed_sync_refused_fails_fast_then_recovers(worlds, world):
     lost = worlds[world]["lost_group"]
     assert lost["error"] and "no weight-update group" in lost["error"], lost
@@ -340,7 +343,7 @@ def test_streamed_sync_refused_fails_fast_then_recovers(worlds, world):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", ["tp2", "pp2"])
+@pytest.mark.parametrize("world", ["tp2", "pp2", "tp2pp2"])
 def test_engine_weights_restored(worlds, world):
     assert worlds[world]["restored"]["max_abs"] <= 1e-6
 

@@ -12,7 +12,7 @@ SIGUSR1 after step 5's checkpoint, requeued by the script and resumed once more 
 learning test, the end-to-end checks, the crash/resume checks and the Slurm checks all read that one
 run. Without a local Slurm (it needs root) the second half is a plain `matpo train --resume` and the
 Slurm test skips. The world runs beside the rest of the suite from its first test on (tests/conftest.py:
-BACKGROUND); its tests wait for it. (All three sync paths at TP=2 / PP=2: tests/test_bridge.py.)
+BACKGROUND); its tests wait for it. (All three sync paths at TP=2, PP=2 and TP=2 x PP=2: tests/test_bridge.py.)
 """
 from __future__ import annotations
 
