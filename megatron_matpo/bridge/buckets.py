@@ -16,6 +16,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
+# the ring placement both the actor's collection and the engine's receive use (engine-safe module)
+from megatron_matpo.rollout.sglang_weights import ring_starts  # noqa: F401 (re-exported)
+
 
 @dataclass
 class Bucket:
@@ -126,24 +129,3 @@ def plan_buckets(items: Sequence[tuple[int, int]], max_bytes: int) -> list[list[
         out.append(cur)
     return out
 
-
-def ring_starts(sizes: Sequence[int], capacity: int) -> list[tuple[int, bool]]:
-    """Where each bucket of `sizes` bytes goes in a buffer of `capacity` bytes used as a ring, and whether
-    it is clear of the bucket before it (so it can be filled while that one is still being sent): after
-    the previous bucket if it fits there, else at the start if it ends before the previous one begins,
-    else at the start once the previous one is released. Two buckets are never in flight beside a third:
-    the one before the previous is released before this one is filled."""
-    out: list[tuple[int, bool]] = []
-    prev = None
-    for n in sizes:
-        if n > capacity:
-            raise ValueError(f"a {n}-byte bucket does not fit the {capacity}-byte buffer")
-        if prev is None:
-            start, clear = 0, True
-        elif prev[1] + n <= capacity:
-            start, clear = prev[1], True
-        else:
-            start, clear = 0, n <= prev[0]
-        out.append((start, clear))
-        prev = (start, start + n)
-    return out

@@ -135,19 +135,23 @@ def _named_shared_memory():
 
 
 def _shared_memory_payload(bucket: Bucket) -> str:
-    """A base64 `MultiprocessingSerializer` payload of a `flattened_bucket`: the flat bytes travel as
-    a shared-memory name, the layout as SGLang's `FlattenedTensorMetadata`. One payload per
-    receiving process: torch hands one shared-memory reference to each pickle, and each unpickle
-    consumes one."""
-    from multiprocessing.reduction import ForkingPickler
-
+    """A `flattened_bucket` payload: the flat bytes as a shared-memory name, the layout as SGLang's
+    `FlattenedTensorMetadata`. One payload per receiving process: torch hands one shared-memory
+    reference to each pickle, and each unpickle consumes one."""
     from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
 
     meta = [FlattenedTensorMetadata(name=n, shape=s, dtype=d, start_idx=a, end_idx=b, numel=b - a)
             for n, d, s, a, b in bucket.spans()]
+    return _pickled_shared({"flattened_tensor": bucket.flat, "metadata": meta})
+
+
+def _pickled_shared(payload: dict) -> str:
+    """A base64 `MultiprocessingSerializer` payload whose CPU tensors travel as named shared memory."""
+    from multiprocessing.reduction import ForkingPickler
+
     with _named_shared_memory():
-        payload = ForkingPickler.dumps({"flattened_tensor": bucket.flat, "metadata": meta})
-    return base64.b64encode(payload).decode("ascii")
+        data = ForkingPickler.dumps(payload)
+    return base64.b64encode(data).decode("ascii")
 
 
 def _slowest_engine(answers: list[dict]) -> dict[str, float]:
@@ -156,16 +160,6 @@ def _slowest_engine(answers: list[dict]) -> dict[str, float]:
 
     profiles = [read_profile(a.get("message", "")) for a in answers if isinstance(a, dict)]
     return {k: max(p.get(k, 0.0) for p in profiles) for k in ("wait_s", "load_s", "flush_s")} if profiles else {}
-
-
-def _shared_memory_payload_of(buffer: torch.Tensor, meta: dict) -> str:
-    """A streamed tensor sync's payload: the whole shared bucket buffer (mapped once per sync by each
-    engine TP rank) and the plan."""
-    from multiprocessing.reduction import ForkingPickler
-
-    with _named_shared_memory():
-        payload = ForkingPickler.dumps({"buffer": buffer, **meta})
-    return base64.b64encode(payload).decode("ascii")
 
 
 def _explain(exc: BaseException) -> str:
@@ -406,7 +400,8 @@ class WeightSync:
             starts = (collect.ring_layout(self._layout, self._buffer.numel()) if self._collect == "shared_memory"
                       else [0] * len(counts))
             meta = {"names": names, "dtypes": dtypes, "shapes": shapes, "starts": starts, "group": self._group_name}
-            calls = [c.update_weights_from_tensor([_shared_memory_payload_of(self._buffer, meta) for _ in range(tp)],
+            # the whole shared bucket buffer, mapped once per sync by each engine TP rank, and the plan
+            calls = [c.update_weights_from_tensor([_pickled_shared({"buffer": self._buffer, **meta}) for _ in range(tp)],
                                                   load_format=fmt, flush_cache=True)
                      for c, tp in zip(self._clients, self._tp_sizes())]
         futs = [self._loop.submit(c) for c in calls]

@@ -49,7 +49,8 @@ def unshard(local: torch.Tensor, cu_seqlens: list[int], cp: int, group, dim: int
     parts = [torch.empty_like(local) for _ in range(cp)]
     torch.distributed.all_gather(parts, local.contiguous(), group=group)
     order = torch.cat([zigzag_index(cu_seqlens, cp, r) for r in range(cp)]).to(local.device)
-    return torch.empty_like(torch.cat(parts, dim)).index_copy_(dim, order, torch.cat(parts, dim))
+    gathered = torch.cat(parts, dim)
+    return torch.empty_like(gathered).index_copy_(dim, order, gathered)
 
 
 class _GatherFromCP(torch.autograd.Function):

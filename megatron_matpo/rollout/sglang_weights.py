@@ -9,7 +9,7 @@ Here one call carries the plan of the whole sync (every tensor's name, dtype and
 tensors each bucket holds, in `load_format` = "matpo_stream:<n0>,<n1>,..."). The scheduler opens the
 session, then for each bucket, in order:
 - distributed: receives the bucket's flat bytes by one broadcast from group rank 0 into a receive
-  ring (`Ring`) and loads views of it into the model, receiving the next bucket meanwhile;
+  ring (`ring_starts`) and loads views of it into the model, receiving the next bucket meanwhile;
 - tensor: waits for rank 0's doorbell (a one-element broadcast: the bucket is in the shared-memory
   buffer the call mapped once), loads views of the shared buffer in place, then a barrier tells rank 0
   it may refill it.
@@ -75,6 +75,28 @@ def bucket_spans(dtypes: list, shapes: list, counts: list[int]) -> list[list[tup
             off += n
         out.append(spans)
         i += c
+    return out
+
+
+def ring_starts(sizes: list[int], capacity: int) -> list[tuple[int, bool]]:
+    """Where each bucket of `sizes` bytes goes in a buffer of `capacity` bytes used as a ring, and whether
+    it is clear of the bucket before it (so it can be filled while that one is still being sent): after
+    the previous bucket if it fits there, else at the start if it ends before the previous one begins,
+    else at the start once the previous one is released. Two buckets are never in flight beside a third:
+    the one before the previous is released before this one is filled."""
+    out: list[tuple[int, bool]] = []
+    prev = None
+    for n in sizes:
+        if n > capacity:
+            raise ValueError(f"a {n}-byte bucket does not fit the {capacity}-byte buffer")
+        if prev is None:
+            start, clear = 0, True
+        elif prev[1] + n <= capacity:
+            start, clear = prev[1], True
+        else:
+            start, clear = 0, n <= prev[0]
+        out.append((start, clear))
+        prev = (start, start + n)
     return out
 
 
@@ -160,20 +182,20 @@ def update_from_distributed(original, manager, recv_req):
         target = manager.tp_worker.model_runner.weight_updater
         group = _group(target, recv_req.group_name)
         plan = bucket_spans(recv_req.dtypes, recv_req.shapes, parse_counts(recv_req.load_format))
-        ring = Ring([spans[-1][4] for spans in plan], target.device)
+        sizes = [spans[-1][4] for spans in plan]
+        buf = torch.empty(max(sizes), dtype=torch.uint8, device=target.device)  # SGLang's own receive size
     except Exception as e:  # noqa: BLE001 (answered to the caller, never raised into the scheduler)
         return UpdateWeightsFromDistributedReqOutput(success=False, message=_refused(e))
 
     def buckets():
-        # bucket k+1 is received (gloo's background thread) while the caller loads bucket k, when both fit
-        # in the ring; else k is loaded first
+        # the receive buffer as a ring: bucket k+1 is received (gloo's background thread) while the caller
+        # loads bucket k where it fits beside it, else k is loaded first
         pending = None
-        for k, spans in enumerate(plan):
-            start = ring.place(k)
-            if start is None:  # no room beside the bucket being loaded: finish it first
+        for spans, (start, clear) in zip(plan, ring_starts(sizes, buf.numel())):
+            if pending is not None and not clear:
                 yield pending
-                pending, start = None, ring.place(k, alone=True)
-            flat = ring.buf[start:start + spans[-1][4]]
+                pending = None
+            flat = buf[start:start + spans[-1][4]]
             work = torch.distributed.broadcast(flat, src=0, group=group, async_op=True)
             if pending is not None:
                 yield pending
@@ -182,34 +204,7 @@ def update_from_distributed(original, manager, recv_req):
         if pending is not None:
             yield pending
 
-    try:
-        return _streamed(manager, recv_req, "distributed", buckets(), UpdateWeightsFromDistributedReqOutput)
-    finally:
-        del ring
-
-
-class Ring:
-    """The receive buffer of a streamed broadcast, the size of the largest bucket (what SGLang's own
-    per-bucket receive allocates): where the next bucket fits beside the one being loaded (bundled
-    buckets next to a larger lone tensor's), it is received meanwhile; else it waits for that load."""
-
-    def __init__(self, sizes: list[int], device) -> None:
-        self.sizes = sizes
-        self.buf = torch.empty(max(sizes), dtype=torch.uint8, device=device)
-        self.prev: tuple[int, int] | None = None  # the region of the bucket in flight
-
-    def place(self, k: int, alone: bool = False) -> int | None:
-        n, cap = self.sizes[k], self.buf.numel()
-        if alone or self.prev is None:
-            start = 0
-        elif self.prev[1] + n <= cap:
-            start = self.prev[1]
-        elif n <= self.prev[0]:
-            start = 0
-        else:
-            return None
-        self.prev = (start, start + n)
-        return start
+    return _streamed(manager, recv_req, "distributed", buckets(), UpdateWeightsFromDistributedReqOutput)
 
 
 def update_from_tensor(original, manager, recv_req):

@@ -267,7 +267,8 @@ def load_checkpoint(ckpt_dir: str | Path, chunks: list, optimizer, scheduler) ->
     state reshards only if it was saved with `optim_format="fully_reshardable"` (DP and CP alone may
     change with the default format: the distributed optimizer shards over DP × CP), otherwise this
     raises — pass `optimizer=None` to load weights only (then build a fresh optimizer, or call
-    `optimizer.reload_model_params()` for fp16/bf16 main params). RNG states are restored per rank only for the same layout. `scheduler=None` skips it.
+    `optimizer.reload_model_params()` for fp16/bf16 main params). RNG states are restored per rank
+    only for the same layout. `scheduler=None` skips it.
     """
     d = Path(ckpt_dir)
     if len(chunks) != 1:
