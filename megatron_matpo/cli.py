@@ -1,4 +1,4 @@
-"""`matpo` command line: `train` (the RL loop; the embedded default is configs/tiny_cpu.yaml), `sft`,
+"""`matpo` command line: `train` (the RL loop; the embedded default is configs/tiny_sft_cpu.yaml), `sft`,
 `train-verifier`, `demo`,
 `convert`, `rollout`, `eval`, `transcript`, `make-tiny`."""
 from __future__ import annotations
@@ -84,7 +84,7 @@ def cmd_train(args) -> int:
     from megatron_matpo.train.config import TrainConfig
     from megatron_matpo.trainer import Trainer
 
-    from megatron_matpo.train.summary import startup_summary
+    from megatron_matpo.train.summary import eval_line, startup_summary
 
     overrides = list(args.overrides)
     cfg = config.load(TrainConfig, args.config, overrides)
@@ -101,6 +101,9 @@ def cmd_train(args) -> int:
         print(f"matpo train: preempted: {e}", file=sys.stderr, flush=True)
         return Preempted.exit_code
     last = history[-1] if history else {}
+    evals = eval_line(trainer.eval_at_start, last)
+    if evals:
+        print(f"matpo train: {evals}", flush=True)
     print(f"trained {len(history)} steps in {time.time() - t0:.0f}s -> {cfg.run_dir}; last step: reward "
           f"{last.get('reward/mean', float('nan')):.3f}, accuracy {last.get('reward/accuracy', float('nan')):.3f}, "
           f"train/rollout logprob diff {last.get('train_rollout_logprob_abs_diff', float('nan')):.2e}")
@@ -219,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     tr = sub.add_parser("train", help="MATPO / single-agent RL: rollouts, PPO on Megatron, weight sync")
-    tr.add_argument("--config", default="configs/tiny_cpu.yaml", help="YAML TrainConfig")
+    tr.add_argument("--config", default="configs/tiny_sft_cpu.yaml", help="YAML TrainConfig")
     tr.add_argument("--resume", action="store_true", help="continue from the run_dir's latest checkpoint")
     tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=10 actor.tp=1 actor.pp=2")
     tr.set_defaults(fn=cmd_train)

@@ -8,6 +8,8 @@ rank 0's result (used by `matpo convert` and the tests).
 from __future__ import annotations
 
 import os
+import queue as queue_mod
+import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
@@ -76,14 +78,17 @@ def launch_local(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s:
     for p in procs:
         p.start()
     results: dict[int, tuple[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
     try:
         while len(results) < world_size:
-            try:
-                rank, status, payload = queue.get(timeout=timeout_s)
-            except Exception:
-                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                raise RuntimeError(f"local launch timed out or ranks died (exit codes: "
-                                   f"{[p.exitcode for p in procs]}, dead ranks {dead})")
+            try:  # short waits: a rank killed before it could report (OOM, a signal) fails the launch at once
+                rank, status, payload = queue.get(timeout=1.0)
+            except queue_mod.Empty:
+                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0) and i not in results]
+                if dead or time.monotonic() > deadline:
+                    raise RuntimeError(f"local launch {'timed out' if not dead else 'lost ranks'} (exit codes: "
+                                       f"{[p.exitcode for p in procs]}, ranks gone without a result {dead})") from None
+                continue
             results[rank] = (status, payload)
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{payload}")

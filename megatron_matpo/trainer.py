@@ -200,6 +200,10 @@ class Trainer:
                                        if k.startswith("bringup/")), flush=True)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step")
         self.data_state = self.loader.state_dict()  # what a checkpoint stores as the data cursor (pipeline.py)
+        self.eval_at_start: dict[str, float] = {}
+        if cfg.eval.at_start and self.step == 0:  # the starting weights' score, before any rollout of step 1
+            self.eval_at_start = self.evaluate()
+            self.log.log(0, self.eval_at_start)
         self.rollouts = rollouts_for(cfg.async_.max_staleness, self._produce, version=self.step,
                                      first_step=self.step + 1, last_step=cfg.steps)
         self._teardown.callback(_quietly, "rollouts", self.rollouts.close)  # before the task and the engines

@@ -49,3 +49,14 @@ def test_wandb_settings_refused_before_anything_starts(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     config.load(TrainConfig, root / "configs/tiny_cpu.yaml",
                 [f"run_dir={tmp_path}/run", "logger.wandb.enabled=true", "logger.wandb.mode=online"]).validate()
+
+
+def test_closing_eval_line_pairs_each_source_before_and_after():
+    """`matpo train`'s closing line: each eval source scored before step 1 and at the last step."""
+    from megatron_matpo.train.summary import eval_line
+
+    before = {"eval/multihop/accuracy": 0.25, "eval/multihop/questions": 32.0, "eval/multihop/rollouts": 64.0,
+              "eval/multihop/avg@2": 0.25, "eval1/other/accuracy": 0.5, "reward/mean": 0.1}
+    after = {"eval/multihop/accuracy": 0.40625, "eval/multihop/questions": 32.0, "reward/accuracy": 0.3}
+    assert eval_line(before, after) == "eval accuracy multihop 0.250 -> 0.406 (+0.156; 32 questions x 2)"
+    assert eval_line({}, after) is None and eval_line(before, {}) is None

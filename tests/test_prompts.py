@@ -4,7 +4,8 @@ import pytest
 
 from megatron_matpo.agents.toolcall import render_tool_call
 from megatron_matpo.agents.prompts import (
-    clean_worker_summary, nested_agent_refusal, planner_user_prompt, single_user_prompt,
+    SUMMARY_REQUEST, SUMMARY_SECTIONS, clean_worker_summary, nested_agent_refusal, planner_user_prompt,
+    single_user_prompt,
     system_prompt, tool_error_message, worker_summary_prompt, worker_user_prompt,
 )
 from megatron_matpo.toolbox.specs import (
@@ -88,6 +89,38 @@ def test_worker_summary_prompt():
     sections = ["## Conclusion", "## Supporting Information", "## Observations", "## Contribution to Main Task"]
     positions = [text.index(s) for s in sections]
     assert positions == sorted(positions)
+
+
+@pytest.mark.parametrize("role", list(ROLE_TOOLS))
+def test_compact_style_keeps_the_roles_tools_and_markers(role):
+    """The tiny models' style: the role marker the oracle and transcripts read, every tool of the role
+    (and none of another's) with its required arguments, the call's tags; a sixth of the full prompt."""
+    tools = ROLE_TOOLS[role]
+    text = system_prompt(role, tools, "compact")
+    marker = {"planner": "# Your role: planner", "worker": "# Your role: browsing agent",
+              "single": "# Your role: solver"}
+    assert text.startswith(marker[role] + "\n") and marker[role] in system_prompt(role, tools)
+    for t in tools:
+        assert f"{t.server}/{t.name} {{{', '.join(repr(a) for a in t.required)}}}" in text
+    others = {t.name for ts in ROLE_TOOLS.values() for t in ts} - {t.name for t in tools}
+    assert not any(f"/{name} " in text for name in others)
+    assert "<use_mcp_tool>" in text and "</use_mcp_tool>" in text and ("\\boxed{}" in text) == (role != "worker")
+    assert len(text) * 5 < len(system_prompt(role, tools)), (len(text), len(system_prompt(role, tools)))
+
+
+def test_compact_user_and_summary_prompts():
+    assert planner_user_prompt(" Who founded Acme? ", "compact") == "Who founded Acme?"
+    assert single_user_prompt("Who founded Acme?", "compact") == "Who founded Acme?"
+    recap = worker_user_prompt("Where was the founder of Acme born?", "Who founded Acme?", "compact")
+    assert recap == "Main task: Where was the founder of Acme born?\n<subtask>\nWho founded Acme?\n</subtask>"
+    summary = worker_summary_prompt("M", "S", "compact")
+    assert summary.startswith(SUMMARY_REQUEST + "\n") and worker_summary_prompt("M", "S").startswith(SUMMARY_REQUEST)
+    positions = [summary.index(h) for h, _ in SUMMARY_SECTIONS]
+    assert positions == sorted(positions)
+    with pytest.raises(ValueError, match="unknown prompt style 'tiny'"):
+        system_prompt("worker", WORKER_TOOLS, "tiny")
+    with pytest.raises(ValueError, match="subtask"):
+        worker_user_prompt("main", " ", "compact")
 
 
 CALL = render_tool_call("search_and_scrape_webpage", "scrape", {"url": "https://wiki.local/a"})

@@ -27,14 +27,16 @@ def demos(inputs, tmp_path_factory):
     from megatron_matpo.sft.demos import read_demonstrations, write_demonstrations
 
     out = {}
-    for mode in ("matpo", "single"):
-        cfg = _cfg(inputs, tmp_path_factory.mktemp(f"sft-{mode}"), f"mode={mode}", "max_demos=12")
+    styles = {"matpo": [], "single": [], "matpo-compact": ["prompt_style=compact", "num_results=2"]}
+    for key, extra in styles.items():
+        mode = key.split("-")[0]
+        cfg = _cfg(inputs, tmp_path_factory.mktemp(f"sft-{key}"), f"mode={mode}", "max_demos=12", *extra)
         path = Path(cfg.run_dir) / "demos.jsonl"
-        out[mode] = (cfg, write_demonstrations(cfg, path, progress=False), read_demonstrations(path))
+        out[key] = (cfg, write_demonstrations(cfg, path, progress=False), read_demonstrations(path))
     return out
 
 
-@pytest.mark.parametrize("mode", ["matpo", "single"])
+@pytest.mark.parametrize("mode", ["matpo", "single", "matpo-compact"])
 def test_oracle_demonstrations_are_real_conversations(demos, mode):
     """Every question demonstrated, right (the real exact-match scorer) and in format (every call valid
     MCP-XML); the token ids are the chat template's rendering of the messages, trained exactly on what
@@ -59,7 +61,7 @@ def test_oracle_demonstrations_are_real_conversations(demos, mode):
         # ... and the trained tokens are the assistant messages, each with its end-of-turn token
         trained = [t for t, m in zip(r["token_ids"], r["loss_mask"]) if m]
         assert tok.decode(trained, skip_special_tokens=False) == "".join(s + tok.eos_token for s in said)
-    if mode == "matpo":
+    if mode.startswith("matpo"):
         workers = [r for r in rows if r["role"] == "worker"]
         assert len(workers) == sum(len(r["children"]) for r in roots) >= 2 * len(roots)
         for w in workers:
@@ -76,6 +78,42 @@ def test_oracle_demonstrations_are_real_conversations(demos, mode):
                 found = re.search(r"The answer to this subtask is (.+)\.$", prev).group(1)
                 assert found in sub, (sub, prev)
             assert f"\\boxed{{{r['ground_truth']}}}" in r["final_text"]
+    if mode.endswith("compact"):  # the embedded default's prompts and 2 search results
+        from megatron_matpo.agents.prompts import system_prompt
+
+        for r in rows:
+            tools = {"planner": PLANNER_TOOLS, "worker": WORKER_TOOLS}[r["role"]]
+            assert r["messages"][0]["content"] == system_prompt(r["role"], tools, "compact")
+        found = [json.loads(m["content"]) for r in rows for m in r["messages"]
+                 if m["role"] == "user" and m["content"].startswith('{"searchParameters"')]
+        assert len(found) == len(workers) and all(len(f["organic"]) == 2 for f in found)
+
+
+def test_bootstrap_sft_derives_the_job_from_the_run(tmp_path):
+    """The embedded default's `bootstrap.sft`: the SFT job's run_dir is the parent of the run's `model`,
+    its data, corpus, prompts, search results and agent limits are the run's, its eval set excluded;
+    a model path that is not <run_dir>/hf or a missing base model is one error naming the field."""
+    from megatron_matpo import config
+    from megatron_matpo.config import ConfigError
+    from megatron_matpo.train.bootstrap import sft_config
+    from megatron_matpo.train.config import TrainConfig
+
+    cfg = config.load(TrainConfig, REPO / "configs/tiny_sft_cpu.yaml", [f"run_dir={tmp_path}/run"]).validate()
+    sft = sft_config(cfg)
+    wf = cfg.rollout.workflow
+    assert Path(sft.run_dir) / "hf" == Path(cfg.model) and sft.model == cfg.bootstrap.sft["model"]
+    assert (sft.data, sft.corpus, sft.exclude, sft.seed) == (cfg.data, cfg.corpus, [cfg.eval.data], cfg.seed)
+    assert (sft.mode, sft.prompt_style, sft.num_results) == (wf.mode, "compact", cfg.rollout.toolbox.num_results)
+    assert (sft.planner, sft.worker) == (wf.planner, wf.worker) and sft.export_hf
+    assert sft.bootstrap.tiny_shape == cfg.bootstrap.tiny_shape and sft.bootstrap.sft is None
+    assert sft.optim.lr == 5e-3 and sft.rows_per_step == 8  # the config's own fields win
+    for override, match in (("model=elsewhere/model", "model: elsewhere/model must be <a run_dir>/hf"),
+                            ("bootstrap.sft.model=", "bootstrap.sft.model: the HF directory"),
+                            ("bootstrap.sft.epochs=0", "bootstrap.sft.epochs: must be >= 1")):
+        bad = config.load(TrainConfig, REPO / "configs/tiny_sft_cpu.yaml", [f"run_dir={tmp_path}/run", override])
+        with pytest.raises(ConfigError, match=re.escape(match)):
+            sft_config(bad)
+    assert sft_config(config.load(TrainConfig, REPO / "configs/tiny_cpu.yaml", [])) is None
 
 
 def test_evaluation_questions_are_never_demonstrated(inputs, tmp_path):

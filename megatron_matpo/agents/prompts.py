@@ -4,6 +4,13 @@ The tool list inside the system prompt is generated from `toolbox.specs`, so the
 tool-call validator and the MCP servers can never disagree about names or argument schemas.
 Prompts are kept short on purpose: tiny CPU test models see them too, and every token of the
 system prompt is paid for on every turn of every rollout.
+
+Two styles (`workflow.prompt_style`): "full", the MATPO prompts for real models, and "compact", the
+same roles, tool-call format, tool list and report headings in a few lines, for the tiny models of the
+embedded default: a model of a few million parameters learns to copy an entity across ~300 tokens in
+minutes, not across the ~1.5k of a full-style worker conversation. Both styles keep the markers a
+transcript or the SFT oracle reads: "# Your role: <role>", `<subtask>` tags, the summary request's
+first line.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ from megatron_matpo.toolbox.specs import AGENT_SERVER, ToolSpec
 
 Role = Literal["planner", "worker", "single"]
 ROLES: tuple[str, ...] = ("planner", "worker", "single")
+STYLES: tuple[str, ...] = ("full", "compact")
 
 TOOL_OPEN, TOOL_CLOSE = "<use_mcp_tool>", "</use_mcp_tool>"
 THINK_CLOSE = "</think>"
@@ -99,10 +107,32 @@ def _role_block(role: str, tools: Sequence[ToolSpec]) -> str:
         "in a message without a tool call.")
 
 
-def system_prompt(role: Role, tools: Sequence[ToolSpec]) -> str:
-    """Tool-use format and rules, the generated tool list, objective, then the role block."""
+_COMPACT_ROLE = {
+    "planner": ("planner", "Send one self-contained subtask at a time to the browsing agent, naming its entity. "
+                           "When you know the answer, write it in \\boxed{} without a tool call."),
+    "worker": ("browsing agent", "Search the subtask's entity, scrape its page, then say what you found."),
+    "single": ("solver", "Search each entity, scrape its page; when you know the answer, write it in \\boxed{} "
+                         "without a tool call."),
+}
+
+
+def _style(style: str) -> str:
+    if style not in STYLES:
+        raise ValueError(f"unknown prompt style {style!r}; expected one of {STYLES}")
+    return style
+
+
+def system_prompt(role: Role, tools: Sequence[ToolSpec], style: str = "full") -> str:
+    """Tool-use format and rules, the generated tool list, objective, then the role block (compact: the
+    role's task in one line and one example call per tool)."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+    if _style(style) == "compact":
+        name, task = _COMPACT_ROLE[role]
+        listed = "; ".join(f"{t.server}/{t.name} {{{', '.join(repr(a) for a in t.required)}}}" for t in tools)
+        return (f"# Your role: {name}\n{task}\nTools (server/tool {{arguments}}): {listed or 'none'}. "
+                f"Call one at the end of a message as {TOOL_OPEN}<server_name>, <tool_name>, <arguments> as "
+                f"JSON{TOOL_CLOSE}.")
     intro = "You are a capable assistant that can use tools to complete tasks."
     return "\n\n".join([
         intro,
@@ -123,17 +153,21 @@ _BOXED_INSTRUCTION = ("Think step by step and use the tools as needed. Put your 
                       "possible, in \\boxed{} at the end of your last message.")
 
 
-def planner_user_prompt(question: str) -> str:
+def planner_user_prompt(question: str, style: str = "full") -> str:
+    if _style(style) == "compact":
+        return _need("question", question)
     return f"{_need('question', question)}\n\n{_BOXED_INSTRUCTION}"
 
 
-def single_user_prompt(question: str) -> str:
-    return f"{_need('question', question)}\n\n{_BOXED_INSTRUCTION}"
+def single_user_prompt(question: str, style: str = "full") -> str:
+    return planner_user_prompt(question, style)
 
 
-def worker_user_prompt(main_task: str, subtask: str) -> str:
+def worker_user_prompt(main_task: str, subtask: str, style: str = "full") -> str:
     """Query recap: the worker sees the planner's original question next to its own subtask."""
     main_task, subtask = _need("main_task", main_task), _need("subtask", subtask)
+    if _style(style) == "compact":
+        return f"Main task: {main_task}\n<subtask>\n{subtask}\n</subtask>"
     return (
         "You are helping a planner agent that is working on this main task:\n"
         f"<main_task>\n{main_task}\n</main_task>\n\n"
@@ -153,11 +187,17 @@ SUMMARY_SECTIONS: tuple[tuple[str, str], ...] = (
 )
 
 
-def worker_summary_prompt(main_task: str, subtask: str) -> str:
-    """Last worker turn: no tools, a structured report the planner can rely on."""
+SUMMARY_REQUEST = "Stop working now. Do NOT call any tool: a tool call in this message will be ignored."
+
+
+def worker_summary_prompt(main_task: str, subtask: str, style: str = "full") -> str:
+    """Last worker turn: no tools, a structured report the planner can rely on (compact: the headings
+    only; the worker's context already holds the task)."""
     main_task, subtask = _need("main_task", main_task), _need("subtask", subtask)
+    if _style(style) == "compact":
+        return f"{SUMMARY_REQUEST}\nReport under: " + ", ".join(h for h, _ in SUMMARY_SECTIONS)
     return (
-        "Stop working now. Do NOT call any tool: a tool call in this message will be ignored.\n"
+        f"{SUMMARY_REQUEST}\n"
         "Write your final report for the planner.\n\n"
         f"Main task: {main_task}\n"
         f"Your subtask: {subtask}\n\n"

@@ -37,6 +37,9 @@ class WorkflowConfig:
     mode: str = "matpo"  # "matpo" | "single"
     planner: AgentLimits = field(default_factory=AgentLimits)
     worker: AgentLimits = field(default_factory=AgentLimits)
+    # "full": the MATPO prompts | "compact": the same roles and formats in a few lines, for tiny models
+    # (agents/prompts.py)
+    prompt_style: str = "full"
     temperature: float = 1.0
     top_p: float = 1.0
     summary_max_chars: int = prompts.DEFAULT_SUMMARY_CHARS
@@ -310,14 +313,15 @@ class Workflow:
                       out: list[Trajectory], seed: int | None) -> str:
         lim = self.cfg.worker
         conv = Conversation(self.template, [
-            {"role": "system", "content": prompts.system_prompt("worker", WORKER_TOOLS)},
-            {"role": "user", "content": prompts.worker_user_prompt(main_task, subtask)}])
+            {"role": "system", "content": prompts.system_prompt("worker", WORKER_TOOLS, self.cfg.prompt_style)},
+            {"role": "user", "content": prompts.worker_user_prompt(main_task, subtask, self.cfg.prompt_style)}])
         # ids and seeds by spawn order, which is deterministic (calls start in message order)
         index = len(out)
         traj = self._trajectory(f"{parent_id}/w{index}", "worker", conv, sample_uid, group_id, parent_id)
         out.append(traj)
         seed = derive_seed(seed, "worker", index)
-        summary_msg = {"role": "user", "content": prompts.worker_summary_prompt(main_task, subtask)}
+        summary_msg = {"role": "user",
+                       "content": prompts.worker_summary_prompt(main_task, subtask, self.cfg.prompt_style)}
         # keep room for the summary instruction itself plus the summary
         reserve = lim.summary_reserve_tokens + len(self.template.continuation_ids([summary_msg], False))
         await self._loop(conv, traj, lim, WORKER_TOOLS, None, reserve, self.worker_first_sampling, None,
@@ -335,8 +339,8 @@ class Workflow:
 
     async def _planner(self, question: str, sample_uid: str, group_id: str, seed: int | None) -> list[Trajectory]:
         conv = Conversation(self.template, [
-            {"role": "system", "content": prompts.system_prompt("planner", PLANNER_TOOLS)},
-            {"role": "user", "content": prompts.planner_user_prompt(question)}])
+            {"role": "system", "content": prompts.system_prompt("planner", PLANNER_TOOLS, self.cfg.prompt_style)},
+            {"role": "user", "content": prompts.planner_user_prompt(question, self.cfg.prompt_style)}])
         planner = self._trajectory(f"{sample_uid}/p", "planner", conv, sample_uid, group_id, None)
         workers: list[Trajectory] = []
 
@@ -351,8 +355,8 @@ class Workflow:
 
     async def _single(self, question: str, sample_uid: str, group_id: str, seed: int | None) -> Trajectory:
         conv = Conversation(self.template, [
-            {"role": "system", "content": prompts.system_prompt("single", SINGLE_AGENT_TOOLS)},
-            {"role": "user", "content": prompts.single_user_prompt(question)}])
+            {"role": "system", "content": prompts.system_prompt("single", SINGLE_AGENT_TOOLS, self.cfg.prompt_style)},
+            {"role": "user", "content": prompts.single_user_prompt(question, self.cfg.prompt_style)}])
         traj = self._trajectory(f"{sample_uid}/s", "single", conv, sample_uid, group_id, None)
         traj.final_text = await self._loop(conv, traj, self.cfg.planner, SINGLE_AGENT_TOOLS, None, 0,
                                           self.first_sampling, self.cfg.later_turn_sampling, seed)

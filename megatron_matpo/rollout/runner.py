@@ -71,6 +71,7 @@ class ToolboxSection:
     timeout_s: float = 60.0
     injected_latency_s: float = 0.0
     noise: dict = field(default_factory=dict)  # NoiseConfig fields for the local server (robustness runs)
+    num_results: int = 10  # results of a search that does not ask for a number (tiny models: fewer, shorter)
 
 
 @dataclass
@@ -128,11 +129,12 @@ def toolbox_server_config(tb: ToolboxSection, corpus: str | None = None) -> dict
     if tb.url:
         return None
     if tb.backend == "web":
-        return {"backend": "web", "port": 0, "noise": dict(tb.noise)}
+        return {"backend": "web", "port": 0, "noise": dict(tb.noise), "default_num_results": tb.num_results}
     if tb.backend != "local":
         raise ValueError(f"toolbox.backend: 'local' or 'web', got {tb.backend!r}")
     corpus = corpus or tb.corpus
-    return {"backend": "local", "corpus_path": corpus, "port": 0, "noise": dict(tb.noise)} if corpus else None
+    return ({"backend": "local", "corpus_path": corpus, "port": 0, "noise": dict(tb.noise),
+             "default_num_results": tb.num_results} if corpus else None)
 
 
 class RolloutSession:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megatron_matpo.agents.prompts import STYLES
 from megatron_matpo.agents.workflow import AgentLimits
 from megatron_matpo.config import ConfigError
 from megatron_matpo.model.layout import ParallelLayout
@@ -46,6 +47,10 @@ class SftConfig:
     # questions kept out of the demonstrations (the evaluation sets of the RL run that starts from this model)
     exclude: list[str] = field(default_factory=list)
     mode: str = "matpo"  # matpo: planner + worker demonstrations | single: the single-agent baseline's
+    # the prompts and search results of the RL run that starts from this model (its
+    # rollout.workflow.prompt_style and rollout.toolbox.num_results)
+    prompt_style: str = "full"
+    num_results: int = 10
     # the limits the demonstrations must fit (those of the RL run that starts from this model): a
     # demonstration that hits one is dropped, never cut. The single agent runs under `planner`'s and
     # needs 2 turns per hop (search, scrape) and one to answer
@@ -72,6 +77,8 @@ class SftConfig:
         need(bool(self.data), "data", "a multi-hop MATPO-data parquet file or directory is required")
         need(bool(self.corpus), "corpus", "the local search corpus of the multi-hop set is required")
         need(self.mode in ("matpo", "single"), "mode", f"matpo | single, got {self.mode!r}")
+        need(self.prompt_style in STYLES, "prompt_style", f"{' | '.join(STYLES)}, got {self.prompt_style!r}")
+        need(self.num_results >= 1, "num_results", f"must be >= 1, got {self.num_results}")
         need(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         need(self.rows_per_step >= 1, "rows_per_step", f"must be >= 1, got {self.rows_per_step}")
         need(self.max_demos is None or self.max_demos >= 1, "max_demos", f"must be >= 1, got {self.max_demos}")

@@ -75,8 +75,10 @@ def write_demonstrations(cfg: SftConfig, out_path: str | Path, progress: bool = 
     stats.questions = len(samples)
     tok = AutoTokenizer.from_pretrained(cfg.model)
     rcfg = RolloutConfig(model=cfg.model, data=cfg.data, n_samples=1, max_concurrent=16,
-                         toolbox=ToolboxSection(corpus=cfg.corpus), reward=RewardSection(scorer="exact_match"),
-                         workflow=WorkflowConfig(mode=cfg.mode, planner=cfg.planner, worker=cfg.worker))
+                         toolbox=ToolboxSection(corpus=cfg.corpus, num_results=cfg.num_results),
+                         reward=RewardSection(scorer="exact_match"),
+                         workflow=WorkflowConfig(mode=cfg.mode, planner=cfg.planner, worker=cfg.worker,
+                                                 prompt_style=cfg.prompt_style))
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(samples), desc="demonstrations", unit="question", disable=not progress)
@@ -103,7 +105,7 @@ def write_demonstrations(cfg: SftConfig, out_path: str | Path, progress: bool = 
         await asyncio.gather(*(one(i, s) for i, s in enumerate(samples)))
 
     try:
-        with RolloutSession(rcfg, tokenizer=tok, generator=OracleGenerator(samples, tok)) as session:
+        with RolloutSession(rcfg, tokenizer=tok, generator=OracleGenerator(samples, tok, cfg.prompt_style)) as session:
             asyncio.run(run_all(session))
     finally:
         bar.close()

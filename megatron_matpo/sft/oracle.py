@@ -28,7 +28,6 @@ class OracleMiss(RuntimeError):
 
 
 _SUBTASK_RE = re.compile(r"<subtask>\n(.*?)\n</subtask>", re.S)
-_SUMMARY_ASKED = prompts.worker_summary_prompt("-", "-").split("\n")[0]  # "Stop working now. ..."
 
 
 def subtask_text(hop: Hop) -> str:
@@ -40,7 +39,7 @@ def subtask_text(hop: Hop) -> str:
 
 def worker_report(hop: Hop) -> str:
     """The worker's final summary, in the summary prompt's four sections."""
-    said = (hop.fact, f"{hop.fact} Source: {hop.url}", f"Stated on the page of {hop.subject}.",
+    said = (hop.fact, f"Source: {hop.url}", f"Stated on the page of {hop.subject}.",
             f"The answer to this subtask is {hop.object}.")
     return "\n".join(f"{heading}\n{text}" for (heading, _), text in zip(prompts.SUMMARY_SECTIONS, said))
 
@@ -56,7 +55,7 @@ class OracleGenerator:
     """`Generator` (agents.workflow) over a set of multi-hop samples; `generate` returns the oracle's
     message as token ids ending with EOS, logprobs 0 (no policy sampled them)."""
 
-    def __init__(self, samples, tokenizer):
+    def __init__(self, samples, tokenizer, prompt_style: str = "full"):
         self.tok = tokenizer
         self.template = ChatTemplate(tokenizer)
         self.open_text = self.template.assistant_open  # e.g. "<|im_start|>assistant\n"
@@ -68,7 +67,8 @@ class OracleGenerator:
                 raise ValueError(f"sample {s.uid}: no extra_info.metadata.hops: the oracle writes demonstrations "
                                  "for the offline multi-hop set only")
             script = _Script(s.question, s.ground_truth, hops)
-            self.by_prompt[prompts.planner_user_prompt(s.question)] = script
+            # the whole user message, closed: a question never matches inside a longer one
+            self.by_prompt[prompts.planner_user_prompt(s.question, prompt_style) + self.template.turn_close] = script
             for hop in hops:
                 self.by_subtask[subtask_text(hop)] = hop
 
@@ -114,7 +114,7 @@ class OracleGenerator:
         hop = self.by_subtask.get(m.group(1).strip()) if m else None
         if hop is None:
             raise OracleMiss("a worker subtask the oracle did not write")
-        if obs and _SUMMARY_ASKED in obs[-1]:
+        if obs and prompts.SUMMARY_REQUEST in obs[-1]:
             return worker_report(hop)
         return self._browse(hop, turn, obs, finished=f"I read the page of {hop.subject}: {hop.fact}")
 

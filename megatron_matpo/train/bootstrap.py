@@ -3,6 +3,7 @@ random-init model whose tokenizer is trained on the agents' prompts and the corp
 prompt is a few hundred tokens, not ~1.4k as with a tokenizer that never saw it)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from megatron_matpo.config import ConfigError
@@ -17,22 +18,54 @@ def tokenizer_texts(corpus: str | None) -> list[str]:
 
     texts = synthetic_corpus()
     # the prompts repeated so their words win merges over the synthetic filler
-    texts += [prompts.system_prompt("planner", PLANNER_TOOLS), prompts.system_prompt("worker", WORKER_TOOLS),
-              prompts.system_prompt("single", SINGLE_AGENT_TOOLS), prompts.planner_user_prompt("Q?"),
-              prompts.worker_user_prompt("Q?", "S"), prompts.worker_summary_prompt("Q?", "S"),
-              maporl_prompts.system_prompt(0, 2), maporl_prompts.first_round_prompt("Q?"),
+    texts += [x for style in prompts.STYLES for x in (
+        prompts.system_prompt("planner", PLANNER_TOOLS, style), prompts.system_prompt("worker", WORKER_TOOLS, style),
+        prompts.system_prompt("single", SINGLE_AGENT_TOOLS, style), prompts.planner_user_prompt("Q?", style),
+        prompts.worker_user_prompt("Q?", "S", style), prompts.worker_summary_prompt("Q?", "S", style))] * 20
+    texts += [maporl_prompts.system_prompt(0, 2), maporl_prompts.first_round_prompt("Q?"),
               maporl_prompts.revision_prompt("Q?", [maporl_prompts.SharedAnswer(1, "A", None)])] * 20
     if corpus and Path(corpus).exists():
         from megatron_matpo.toolbox.local_search import read_corpus
 
-        texts += [f"{p.title}\n{p.text}" for p in read_corpus(corpus)]
+        texts += [f"{p.url}\n{p.title}\n{p.text}" for p in read_corpus(corpus)]  # links too: a URL is copied
     return texts
+
+
+def sft_config(cfg: TrainConfig):
+    """The `matpo sft` job that `bootstrap.sft` asks for (None: none), or a ConfigError naming the field.
+    Unset fields come from the run: run_dir is `model`'s parent, the run's data, corpus, workflow (mode,
+    prompt style, agent limits), search results and seed; its eval sets are excluded from the
+    demonstrations; bootstrap builds the base model (`sft.model`) and the data."""
+    from megatron_matpo import config
+    from megatron_matpo.sft.config import SftConfig
+
+    b = cfg.bootstrap
+    if b.sft is None:
+        return None
+    hf = Path(cfg.model)
+    if hf.name != "hf":
+        raise ConfigError(f"model: {cfg.model} must be <a run_dir>/hf, where bootstrap.sft's `matpo sft` writes its "
+                          "export")
+    if not b.sft.get("model"):
+        raise ConfigError("bootstrap.sft.model: the HF directory of the model to fine-tune is required")
+    wf, ev = cfg.rollout.workflow, cfg.eval.data
+    derived = {"run_dir": str(hf.parent), "data": cfg.data, "corpus": cfg.corpus or "",
+               "exclude": [ev] if isinstance(ev, str) else list(ev or []), "mode": wf.mode,
+               "prompt_style": wf.prompt_style, "num_results": cfg.rollout.toolbox.num_results,
+               "planner": dataclasses.asdict(wf.planner), "worker": dataclasses.asdict(wf.worker), "seed": cfg.seed,
+               "export_hf": True,
+               "bootstrap": {"tiny_model": b.tiny_model, "tiny_shape": b.tiny_shape, "multihop": b.multihop}}
+    try:
+        return config.build(SftConfig, {**derived, **b.sft}).validate()
+    except ConfigError as e:
+        raise ConfigError(f"bootstrap.sft.{e}") from None
 
 
 def ensure_inputs(cfg: TrainConfig, log=print) -> None:
     b = cfg.bootstrap
+    sft = sft_config(cfg) if isinstance(cfg, TrainConfig) else None
     # refuse before writing anything: a missing model that bootstrap may not build fails at once
-    if not Path(cfg.model).exists() and not b.tiny_model:
+    if not Path(cfg.model).exists() and not b.tiny_model and sft is None:
         raise ConfigError(f"model: {cfg.model} does not exist (bootstrap builds a tiny random-init model only at "
                           "the config file's own path, or where the command line also sets bootstrap.tiny_model)")
     if not Path(cfg.data).exists() and b.arithmetic is not None:
@@ -54,12 +87,19 @@ def ensure_inputs(cfg: TrainConfig, log=print) -> None:
         written = write_multihop(out, MultihopConfig(**b.multihop))
         if not Path(cfg.data).exists():
             raise ConfigError(f"data: {cfg.data} was not among the generated sets: {sorted(written)}")
+    if not Path(cfg.model).exists() and sft is not None:
+        from megatron_matpo.sft.train import run_sft
+
+        log(f"bootstrap: fine-tuning {sft.model} into {cfg.model} on the oracle's demonstrations (matpo sft, "
+            f"run_dir {sft.run_dir})")
+        run_sft(sft, log)  # its own bootstrap builds the base model first
     if not Path(cfg.model).exists():
-        from megatron_matpo.model.tiny import make_tiny_model, train_tokenizer
+        from megatron_matpo.model.tiny import TinyShape, make_tiny_model, train_tokenizer
 
         log(f"bootstrap: building a tiny random-init {b.tiny_model} model at {cfg.model}")
         tok = train_tokenizer(tokenizer_texts(cfg.corpus), vocab_size=4096)
-        make_tiny_model(cfg.model, b.tiny_model, seed=cfg.seed, tokenizer=tok)
+        make_tiny_model(cfg.model, b.tiny_model, seed=cfg.seed, tokenizer=tok,
+                        shape=TinyShape(**(b.tiny_shape or {})))
 
 
 def verifier_train_config(cfg: TrainConfig):

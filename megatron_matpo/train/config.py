@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from megatron_matpo.agents.prompts import STYLES
 from megatron_matpo.algo.loss import LossConfig
 from megatron_matpo.bridge.sync_config import SyncConfig
 from megatron_matpo.config import ConfigError
@@ -62,6 +63,7 @@ class CheckpointSection:
 class EvalSection:
     data: str | list[str] | None = None  # one val set or several (metrics are per data_source)
     every: int = 0  # steps; 0 = off
+    at_start: bool = False  # also before step 1 (logged at step 0): the closing line reports before -> after
     n_samples: int = 1
     max_prompts: int | None = None
 
@@ -70,9 +72,15 @@ class EvalSection:
 class BootstrapSection:
     """Build the embedded default's inputs when `model` / `data` paths do not exist yet."""
     tiny_model: str | None = None  # arch (qwen3 | qwen2 | llama) of a random-init tiny model
+    tiny_shape: dict | None = None  # its TinyShape fields (model/tiny.py; default: hidden 64, 4 layers)
     multihop: dict | None = None  # MultihopConfig fields: generate data + corpus next to `data`
     arithmetic: dict | None = None  # ArithmeticConfig fields: generate the MAPoRL word problems next to `data`
     toy_answer: str | None = None  # rewrite every question's answer to this (learnable toy task)
+    # SftConfig fields: when `model` (<the SFT run_dir>/hf) does not exist, `matpo sft` builds it first
+    # from `sft.model` (tiny_model builds that one) on the oracle's demonstrations of this run's data,
+    # with its prompts, search results and agent limits, its eval sets never demonstrated
+    # (train/bootstrap.py: sft_config); later runs reuse it
+    sft: dict | None = None
 
     def for_command_line(self, keys: set[str]) -> "BootstrapSection":
         """What bootstrap may write when the command line set `keys`: a `model` or `data` path given
@@ -81,7 +89,7 @@ class BootstrapSection:
         if any(k == "bootstrap" or k.startswith("bootstrap.") for k in keys):
             return self
         model, data = "model" in keys, "data" in keys
-        return dataclasses.replace(self, tiny_model=None if model else self.tiny_model,
+        return dataclasses.replace(self, tiny_model=None if model else self.tiny_model, sft=None if model else self.sft,
                                    multihop=None if data else self.multihop,
                                    arithmetic=None if data else self.arithmetic)
 
@@ -185,6 +193,7 @@ class TrainConfig:
              f"must be in (0, 1), got {ro.engine.mem_fraction_static}")
         need(ro.toolbox.backend in ("local", "web"), "rollout.toolbox.backend",
              f"local | web, got {ro.toolbox.backend!r}")
+        need(ro.toolbox.num_results >= 1, "rollout.toolbox.num_results", f"must be >= 1, got {ro.toolbox.num_results}")
         need(ro.reward.scorer in ("exact_match", "judge"), "rollout.reward.scorer",
              f"exact_match | judge, got {ro.reward.scorer!r}")
         for name in ("tp", "pp", "cp"):
@@ -208,6 +217,7 @@ class TrainConfig:
         positive("eval.every", self.eval.every, strict=False)
         need(self.eval.n_samples >= 1, "eval.n_samples", f"must be >= 1, got {self.eval.n_samples}")
         need(self.eval.every == 0 or bool(self.eval.data), "eval.every", "eval.every > 0 needs eval.data")
+        need(not self.eval.at_start or bool(self.eval.data), "eval.at_start", "eval.at_start needs eval.data")
         self._check_sampling(need, positive)
         self._check_loss(need, positive)
         mp = self.maporl
@@ -266,6 +276,8 @@ class TrainConfig:
         wf = self.rollout.workflow
         if self.algorithm == "matpo":
             need(wf.mode in ("matpo", "single"), "rollout.workflow.mode", f"matpo | single, got {wf.mode!r}")
+            need(wf.prompt_style in STYLES, "rollout.workflow.prompt_style",
+                 f"{' | '.join(STYLES)}, got {wf.prompt_style!r}")
             positive("rollout.workflow.force_delegation", wf.force_delegation, strict=False)
             roles = ("planner", "worker") if wf.mode == "matpo" else ("planner",)
             for role in roles:

@@ -1,5 +1,5 @@
-"""The few lines `matpo train` prints before bring-up: what will run, on what, and where it goes.
-The full resolved config (secrets redacted) is in run_dir/config.yaml."""
+"""The few lines `matpo train` prints before bring-up (what will run, on what, and where it goes) and
+the eval line it closes with. The full resolved config (secrets redacted) is in run_dir/config.yaml."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,7 +33,8 @@ def startup_summary(cfg: TrainConfig) -> str:
     lines = [
         f"algorithm  {algo}; {cfg.steps} steps x {cfg.prompts_per_step} prompts x {ro.n_samples} samples",
         *(f"model      {_model(m)}" for m in models),
-        f"data       {cfg.data}" + (f" (eval: {cfg.eval.data} every {cfg.eval.every} steps)" if cfg.eval.every else ""),
+        f"data       {cfg.data}" + (f" (eval: {cfg.eval.data}" + (" before step 1," if cfg.eval.at_start else "")
+                                   + f" every {cfg.eval.every} steps)" if cfg.eval.every else ""),
         f"actor      TP {a.tp}{' (SP)' if a.sequence_parallel else ''} x PP {a.pp}{f' x CP {a.cp}' if a.cp > 1 else ''} x DP {a.dp}, {cfg.resolved_dtype()}, lr {cfg.optim.lr:g}"
         + (f" (output layer {cfg.optim.output_layer_lr:g})" if cfg.optim.output_layer_lr is not None else "")
         + (f"; {stacks} policies" if stacks > 1 else ""),
@@ -42,3 +43,17 @@ def startup_summary(cfg: TrainConfig) -> str:
         f"run dir    {cfg.run_dir} (full config: {Path(cfg.run_dir) / 'config.yaml'})",
     ]
     return "\n".join(f"matpo train: {line}" for line in lines)
+
+
+def eval_line(before: dict[str, float], after: dict[str, float]) -> str | None:
+    """"eval accuracy <source>: before -> after (rise), N questions x k" for each eval source scored at
+    the start and at the last step (None: there is no such pair)."""
+    parts = []
+    for key, b in sorted(before.items()):
+        if key.endswith("/accuracy") and key in after:
+            src = key[:-len("/accuracy")]
+            n, k = before.get(f"{src}/questions", 0.0), before.get(f"{src}/rollouts", 0.0) / max(
+                before.get(f"{src}/questions", 1.0), 1.0)
+            parts.append(f"{src.removeprefix('eval/')} {b:.3f} -> {after[key]:.3f} ({after[key] - b:+.3f}; "
+                         f"{n:g} questions x {k:g})")
+    return "eval accuracy " + "; ".join(parts) if parts else None
