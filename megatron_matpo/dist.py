@@ -78,7 +78,7 @@ def launch_local(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s:
     for p in procs:
         p.start()
     results: dict[int, tuple[str, Any]] = {}
-    deadline = time.monotonic() + timeout_s
+    deadline, failed = time.monotonic() + timeout_s, False
     try:
         while len(results) < world_size:
             try:  # short waits: a rank killed before it could report (OOM, a signal) fails the launch at once
@@ -92,9 +92,12 @@ def launch_local(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s:
             results[rank] = (status, payload)
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{payload}")
+    except BaseException:
+        failed = True  # the other ranks get 5 s to finish, not 60
+        raise
     finally:
         for p in procs:
-            p.join(timeout=60 if not any(s == "error" for s, _ in results.values()) else 5)
+            p.join(timeout=5 if failed else 60)
             if p.is_alive():
                 p.kill()
     return results[0][1]

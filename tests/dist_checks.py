@@ -6,6 +6,8 @@ other ranks (the last pipeline stage holds the logits) are brought to rank 0 wit
 from __future__ import annotations
 
 import math
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -654,3 +656,11 @@ def world_checks(hf_dirs: dict[str, str], phases: list[tuple[str, ParallelLayout
         results[f"{name}@{layout.tag}"] = res
         parallel_state.destroy_model_parallel()
     return results
+
+
+def die_on_rank_1() -> str:
+    """Rank 1 exits without reporting (as an OOM kill would); rank 0 would wait for it for ever."""
+    if int(os.environ["RANK"]) == 1:
+        os._exit(3)
+    time.sleep(600)
+    return "unreachable"
