@@ -1,6 +1,6 @@
-"""Bring-up of `matpo train` on the embedded default (configs/tiny_cpu.yaml): process start → first
-rollout request, and each part the trainer times (`bringup/<part>_s` in step 1 of metrics.jsonl):
-inputs (bootstrap), Ray, placement group, engines + tool server, actor ranks (Ray actors, megatron
+"""Bring-up of `matpo train` on configs/tiny_cpu.yaml (the embedded default's pipeline on a random-init
+model): process start → first rollout request, and each part the trainer times (`bringup/<part>_s` in
+step 1 of metrics.jsonl): inputs (bootstrap), Ray, placement group, engines + tool server, actor ranks (Ray actors, megatron
 world, model, optimizer, reference), the driver's tokenizer, engine connection (broadcast group),
 rollout session, the first weight sync (`first_sync`), and on a resume the checkpoint load. With a fixed KV
 pool (`rollout.engine.max_total_tokens`, as in the CPU configs) engines, tool server and ranks start at once;
