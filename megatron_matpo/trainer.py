@@ -194,16 +194,20 @@ class Trainer:
     def fit(self) -> list[dict[str, float]]:
         from tqdm.auto import tqdm
 
+        from megatron_matpo.train.summary import eval_line
+
         cfg, history, stop = self.cfg, [], preemption.STOP
         bring = {**self.bringup_report(), **self.verifier_check}
         print("bring-up: " + ", ".join(f"{k.split('/')[1][:-2]} {v:.1f}s" for k, v in bring.items()
                                        if k.startswith("bringup/")), flush=True)
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step")
-        self.data_state = self.loader.state_dict()  # what a checkpoint stores as the data cursor (pipeline.py)
         self.eval_at_start: dict[str, float] = {}
         if cfg.eval.at_start and self.step == 0:  # the starting weights' score, before any rollout of step 1
             self.eval_at_start = self.evaluate()
             self.log.log(0, self.eval_at_start)
+            print(f"matpo train: before step 1: {eval_line(self.eval_at_start, self.eval_at_start, rise=False)}",
+                  flush=True)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step")
+        self.data_state = self.loader.state_dict()  # what a checkpoint stores as the data cursor (pipeline.py)
         self.rollouts = rollouts_for(cfg.async_.max_staleness, self._produce, version=self.step,
                                      first_step=self.step + 1, last_step=cfg.steps)
         self._teardown.callback(_quietly, "rollouts", self.rollouts.close)  # before the task and the engines

@@ -59,4 +59,6 @@ def test_closing_eval_line_pairs_each_source_before_and_after():
               "eval/multihop/avg@2": 0.25, "eval1/other/accuracy": 0.5, "reward/mean": 0.1}
     after = {"eval/multihop/accuracy": 0.40625, "eval/multihop/questions": 32.0, "reward/accuracy": 0.3}
     assert eval_line(before, after) == "eval accuracy multihop 0.250 -> 0.406 (+0.156; 32 questions x 2)"
+    assert eval_line(before, before, rise=False) == ("eval accuracy multihop 0.250 (32 questions x 2); "
+                                                     "eval1/other 0.500 (0 questions x 0)")
     assert eval_line({}, after) is None and eval_line(before, {}) is None

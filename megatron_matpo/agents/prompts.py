@@ -7,8 +7,8 @@ system prompt is paid for on every turn of every rollout.
 
 Two styles (`workflow.prompt_style`): "full", the MATPO prompts for real models, and "compact", the
 same roles, tool-call format, tool list and report headings in a few lines, for the tiny models of the
-embedded default: a model of a few million parameters learns to copy an entity across ~300 tokens in
-minutes, not across the ~1.5k of a full-style worker conversation. Both styles keep the markers a
+embedded default: a model of ~2M parameters learns to copy an entity across a ~650-token worker
+conversation in minutes (configs/tiny_sft_cpu.yaml), not across the ~1.7k of a full-style one. Both styles keep the markers a
 transcript or the SFT oracle reads: "# Your role: <role>", `<subtask>` tags, the summary request's
 first line.
 """
@@ -124,7 +124,7 @@ def _style(style: str) -> str:
 
 def system_prompt(role: Role, tools: Sequence[ToolSpec], style: str = "full") -> str:
     """Tool-use format and rules, the generated tool list, objective, then the role block (compact: the
-    role's task in one line and one example call per tool)."""
+    role marker, its task in one line, each tool as `server/tool {required arguments}`, the call's tags)."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
     if _style(style) == "compact":

@@ -45,15 +45,17 @@ def startup_summary(cfg: TrainConfig) -> str:
     return "\n".join(f"matpo train: {line}" for line in lines)
 
 
-def eval_line(before: dict[str, float], after: dict[str, float]) -> str | None:
-    """"eval accuracy <source>: before -> after (rise), N questions x k" for each eval source scored at
-    the start and at the last step (None: there is no such pair)."""
+def eval_line(before: dict[str, float], after: dict[str, float], rise: bool = True) -> str | None:
+    """"eval accuracy <source> <before> -> <after> (<rise>; N questions x k)" for each eval source scored
+    at the start and at the last step; `rise=False`: "eval accuracy <source> <before> (N questions x k)".
+    None: no source has both."""
     parts = []
     for key, b in sorted(before.items()):
         if key.endswith("/accuracy") and key in after:
             src = key[:-len("/accuracy")]
-            n, k = before.get(f"{src}/questions", 0.0), before.get(f"{src}/rollouts", 0.0) / max(
-                before.get(f"{src}/questions", 1.0), 1.0)
-            parts.append(f"{src.removeprefix('eval/')} {b:.3f} -> {after[key]:.3f} ({after[key] - b:+.3f}; "
-                         f"{n:g} questions x {k:g})")
+            n = before.get(f"{src}/questions", 0.0)
+            k = before.get(f"{src}/rollouts", 0.0) / max(n, 1.0)
+            name, size = src.removeprefix("eval/"), f"{n:g} questions x {k:g}"
+            parts.append(f"{name} {b:.3f} -> {after[key]:.3f} ({after[key] - b:+.3f}; {size})" if rise
+                         else f"{name} {b:.3f} ({size})")
     return "eval accuracy " + "; ".join(parts) if parts else None
