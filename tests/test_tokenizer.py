@@ -60,3 +60,23 @@ def test_generation_prompt_ids_are_prefix_of_answered_turn(qwen3_tok, tiny_tok, 
                                    tokenize=True)
     full = full["input_ids"] if isinstance(full, dict) or hasattr(full, "keys") else full
     assert full[: len(prompt)] == prompt
+
+
+def test_tiny_tokenizer_texts_by_prompt_style(tmp_path):
+    """The embedded default's (compact) tokenizer also learns the compact prompts and the corpus's links,
+    which its model copies; a full-style model's texts have neither."""
+    from megatron_matpo.agents.prompts import system_prompt
+    from megatron_matpo.toolbox.local_search import read_corpus
+    from megatron_matpo.toolbox.specs import WORKER_TOOLS
+    from megatron_matpo.train.bootstrap import tokenizer_texts
+    from megatron_matpo.data.multihop import MultihopConfig, write_multihop
+
+    corpus = str(write_multihop(tmp_path, MultihopConfig(n_entities=24, n_train=4, n_val=2))["corpus"])
+    full, compact = tokenizer_texts(corpus), tokenizer_texts(corpus, "compact")
+    pages = list(read_corpus(corpus))
+    page_texts = {f"{p.title}\n{p.text}" for p in pages}
+    assert set(full) - page_texts < set(compact) and page_texts <= set(full)
+    assert system_prompt("worker", WORKER_TOOLS, "compact") in compact and not any(
+        system_prompt("worker", WORKER_TOOLS, "compact") in t for t in full)
+    assert all(f"{p.url}\n{p.title}\n{p.text}" in compact for p in pages)
+    assert not any(p.url in t for p in pages for t in full)

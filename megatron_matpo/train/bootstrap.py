@@ -10,24 +10,28 @@ from megatron_matpo.config import ConfigError
 from megatron_matpo.train.config import TrainConfig
 
 
-def tokenizer_texts(corpus: str | None) -> list[str]:
+def tokenizer_texts(corpus: str | None, prompt_style: str = "full") -> list[str]:
+    """What the tiny model's tokenizer is trained on: filler, the agents' prompts, the corpus. A compact-style
+    model (the embedded default's) must copy links from search results: its texts add the compact prompts
+    and each page's URL (a link is ~13 tokens instead of ~20 single characters)."""
     from megatron_matpo.agents import prompts
     from megatron_matpo.maporl import prompts as maporl_prompts
     from megatron_matpo.model.tiny import synthetic_corpus
     from megatron_matpo.toolbox.specs import PLANNER_TOOLS, SINGLE_AGENT_TOOLS, WORKER_TOOLS
 
+    compact = prompt_style == "compact"
     texts = synthetic_corpus()
     # the prompts repeated so their words win merges over the synthetic filler
-    texts += [x for style in prompts.STYLES for x in (
+    texts += [*(x for style in (("full", "compact") if compact else ("full",)) for x in (
         prompts.system_prompt("planner", PLANNER_TOOLS, style), prompts.system_prompt("worker", WORKER_TOOLS, style),
         prompts.system_prompt("single", SINGLE_AGENT_TOOLS, style), prompts.planner_user_prompt("Q?", style),
-        prompts.worker_user_prompt("Q?", "S", style), prompts.worker_summary_prompt("Q?", "S", style))] * 20
-    texts += [maporl_prompts.system_prompt(0, 2), maporl_prompts.first_round_prompt("Q?"),
-              maporl_prompts.revision_prompt("Q?", [maporl_prompts.SharedAnswer(1, "A", None)])] * 20
+        prompts.worker_user_prompt("Q?", "S", style), prompts.worker_summary_prompt("Q?", "S", style))),
+        maporl_prompts.system_prompt(0, 2), maporl_prompts.first_round_prompt("Q?"),
+        maporl_prompts.revision_prompt("Q?", [maporl_prompts.SharedAnswer(1, "A", None)])] * 20
     if corpus and Path(corpus).exists():
         from megatron_matpo.toolbox.local_search import read_corpus
 
-        texts += [f"{p.url}\n{p.title}\n{p.text}" for p in read_corpus(corpus)]  # links too: a URL is copied
+        texts += [f"{p.url}\n{p.title}\n{p.text}" if compact else f"{p.title}\n{p.text}" for p in read_corpus(corpus)]
     return texts
 
 
@@ -97,7 +101,8 @@ def ensure_inputs(cfg: TrainConfig, log=print) -> None:
         from megatron_matpo.model.tiny import TinyShape, make_tiny_model, train_tokenizer
 
         log(f"bootstrap: building a tiny random-init {b.tiny_model} model at {cfg.model}")
-        tok = train_tokenizer(tokenizer_texts(cfg.corpus), vocab_size=4096)
+        style = cfg.prompt_style if hasattr(cfg, "prompt_style") else cfg.rollout.workflow.prompt_style  # SFT | RL
+        tok = train_tokenizer(tokenizer_texts(cfg.corpus, style), vocab_size=4096)
         make_tiny_model(cfg.model, b.tiny_model, seed=cfg.seed, tokenizer=tok,
                         shape=TinyShape(**(b.tiny_shape or {})))
 
