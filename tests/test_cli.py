@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _matpo(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -33,7 +36,7 @@ def test_convert_reshards_tp2_to_pp2(tiny_models, tmp_path):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-# Bad training configs as a new user writes them (`matpo train <override>` on the embedded default):
+# Bad training configs as a new user writes them (`matpo train <override>` on configs/tiny_cpu.yaml):
 # each is refused by the launching process before Ray, an engine or a rank starts, as one line
 # `matpo train: error: <field>: <why>` and exit 2. {tmp} is the test's directory.
 BAD_TRAIN_CONFIGS = [
@@ -83,7 +86,9 @@ def test_bad_train_config_is_one_line_before_anything_starts(overrides, field, w
     (tmp_path / "corpus.jsonl").write_text("")
     inputs = [f"model={tiny_models['qwen3']}", f"data={tmp_path}/data.parquet", f"corpus={tmp_path}/corpus.jsonl"]
     run_dir = tmp_path / "run"
-    rc = main(["train", *inputs, f"run_dir={run_dir}", *(o.format(tmp=tmp_path) for o in overrides)])
+    # the pipeline's config, not the embedded default's (whose eval set exists only once it was bootstrapped)
+    rc = main(["train", "--config", str(REPO / "configs/tiny_cpu.yaml"), *inputs, f"run_dir={run_dir}",
+               *(o.format(tmp=tmp_path) for o in overrides)])
     out, err = capsys.readouterr()
     assert rc == 2, (out, err)
     assert err.splitlines() == [err.strip()] and err.startswith(f"matpo train: error: {field}: "), err
@@ -94,7 +99,8 @@ def test_bad_train_config_is_one_line_before_anything_starts(overrides, field, w
 def test_bad_train_config_from_a_fresh_process(tiny_models, tmp_path):
     """As a user types it: a separate `matpo train` process, exit 2, the one line, no traceback."""
     (tmp_path / "corpus.jsonl").write_text("")
-    r = _matpo("train", f"run_dir={tmp_path}/run", f"model={tiny_models['qwen3']}", f"data={tmp_path}",
+    r = _matpo("train", "--config", str(REPO / "configs/tiny_cpu.yaml"), f"run_dir={tmp_path}/run",
+               f"model={tiny_models['qwen3']}", f"data={tmp_path}",
                f"corpus={tmp_path}/corpus.jsonl", "actor.tp=3", timeout=300)
     assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
     assert r.stderr.strip().splitlines() == [f"matpo train: error: actor.tp: 3 does not divide num_attention_heads=4 "

@@ -113,8 +113,8 @@ def test_unsupported_rope_refused_before_anything_starts(tiny_models, tmp_path, 
     (model / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "data.parquet").write_bytes(b"")
     (tmp_path / "corpus.jsonl").write_text("")
-    rc = main(["train", f"model={model}", f"data={tmp_path}/data.parquet", f"corpus={tmp_path}/corpus.jsonl",
-               f"run_dir={tmp_path}/run"])
+    rc = main(["train", "--config", str(REPO / "configs/tiny_cpu.yaml"), f"model={model}",
+               f"data={tmp_path}/data.parquet", f"corpus={tmp_path}/corpus.jsonl", f"run_dir={tmp_path}/run"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("matpo train: error: rope_"), err
     assert "original_max_position_embeddings: 4096" in err, err
