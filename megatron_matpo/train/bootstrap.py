@@ -22,12 +22,14 @@ def tokenizer_texts(corpus: str | None, prompt_style: str = "full") -> list[str]
     compact = prompt_style == "compact"
     texts = synthetic_corpus()
     # the prompts repeated so their words win merges over the synthetic filler
-    texts += [*(x for style in (("full", "compact") if compact else ("full",)) for x in (
-        prompts.system_prompt("planner", PLANNER_TOOLS, style), prompts.system_prompt("worker", WORKER_TOOLS, style),
-        prompts.system_prompt("single", SINGLE_AGENT_TOOLS, style), prompts.planner_user_prompt("Q?", style),
-        prompts.worker_user_prompt("Q?", "S", style), prompts.worker_summary_prompt("Q?", "S", style))),
-        maporl_prompts.system_prompt(0, 2), maporl_prompts.first_round_prompt("Q?"),
-        maporl_prompts.revision_prompt("Q?", [maporl_prompts.SharedAnswer(1, "A", None)])] * 20
+    agents = []
+    for style in ("full", "compact") if compact else ("full",):
+        agents += [prompts.system_prompt("planner", PLANNER_TOOLS, style),
+                   prompts.system_prompt("worker", WORKER_TOOLS, style),
+                   prompts.system_prompt("single", SINGLE_AGENT_TOOLS, style), prompts.planner_user_prompt("Q?", style),
+                   prompts.worker_user_prompt("Q?", "S", style), prompts.worker_summary_prompt("Q?", "S", style)]
+    texts += [*agents, maporl_prompts.system_prompt(0, 2), maporl_prompts.first_round_prompt("Q?"),
+              maporl_prompts.revision_prompt("Q?", [maporl_prompts.SharedAnswer(1, "A", None)])] * 20
     if corpus and Path(corpus).exists():
         from megatron_matpo.toolbox.local_search import read_corpus
 
