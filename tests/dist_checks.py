@@ -487,6 +487,27 @@ def actor_step(hf_dir: str, layout: ParallelLayout) -> dict[str, float]:
             got[1] += n
         want = -sum(a / n for a, n in per.values()) / len(per)
         out["paper_loss_err"] = abs(paper["loss"] - want)
+    # rollouts sampled at temperature 0.7, whose engine logprobs are softmax(logits / 0.7)'s (SGLang 0.5.23):
+    # the actor's logprobs at that temperature equal transformers' log_softmax(logits / 0.7), and the
+    # update's own forward (temperature passed) matches them; at temperature 1 they would be far off
+    temp = 0.7
+    hot_lp = [torch.log_softmax(x / temp, -1) for x in _hf_logits(hf_dir, seqs)]
+    hot_rows = [dataclasses.replace(r, old_logprobs=[0.0] + [lp[j - 1, s[j]].item() for j in range(1, len(s))])
+                for r, s, lp in zip(rows, seqs, hot_lp)]
+    built5 = build_model(hf_dir, layout, load_weights=True, ddp_config=ddp_config(optim))
+    (mbs5,) = pack_rows(hot_rows, **pack)
+    at_t, at_1 = compute_logprobs(built5.chunks, mbs5, dev, temperature=temp), compute_logprobs(built5.chunks, mbs5, dev)
+    out.update(tempered_vs_hf=0.0, untempered_vs_hf=float("-inf"))  # the latter negated: the world's smallest
+    if parallel_state.is_pipeline_last_stage():
+        off = 0.0
+        for p, a, b in zip(mbs5, at_t, at_1):
+            m = p.loss_mask.bool()
+            out["tempered_vs_hf"] = max(out["tempered_vs_hf"], (a[m] - p.old_logprobs[m]).abs().max().item())
+            off = max(off, (b[m] - p.old_logprobs[m]).abs().max().item())
+        out["untempered_vs_hf"] = -off
+    hot = train_step(built5.chunks, build_optimizer(built5.chunks, optim), mbs5, LossConfig(), global_token_count=n_tok,
+                     device=dev, old_from_forward=True, temperature=temp)
+    out["tempered_fused_parity_max"] = hot.get("abs_diff_max", 0.0)
     return _max_over_world(out)
 
 

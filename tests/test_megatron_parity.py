@@ -153,6 +153,10 @@ def test_actor_logprobs_and_first_ppo_step(request, world, key):
     assert res["tis_loss_err"] <= 1e-5 and res["tis_ratio_mean_err"] <= 1e-4, res
     assert res["tis_reported"] == 1.0 and res["tis_truncated_off"] <= 1e-6 and res["tis_tokens_off"] == 0.0, res
     assert res["paper_reported"] == 1.0 and res["paper_loss_err"] <= 1e-5, res  # loss.agg=rollout-mean-token-mean
+    # rollouts at temperature 0.7: the actor's logprobs (separate pass and the update's own forward) are
+    # log_softmax(logits / 0.7)'s, as the engine reports; untempered ones are off (reported negated)
+    assert res["tempered_vs_hf"] <= 1e-5 and res["tempered_fused_parity_max"] <= 1e-5, res
+    assert -res["untempered_vs_hf"] > 1e-2, res
 
 
 @pytest.mark.parametrize("key", ["critic@tp1pp1dp1", "critic@tp2pp1dp1", "critic@tp1pp2dp1", "critic@tp1pp1cp2dp1"])

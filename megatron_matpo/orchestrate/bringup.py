@@ -183,7 +183,8 @@ class Cluster:
                                       max_tokens_per_micro_batch=a.max_tokens_per_micro_batch, recompute=a.recompute,
                                       optim=cfg.optim, loss=cfg.loss, sync=cfg.sync,
                                       use_reference=cfg.loss.kl_coef > 0, seed=a.seed,
-                                      total_steps=cfg.steps * a.mini_batches)
+                                      total_steps=cfg.steps * a.mini_batches,
+                                      temperature=cfg.sampling_temperature())
                     parts[k, "actors"] = pool.submit(ActorGroup, spec, self.pg, plan.offset(k), gpu)
                     if gae:  # same layout and packing, its own optimizer; no engines, no reference
                         cspec = dataclasses.replace(spec, model=cfg.critic.model or st.model,

@@ -54,14 +54,23 @@ def cp_parts(mbs: list[PackedMicroBatch]) -> list[PackedMicroBatch]:
     return mbs if cp == 1 else [shard_for_cp(p, cp, ps.get_context_parallel_rank()) for p in mbs]
 
 
-def compute_logprobs(chunks: list, mbs: list[PackedMicroBatch], device: torch.device) -> list[torch.Tensor] | None:
-    """Per-position logprobs of each whole micro-batch's labels (last pipeline stage; None elsewhere)."""
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The logits of the policy the engines sample: `logits / T`. SGLang 0.5.23 samples softmax(logits / T)
+    and reports that distribution's logprobs (the model's own at T = 0, greedy), so the actor's old, new
+    and reference logprobs divide by the same T; at T = 1 the logits pass through untouched."""
+    return logits if temperature in (0.0, 1.0) else logits / temperature
+
+
+def compute_logprobs(chunks: list, mbs: list[PackedMicroBatch], device: torch.device,
+                     temperature: float = 1.0) -> list[torch.Tensor] | None:
+    """Per-position logprobs of each whole micro-batch's labels (last pipeline stage; None elsewhere), of
+    the policy at the rollouts' sampling `temperature` (`tempered`)."""
     from megatron.core import parallel_state
 
     from megatron_matpo.model.context_parallel import unshard
 
     def keep(out, p: PackedMicroBatch):
-        lp = token_logprobs(out, p.labels)
+        lp = token_logprobs(tempered(out, temperature), p.labels)
         return torch.zeros((), device=out.device), {"logprobs": lp.detach().cpu()}
 
     for c in chunks:
@@ -136,8 +145,9 @@ def optimizer_step(chunks: list, optimizer, mbs: list[PackedMicroBatch], loss_fn
 
 
 def train_step(chunks: list, optimizer, mbs: list[PackedMicroBatch], cfg: LossConfig, global_token_count: int,
-               device: torch.device, old_from_forward: bool = False) -> dict[str, float]:
-    """One PPO policy update (`optimizer_step` with `algo.loss.policy_loss`).
+               device: torch.device, old_from_forward: bool = False, temperature: float = 1.0) -> dict[str, float]:
+    """One PPO policy update (`optimizer_step` with `algo.loss.policy_loss`) of the policy at the rollouts'
+    sampling `temperature` (`tempered`).
 
     `old_from_forward`: the batch's one update of this rollout (a single mini-batch), so the PPO old
     logprobs are this forward's own, detached (ratio 1; the same loss and gradient as a separate
@@ -149,6 +159,7 @@ def train_step(chunks: list, optimizer, mbs: list[PackedMicroBatch], cfg: LossCo
         raise ValueError("loss.kl_coef with kl_as='loss' needs reference logprobs in every micro-batch")
 
     def loss_fn(out, p: PackedMicroBatch):
+        out = tempered(out, temperature)
         # before the logprobs: megatron's cross entropy overwrites fp32 logits with the softmax in place
         ent = vocab_parallel_entropy(out)
         lp = token_logprobs(out, p.labels)

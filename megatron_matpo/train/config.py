@@ -365,6 +365,11 @@ class TrainConfig:
     def resolved_dtype(self) -> str:
         return resolve_dtype(self.actor.dtype)
 
+    def sampling_temperature(self) -> float:
+        """The training rollouts' temperature (MATPO's workflow, or MAPoRL's discussion): the actor trains
+        the policy the engines sample at it."""
+        return self.maporl.discussion.temperature if self.algorithm == "maporl" else self.rollout.workflow.temperature
+
 
 def resolve_dtype(dtype: str) -> str:
     """An actor's `dtype`, with `auto` made concrete: bfloat16 on CUDA, float32 on CPU."""

@@ -35,6 +35,9 @@ class WorkerSpec:
     use_reference: bool = False
     seed: int = 1234
     total_steps: int = 1
+    # the rollouts' sampling temperature: the trained policy is softmax(logits / T), whose logprobs the
+    # engines report (`actor.tempered`); parity checks compare the model's own (T = 1)
+    temperature: float = 1.0
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -100,10 +103,13 @@ class ActorWorker:
         mini-batch."""
         self.batches = mini_batches
 
-    def _forward_logprobs(self, chunks: list, mbs: list[PackedMicroBatch]) -> list[torch.Tensor] | None:
+    def _forward_logprobs(self, chunks: list, mbs: list[PackedMicroBatch],
+                          temperature: float | None = None) -> list[torch.Tensor] | None:
+        """Logprobs of the policy at `temperature` (None: the rollouts', `spec.temperature`)."""
         from megatron_matpo.train.actor import compute_logprobs
 
-        return compute_logprobs(chunks, mbs, self.device)
+        return compute_logprobs(chunks, mbs, self.device,
+                                self.spec.temperature if temperature is None else temperature)
 
     def old_logprobs(self, recompute: bool) -> dict[str, float]:
         """Actor logprobs of every batch token: the train/rollout parity metric against the engine's
@@ -154,7 +160,7 @@ class ActorWorker:
         out = []
         for mbs, n in zip(self.batches, global_token_counts):
             stats = train_step(self.built.chunks, self.optimizer, mbs, self.spec.loss, n, self.device,
-                               old_from_forward)
+                               old_from_forward, self.spec.temperature)
             if self.reports:
                 stats.update(self._role_terms(mbs, n))
             self.scheduler.step(increment=1)
@@ -203,7 +209,7 @@ class ActorWorker:
         rows = [Row(token_ids=t, loss_mask=[1] * len(t), old_logprobs=[0.0] * len(t), advantage=0.0) for t in token_ids]
         (mbs,) = pack_rows(rows, max_tokens_per_micro_batch=max(map(len, token_ids)) * len(rows), dp_size=1,
                            pad_to_multiple=self.spec.layout.tp, cp_size=self.spec.layout.cp)
-        lps = self._forward_logprobs(self.built.chunks, mbs)
+        lps = self._forward_logprobs(self.built.chunks, mbs, temperature=1.0)  # the engine's prefill: T = 1
         if lps is None or not self.reports or self.rank_dp() != 0:
             return {}
         actor = []
