@@ -374,7 +374,8 @@ class Trainer:
         for i, data in enumerate([e.data] if isinstance(e.data, str) else e.data):  # one or several val sets
             samples = list(read_dataset(data, limit=e.max_prompts))
             tag = f"eval{i}" if i else "eval"
-            out.update(self.task.evaluate(samples, self.log.transcript_path(self.step, prefix=tag), tag, e.n_samples))
+            out.update(self.task.evaluate(samples, self.log.transcript_path(self.step, prefix=tag), tag, e.n_samples,
+                                          e.temperature))
         return out
 
     def save(self) -> None:

@@ -51,6 +51,7 @@ BAD_TRAIN_CONFIGS = [
     (["actor.max_tokens_per_micro_batch=-5"], "actor.max_tokens_per_micro_batch", "must be > 0"),
     (["rollout.workflow.top_p=0"], "rollout.workflow.top_p", "must be in (0, 1]"),
     (["rollout.workflow.temperature=-1"], "rollout.workflow.temperature", "must be >= 0"),
+    (["eval.temperature=-0.5"], "eval.temperature", "must be >= 0 (or null: the rollouts' temperature)"),
     (["loss.clip_low=-0.1"], "loss.clip_low", "must be >= 0"),
     (["optim.lr=-1"], "optim.lr", "must be >= 0"),
     (["rollout.engine.urls=[http://127.0.0.1:1]"], "rollout.engine.urls", "training starts its own engines"),

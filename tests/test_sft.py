@@ -189,3 +189,39 @@ def test_sft_at_tp2_learns_the_demonstrations(inputs, tmp_path):
 
     before, after = nll(paths["model"]), nll(str(run / "hf"))
     assert after < before - 0.5, (before, after)
+
+
+def test_eval_temperature_reaches_every_generation(inputs, tmp_path):
+    """`eval.temperature` (MatpoTask.evaluate): every planner and worker turn of the eval rollouts is
+    sampled at it (0: greedy), the training rollouts keep the workflow's; the oracle writes the messages
+    and records the sampling it was asked for, the tools and workflow are the real ones."""
+    from transformers import AutoTokenizer
+
+    from megatron_matpo.agents.workflow import WorkflowConfig
+    from megatron_matpo.data.parquet import read_dataset
+    from megatron_matpo.rollout.runner import RewardSection, RolloutConfig, RolloutSession, ToolboxSection
+    from megatron_matpo.sft.oracle import OracleGenerator
+    from megatron_matpo.train.tasks import MatpoTask
+
+    paths = dict(o.split("=", 1) for o in inputs)
+    samples = list(read_dataset(paths["eval.data"], limit=2))
+    tok = AutoTokenizer.from_pretrained(paths["model"])
+    seen: list[float] = []
+
+    class Recording(OracleGenerator):
+        async def generate(self, input_ids, sampling):
+            seen.append(sampling["temperature"])
+            return await super().generate(input_ids, sampling)
+
+    rcfg = RolloutConfig(model=paths["model"], n_samples=1, toolbox=ToolboxSection(corpus=paths["corpus"]),
+                         reward=RewardSection(scorer="exact_match"), workflow=WorkflowConfig(temperature=0.9))
+    task = MatpoTask(RolloutSession(rcfg, tokenizer=tok, generator=Recording(samples, tok)).__enter__())
+    try:
+        got = task.evaluate(samples, tmp_path / "eval.jsonl", "eval", None, temperature=0.0)
+        assert got["eval/multihop/accuracy"] == 1.0  # the oracle's answers, scored for real
+        n_eval = len(seen)
+        assert n_eval >= 2 * 4 and set(seen) == {0.0}  # planner and workers, every turn
+        task.evaluate(samples, tmp_path / "eval2.jsonl", "eval", None)  # None: the workflow's own
+        assert len(seen) == 2 * n_eval and set(seen[n_eval:]) == {0.9}
+    finally:
+        task.close()

@@ -49,13 +49,15 @@ class MaporlRollout:
         """→ rows[stack][prompt] = that prompt's rows for that actor, and the metrics (train/tasks.py)."""
         return StepRollout(*self._run(batch, out_path, uid_prefix, seed))
 
-    def evaluate(self, samples: list[Sample], out_path: Path, tag: str, n_samples: int | None) -> dict[str, float]:
-        """Discussions on the val questions, one transcript per data source: accuracy per agent and round."""
+    def evaluate(self, samples: list[Sample], out_path: Path, tag: str, n_samples: int | None,
+                 temperature: float | None = None) -> dict[str, float]:
+        """Discussions on the val questions, one transcript per data source: accuracy per agent and round.
+        `temperature` replaces the discussion's own (None: keep it)."""
         out = {}
         for src in sorted({s.data_source for s in samples}):
             part = [s for s in samples if s.data_source == src]
             _, m = self._run(part, out_path.with_name(f"{out_path.stem}_{src}{out_path.suffix}"), f"{tag}:",
-                             n_samples=n_samples)
+                             n_samples=n_samples, temperature=temperature)
             out.update({f"eval/{src}/{k}": v for k, v in m.items()
                         if k.startswith(("maporl/accuracy", "maporl/consensus", "reward/"))})
         return out
@@ -64,10 +66,12 @@ class MaporlRollout:
         """Nothing to stop: the engines belong to the trainer's stacks."""
 
     def _run(self, samples: list[Sample], out_path: Path, uid_prefix: str = "", seed: int | None = None,
-             n_samples: int | None = None) -> tuple[list[list[list[Row]]], dict[str, float]]:
-        """→ (rows[stack][prompt], metrics). `n_samples` overrides the discussions per question (evaluation)."""
+             n_samples: int | None = None, temperature: float | None = None
+             ) -> tuple[list[list[list[Row]]], dict[str, float]]:
+        """→ (rows[stack][prompt], metrics). `n_samples` and `temperature` override the discussions per
+        question and their sampling (evaluation)."""
         n = n_samples or self.n_samples
-        discussions = asyncio.run(self._discuss(samples, uid_prefix, seed, n))
+        discussions = asyncio.run(self._discuss(samples, uid_prefix, seed, n, temperature))
         for d in discussions:
             assign_rewards(d, self.cfg.reward)
         self._write(discussions, samples, out_path)
@@ -79,14 +83,17 @@ class MaporlRollout:
             m.update(advantage_value_stats([a for _, _, a in adv]))
         return rows, m
 
-    async def _discuss(self, samples: list[Sample], uid_prefix: str, seed: int | None, n: int) -> list[Discussion]:
+    async def _discuss(self, samples: list[Sample], uid_prefix: str, seed: int | None, n: int,
+                       temperature: float | None = None) -> list[Discussion]:
         from megatron_matpo.agents.workflow import derive_seed
         from megatron_matpo.rollout.engine import EngineClient, EngineRouter
 
         routers = [EngineRouter([EngineClient(u) for u in urls]) for urls in self.engine_urls]
         try:
             # verified after each round only when agents are shown scores; otherwise once, batched
-            wf = DiscussionWorkflow(self.discussion_cfg, routers, self.tokenizers,
+            dcfg = self.discussion_cfg if temperature is None else dataclasses.replace(self.discussion_cfg,
+                                                                                      temperature=temperature)
+            wf = DiscussionWorkflow(dcfg, routers, self.tokenizers,
                                     self.verifier if self.discussion_cfg.show_scores else None)
             jobs = [wf.rollout(s.question, f"{uid_prefix}{s.uid}/{k}", s.group, s.ground_truth,
                                derive_seed(seed, s.uid, k)) for s in samples for k in range(n)]

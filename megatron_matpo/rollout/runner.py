@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -182,18 +183,19 @@ class RolloutSession:
         self._stack.close()
 
     async def run(self, samples: list[Sample], out_path: str | Path | None = None, progress: bool = True,
-                  seed: int | None = None, uid_prefix: str = "", n_samples: int | None = None) -> list[
-            list[Trajectory]]:
+                  seed: int | None = None, uid_prefix: str = "", n_samples: int | None = None,
+                  temperature: float | None = None) -> list[list[Trajectory]]:
         """`run_by_prompt`'s rollouts in one list, sample-major (sample 0's n_samples, then sample 1's, ...)."""
-        by_prompt = await self.run_by_prompt(samples, out_path, progress, seed, uid_prefix, n_samples)
+        by_prompt = await self.run_by_prompt(samples, out_path, progress, seed, uid_prefix, n_samples, temperature)
         return [r for group in by_prompt for r in group]
 
     async def run_by_prompt(self, samples: list[Sample], out_path: str | Path | None = None, progress: bool = True,
-                            seed: int | None = None, uid_prefix: str = "", n_samples: int | None = None) -> list[
-            list[list[Trajectory]]]:
+                            seed: int | None = None, uid_prefix: str = "", n_samples: int | None = None,
+                            temperature: float | None = None) -> list[list[list[Trajectory]]]:
         """All rollouts of `samples` × n_samples: [sample][k] → that rollout's trajectories (root first),
         in input order (the GRPO groups). `seed` seeds each rollout's sampling when `workflow.seeded`;
-        `uid_prefix` keeps trajectory ids unique when a batch holds the same sample twice."""
+        `uid_prefix` keeps trajectory ids unique when a batch holds the same sample twice; `temperature`
+        replaces the workflow's (evaluation: 0 is greedy)."""
         from tqdm.auto import tqdm
 
         from megatron_matpo.rollout.engine import EngineClient, EngineRouter
@@ -211,7 +213,9 @@ class RolloutSession:
         try:
             async with ToolClient({SEARCH_SERVER: self.toolbox_url}, timeout_s=cfg.toolbox.timeout_s,
                                   injected_latency_s=cfg.toolbox.injected_latency_s) as tools:
-                wf = Workflow(cfg.workflow, router, tools, self.tokenizer)
+                wcfg = cfg.workflow if temperature is None else dataclasses.replace(cfg.workflow,
+                                                                                     temperature=temperature)
+                wf = Workflow(wcfg, router, tools, self.tokenizer)
 
                 async def one(i: int, sample: Sample, k: int) -> None:
                     async with sem:

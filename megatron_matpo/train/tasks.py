@@ -32,8 +32,8 @@ class RolloutTask(Protocol):
     def rollout(self, batch: list[Sample], out_path: Path, uid_prefix: str,
                 seed: int | None) -> StepRollout: ...
 
-    def evaluate(self, samples: list[Sample], out_path: Path, tag: str,
-                 n_samples: int | None) -> dict[str, float]: ...
+    def evaluate(self, samples: list[Sample], out_path: Path, tag: str, n_samples: int | None,
+                 temperature: float | None = None) -> dict[str, float]: ...
 
     def close(self) -> None: ...
 
@@ -53,11 +53,14 @@ class MatpoTask:
         metrics = rollout_metrics([r for group in by_prompt for r in group], [r for p in per_prompt for r in p])
         return StepRollout([per_prompt], metrics)
 
-    def evaluate(self, samples: list[Sample], out_path: Path, tag: str, n_samples: int | None) -> dict[str, float]:
-        """Accuracy (and the rest of `evaluate_traces`) per data source, from the transcripts written."""
+    def evaluate(self, samples: list[Sample], out_path: Path, tag: str, n_samples: int | None,
+                 temperature: float | None = None) -> dict[str, float]:
+        """Accuracy (and the rest of `evaluate_traces`) per data source, from the transcripts written.
+        `temperature` replaces the rollouts' own (None: keep it)."""
         from megatron_matpo.rollout.evaluate import evaluate_traces
 
-        asyncio.run(self.session.run(samples, out_path, progress=False, n_samples=n_samples, uid_prefix=f"{tag}:"))
+        asyncio.run(self.session.run(samples, out_path, progress=False, n_samples=n_samples, uid_prefix=f"{tag}:",
+                                     temperature=temperature))
         return {f"eval/{src}/{k}": v for src, m in evaluate_traces(out_path).items() for k, v in m.items()}
 
     def close(self) -> None:
