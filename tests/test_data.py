@@ -246,6 +246,27 @@ def test_hop_facts_are_on_exactly_their_pages(tmp_path):
     assert set(n_hops) == {2, 3}
 
 
+def test_rl_split_is_disjoint_and_leaves_train_and_val_as_they_were(tmp_path):
+    """`n_rl` adds matpo_rl_<name> / single_agent_rl_<name> after val: the train and val files are
+    byte-identical to a set written without it, and no RL question is a train or val question."""
+    write_multihop(tmp_path / "a", SMALL)
+    with_rl = MultihopConfig(**{**SMALL.__dict__, "n_rl": 10})
+    written = write_multihop(tmp_path / "b", with_rl)
+    da, db = digest(tmp_path / "a"), digest(tmp_path / "b")
+    assert {k: v for k, v in db.items() if "_rl_" not in k} == da
+    assert sorted(k for k in db if "_rl_" in k) == ["matpo_rl_multihop/train-00000.parquet",
+                                                   "single_agent_rl_multihop/train-00000.parquet"]
+    rl = read_dataset(written["matpo_rl_multihop"].parent)
+    seen = {s.question for name in ("matpo_train_multihop", "matpo_val_multihop_repeat_2")
+            for s in read_dataset(tmp_path / "b" / name)}
+    assert len(rl) == 10 and len({s.question for s in rl}) == 10 and not {s.question for s in rl} & seen
+    assert {s.split for s in rl} == {"rl"} and all(s.extra["metadata"]["hops"] for s in rl)
+    with pytest.raises(ValueError, match="raise n_entities"):
+        generate(MultihopConfig(**{**SMALL.__dict__, "n_rl": 500}))
+    with pytest.raises(ValueError, match="n_rl must be >= 0"):
+        MultihopConfig(n_rl=-1)
+
+
 def test_generator_defaults_are_small_and_fast():
     t0 = time.perf_counter()
     data = generate()

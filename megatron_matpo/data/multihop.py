@@ -78,6 +78,10 @@ class MultihopConfig:
     n_entities: int = 200
     n_train: int = 256
     n_val: int = 64
+    # a third split for RL after SFT on `train` (matpo_rl_<name>): questions the fine-tuned model has not
+    # memorized, so only searching and copying what it finds answers them. Taken after val: train and val
+    # are the same with or without it
+    n_rl: int = 0
     val_repeat: int = 2            # val configs repeat every question k times (avg@k)
     three_hop_fraction: float = 0.5
     distractors_per_page: int = 2
@@ -88,6 +92,8 @@ class MultihopConfig:
             raise ValueError(f"n_entities must be >= 24 to cover every entity kind, got {self.n_entities}")
         if self.n_train < 1 or self.n_val < 1 or self.val_repeat < 1:
             raise ValueError("n_train, n_val and val_repeat must be >= 1")
+        if self.n_rl < 0:
+            raise ValueError(f"n_rl must be >= 0, got {self.n_rl}")
         if not 0.0 <= self.three_hop_fraction <= 1.0:
             raise ValueError(f"three_hop_fraction must be in [0, 1], got {self.three_hop_fraction}")
         if self.distractors_per_page < 0:
@@ -125,6 +131,7 @@ class MultihopSet:
     pages: list[Page]
     train: list[Question]
     val: list[Question]
+    rl: list[Question] = field(default_factory=list)
 
 
 def slug(name: str) -> str:
@@ -297,7 +304,8 @@ def generate(cfg: MultihopConfig = MultihopConfig()) -> MultihopSet:
 
     train = take(cfg.n_train)
     val = take(cfg.n_val)
-    return MultihopSet(entities=entities, pages=pages, train=train, val=val)
+    rl = take(cfg.n_rl) if cfg.n_rl else []
+    return MultihopSet(entities=entities, pages=pages, train=train, val=val, rl=rl)
 
 
 # ----- MATPO-data rows -----
@@ -336,9 +344,9 @@ def to_samples(questions: list[Question], role: str, split: str, repeat: int = 1
 def config_names(cfg: MultihopConfig) -> dict[tuple[str, str], str]:
     """(role, split) -> MATPO-style config folder name."""
     val = f"val_{cfg.name}_repeat_{cfg.val_repeat}" if cfg.val_repeat > 1 else f"val_{cfg.name}"
+    splits = (("train", f"train_{cfg.name}"), ("val", val)) + ((("rl", f"rl_{cfg.name}"),) if cfg.n_rl else ())
     return {(role, split): f"{prefix}_{suffix}"
-            for role, prefix in (("planner", "matpo"), ("single", "single_agent"))
-            for split, suffix in (("train", f"train_{cfg.name}"), ("val", val))}
+            for role, prefix in (("planner", "matpo"), ("single", "single_agent")) for split, suffix in splits}
 
 
 def write_corpus(pages: list[Page], path: str | Path) -> Path:
@@ -360,7 +368,7 @@ def write_multihop(out_dir: str | Path, cfg: MultihopConfig = MultihopConfig()) 
     data = generate(cfg)
     written = {"corpus": write_corpus(data.pages, out / "corpus.jsonl")}
     for (role, split), name in config_names(cfg).items():
-        qs = data.train if split == "train" else data.val
+        qs = {"train": data.train, "val": data.val, "rl": data.rl}[split]
         repeat = cfg.val_repeat if split == "val" else 1
         written[name] = write_parquet(to_samples(qs, role, split, repeat), out / name / "train-00000.parquet")
     return written
