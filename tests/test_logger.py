@@ -62,3 +62,20 @@ def test_closing_eval_line_pairs_each_source_before_and_after():
     assert eval_line(before, before, rise=False) == ("eval accuracy multihop 0.250 (32 questions x 2); "
                                                      "eval1/other 0.500 (0 questions x 0)")
     assert eval_line({}, after) is None and eval_line(before, {}) is None
+
+
+def test_startup_summary_says_how_eval_samples(tiny_models):
+    """The data line names the eval set, when it runs and how it samples (greedy, a temperature, or the
+    rollouts' own)."""
+    from megatron_matpo import config
+    from megatron_matpo.train.config import TrainConfig
+    from megatron_matpo.train.summary import startup_summary
+
+    root = Path(__file__).resolve().parents[1]
+    base = ["run_dir=r", f"model={tiny_models['qwen3']}", "eval.data=v", "eval.every=6"]
+    lines = {t: next(x for x in startup_summary(config.load(TrainConfig, root / "configs/tiny_cpu.yaml",
+                                                            base + ([f"eval.temperature={t}"] if t is not None else [])),
+                                                ).splitlines() if " data " in x)
+             for t in (None, 0, 0.7)}
+    assert lines[None].endswith("(eval: v every 6 steps)"), lines
+    assert lines[0].endswith("(eval: v every 6 steps, greedy)") and lines[0.7].endswith("temperature 0.7)"), lines

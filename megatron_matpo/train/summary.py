@@ -34,7 +34,8 @@ def startup_summary(cfg: TrainConfig) -> str:
         f"algorithm  {algo}; {cfg.steps} steps x {cfg.prompts_per_step} prompts x {ro.n_samples} samples",
         *(f"model      {_model(m)}" for m in models),
         f"data       {cfg.data}" + (f" (eval: {cfg.eval.data}" + (" before step 1," if cfg.eval.at_start else "")
-                                   + f" every {cfg.eval.every} steps)" if cfg.eval.every else ""),
+                                   + f" every {cfg.eval.every} steps" + _eval_sampling(cfg.eval.temperature) + ")"
+                                   if cfg.eval.every else ""),
         f"actor      TP {a.tp}{' (SP)' if a.sequence_parallel else ''} x PP {a.pp}{f' x CP {a.cp}' if a.cp > 1 else ''} x DP {a.dp}, {cfg.resolved_dtype()}, lr {cfg.optim.lr:g}"
         + (f" (output layer {cfg.optim.output_layer_lr:g})" if cfg.optim.output_layer_lr is not None else "")
         + (f"; {stacks} policies" if stacks > 1 else ""),
@@ -43,6 +44,10 @@ def startup_summary(cfg: TrainConfig) -> str:
         f"run dir    {cfg.run_dir} (full config: {Path(cfg.run_dir) / 'config.yaml'})",
     ]
     return "\n".join(f"matpo train: {line}" for line in lines)
+
+
+def _eval_sampling(temperature: float | None) -> str:
+    return "" if temperature is None else ", greedy" if temperature == 0 else f", temperature {temperature:g}"
 
 
 def eval_line(before: dict[str, float], after: dict[str, float], rise: bool = True) -> str | None:
