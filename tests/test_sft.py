@@ -91,7 +91,7 @@ def test_oracle_demonstrations_are_real_conversations(demos, mode):
 
 def test_bootstrap_sft_derives_the_job_from_the_run(tmp_path):
     """The embedded default's `bootstrap.sft`: the SFT job's run_dir is the parent of the run's `model`,
-    its data, corpus, prompts, search results and agent limits are the run's, its eval set excluded;
+    its data (unless set), corpus, prompts, search results and agent limits are the run's, its eval set excluded;
     a model path that is not <run_dir>/hf or a missing base model is one error naming the field."""
     from megatron_matpo import config
     from megatron_matpo.config import ConfigError
@@ -102,7 +102,12 @@ def test_bootstrap_sft_derives_the_job_from_the_run(tmp_path):
     sft = sft_config(cfg)
     wf = cfg.rollout.workflow
     assert Path(sft.run_dir) / "hf" == Path(cfg.model) and sft.model == cfg.bootstrap.sft["model"]
-    assert (sft.data, sft.corpus, sft.exclude, sft.seed) == (cfg.data, cfg.corpus, [cfg.eval.data], cfg.seed)
+    assert (sft.corpus, sft.exclude, sft.seed) == (cfg.corpus, [cfg.eval.data], cfg.seed)
+    # the default fine-tunes on the train split and runs RL on the rl split (the config's own field wins)
+    assert sft.data.endswith("/matpo_train_multihop") and cfg.data.endswith("/matpo_rl_multihop")
+    unset = config.load(TrainConfig, REPO / "configs/tiny_sft_cpu.yaml", [f"run_dir={tmp_path}/run"])
+    unset.bootstrap.sft = {k: v for k, v in unset.bootstrap.sft.items() if k != "data"}
+    assert sft_config(unset).data == cfg.data  # unset: the run's own
     assert (sft.mode, sft.prompt_style, sft.num_results) == (wf.mode, "compact", cfg.rollout.toolbox.num_results)
     assert (sft.planner, sft.worker) == (wf.planner, wf.worker) and sft.export_hf
     assert sft.bootstrap.tiny_shape == cfg.bootstrap.tiny_shape and sft.bootstrap.sft is None
