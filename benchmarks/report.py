@@ -323,12 +323,31 @@ def summary(res: dict[str, dict]) -> str:
                         f"_All on {machine}; versions and commit under each section._"])
 
 
+def matpo_vs_single(d: dict) -> str:
+    su, st = d["summary"], d["setup"]
+    steps = sorted({int(k) for r in d["runs"] for k in r["curve"]})
+    rows = [[("MATPO" if r["arm"] == "matpo" else "single agent"), r["seed"]]
+            + [f"{r['curve'][str(k)]:.3f}" if str(k) in r["curve"] else "—" for k in steps]
+            + [" ".join(f"{a:.2f}" for a in r["train_accuracy"])] for r in d["runs"]]
+    lines = [f"{'MATPO' if arm == 'matpo' else 'Single agent'}: before {su[arm]['before_mean']:.3f}, after "
+             f"{su[arm]['after_mean']:.3f} (rise {su[arm]['rise_mean']:+.3f}; after-RL spread over seeds "
+             f"{su[arm]['after_spread']:.3f})" for arm in ("matpo", "single")]
+    verdict = (f"MATPO above the single agent after RL: **{'yes' if su['matpo_above_single'] else 'no'}**; "
+               f"more stable (smaller spread): **{'yes' if su['matpo_more_stable'] else 'no'}**.")
+    return "\n\n".join([
+        f"{st['steps']} RL steps per run, eval every {st['eval_every']}, seeds {', '.join(map(str, st['seeds']))}; "
+        f"noise {', '.join(x.rsplit('.', 1)[1] for x in st['noise'])}; {st['context_tokens']}-token contexts. "
+        f"Curves: `{d.get('png', 'benchmarks/results/matpo_vs_single.png')}`.",
+        _table(["arm", "seed"] + [f"step {k}" for k in steps] + ["training batches' accuracy (T = 1)"], rows),
+        "; ".join(lines) + ".", verdict, _provenance(d["meta"])])
+
+
 SECTIONS = {"summary": None, "packing": packing, "actor_mfu_cpu": actor_mfu_cpu, "weight_sync": weight_sync,
             "weight_sync_large": weight_sync_large, "weight_sync_h2048": weight_sync_h2048,
             "rollout_overlap": rollout_overlap,
             "step_breakdown": step_breakdown, "bringup": bringup, "async_pipeline": async_pipeline,
             "engine_decode": engine_decode, "layout_accuracy": layout_accuracy,
-            "layout_accuracy_h512": layout_accuracy}
+            "layout_accuracy_h512": layout_accuracy, "matpo_vs_single": matpo_vs_single}
 
 
 def render(doc: str, results: Path) -> tuple[str, list[str]]:

@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from async_pipeline import summarize  # noqa: E402
+from matpo_vs_single import summarize as compare_arms  # noqa: E402
 from rollout_overlap import critical_path  # noqa: E402
 from step_breakdown import breakdown  # noqa: E402
 
@@ -63,6 +64,23 @@ def test_async_pipeline_summary_by_hand():
     assert s["step_s"] == 10.0 and s["rollout_s"] == 1.0 and s["rest_s"] == 9.0  # 9, 6, 10
     assert s["engine_busy"] == pytest.approx(27 / 36) and s["actor_busy"] == pytest.approx(23 / 36)
     assert s["staleness"] == [0, 1, 1, 1]
+
+
+def test_matpo_vs_single_summary_by_hand():
+    """Before = each run's first eval (step 0), after = its last; the verdicts compare the arms' means
+    after RL and their spreads over seeds."""
+    def run(arm, seed, *accs):
+        return {"arm": arm, "seed": seed, "curve": {str(2 * i): a for i, a in enumerate(accs)}}
+
+    runs = [run("matpo", 0, 0.4, 0.5, 0.45), run("single", 0, 0.2, 0.1, 0.3),
+            run("matpo", 1, 0.4, 0.4, 0.35), run("single", 1, 0.2, 0.2, 0.1)]
+    s = compare_arms(runs)
+    assert s["matpo"]["before"] == [0.4, 0.4] and s["matpo"]["after"] == [0.45, 0.35]
+    assert s["matpo"]["rise_mean"] == pytest.approx(0.0) and s["matpo"]["after_spread"] == pytest.approx(0.1)
+    assert s["single"]["after_mean"] == pytest.approx(0.2) and s["single"]["rise_mean"] == pytest.approx(0.0)
+    assert s["matpo_above_single"] and s["matpo_more_stable"]  # 0.40 > 0.20; spread 0.10 <= 0.20
+    s = compare_arms([dict(r, curve={"0": 0.1, "4": 0.1}) if r["arm"] == "matpo" else r for r in runs])
+    assert not s["matpo_above_single"] and s["matpo_more_stable"]  # 0.10 < 0.20 after RL; spread 0 <= 0.20
 
 
 def test_report_renders_between_markers_only(tmp_path):
