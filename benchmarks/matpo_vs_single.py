@@ -15,7 +15,8 @@ its rl split, eval on its 32 held-out questions at temperature 0) with the same 
 - budget: the default's prompts, samples, lr and steps per run (`--steps`).
 The MATPO arm starts from the default's fine-tune; the single agent's (same base model, the scripted
 oracle's single-agent demonstrations of the same training questions, written with 2,048 tokens of context
-so that 3-hop demonstrations fit) is built on the first run under runs/bench/matpo_vs_single/. The single
+so that 3-hop demonstrations fit, for about as many optimizer steps as MATPO's) is built on the first run
+under runs/bench/matpo_vs_single/. The single
 agent gets 8 turns (a search and a page per hop, then the answer), the planner the default's 4.
 
 Writes benchmarks/results/matpo_vs_single.json (every run's eval curve and the per-arm summary) and
@@ -40,6 +41,10 @@ DATA = "runs/tiny_sft_cpu/inputs/multihop"  # the default's (bootstrap writes it
 NOISE = ["rollout.toolbox.noise.shuffle_prob=0.5", "rollout.toolbox.noise.distractor_prob=0.5",
          "rollout.toolbox.noise.num_distractors=2"]
 ARMS = ("matpo", "single")
+# the default fine-tunes MATPO for 5 epochs of 896 rows (a planner's and each worker's conversation per
+# question): 560 steps of 8 rows. The single agent has one row per question (256): 17 epochs give it about
+# as many optimizer steps (544). At 5 epochs (160 steps) it still garbled its tool calls: 0/32 held out
+SINGLE_SFT_EPOCHS = 17
 
 
 def arm_overrides(arm: str, root: Path) -> list[str]:
@@ -48,7 +53,7 @@ def arm_overrides(arm: str, root: Path) -> list[str]:
     return ["rollout.workflow.mode=single", f"model={root}/single_sft/hf",
             f"data={DATA}/single_agent_rl_multihop", f"eval.data={DATA}/single_agent_val_multihop",
             "rollout.workflow.planner.max_turns=8",
-            f"bootstrap.sft.data={DATA}/single_agent_train_multihop",
+            f"bootstrap.sft.data={DATA}/single_agent_train_multihop", f"bootstrap.sft.epochs={SINGLE_SFT_EPOCHS}",
             "bootstrap.sft.planner={max_turns: 8, max_context_tokens: 2048, max_tokens_per_turn: 96, "
             "summary_reserve_tokens: 0}"]
 

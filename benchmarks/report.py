@@ -304,7 +304,7 @@ def summary(res: dict[str, dict]) -> str:
                      f"{b['overhead_share'] / 0.10:.2f}", _ok(b["target_met"]), d["meta"]["date"]])
     if (d := res.get("bringup")):
         t = d["median"]["total"]
-        rows.append(["bring-up", "process start → first rollout request (embedded default)",
+        rows.append(["bring-up", "process start → first rollout request (configs/tiny_cpu.yaml)",
                      f"≤ {d['targets']['total_s']:.0f} s", f"{t:.1f} s", f"{t / d['targets']['total_s']:.2f}",
                      _ok(d["target_met"]), d["meta"]["date"]])
     if (d := res.get("async_pipeline")) and d.get("target_met") is not None:
@@ -336,7 +336,7 @@ def matpo_vs_single(d: dict) -> str:
                f"more stable (smaller spread): **{'yes' if su['matpo_more_stable'] else 'no'}**.")
     return "\n\n".join([
         f"{st['steps']} RL steps per run, eval every {st['eval_every']}, seeds {', '.join(map(str, st['seeds']))}; "
-        f"noise {', '.join(x.rsplit('.', 1)[1] for x in st['noise'])}; {st['context_tokens']}-token contexts. "
+        f"noise {', '.join(x.split('noise.', 1)[1] for x in st['noise'])}; {st['context_tokens']}-token contexts. "
         f"Curves: `{d.get('png', 'benchmarks/results/matpo_vs_single.png')}`.",
         _table(["arm", "seed"] + [f"step {k}" for k in steps] + ["training batches' accuracy (T = 1)"], rows),
         "; ".join(lines) + ".", verdict, _provenance(d["meta"])])
