@@ -307,7 +307,11 @@ def train_packed(hf_dir: str, layout: ParallelLayout, steps: int = 3) -> dict[st
     from megatron_matpo.train.optim import OptimConfig, build_optimizer, ddp_config
     from megatron_matpo.train.packing import Row, pack_rows
 
-    optim = OptimConfig(lr=1e-3, clip_grad=1.0, use_distributed_optimizer=True)
+    # adam_eps 1e-6, not 1e-8: Adam divides by sqrt(v) + eps, so a weight whose gradient is ~0 up to float
+    # rounding moves by up to ~lr with the sign of that rounding, which differs between a TP x CP world and
+    # one process (summation order; CPU SIMD width): step 1's grad norm then differed by 1.5e-5 of itself on
+    # a 2-core Intel Xeon (step 0 within 1e-5, every loss within 1e-6; within 1e-5 on a 2-core AMD EPYC)
+    optim = OptimConfig(lr=1e-3, clip_grad=1.0, use_distributed_optimizer=True, adam_eps=1e-6)
     built = build_model(hf_dir, layout, load_weights=True, ddp_config=ddp_config(optim))
     opt = build_optimizer(built.chunks, optim)
     g = torch.Generator().manual_seed(11)
