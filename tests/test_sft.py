@@ -198,7 +198,7 @@ def test_sft_at_tp2_learns_the_demonstrations(inputs, tmp_path):
 
 def test_eval_temperature_reaches_every_generation(inputs, tmp_path):
     """`eval.temperature` (MatpoTask.evaluate): every planner and worker turn of the eval rollouts is
-    sampled at it (0: greedy), the training rollouts keep the workflow's; the oracle writes the messages
+    sampled at it (0: greedy), and without it at the workflow's own; the oracle writes the messages
     and records the sampling it was asked for, the tools and workflow are the real ones."""
     from transformers import AutoTokenizer
 
