@@ -58,14 +58,9 @@ def arm_overrides(arm: str, root: Path) -> list[str]:
             "summary_reserve_tokens: 0}"]
 
 
-def eval_curve(run_dir: Path) -> dict[int, float]:
-    """step -> held-out accuracy (step 0: before RL)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        m = json.loads(line)
-        if "eval/multihop/accuracy" in m:
-            out[int(m["step"])] = m["eval/multihop/accuracy"]
-    return out
+def eval_curve(records: list[dict]) -> dict[int, float]:
+    """step -> held-out accuracy (step 0: before RL), from a run's metrics.jsonl records."""
+    return {int(m["step"]): m["eval/multihop/accuracy"] for m in records if "eval/multihop/accuracy" in m}
 
 
 def train(arm: str, seed: int, steps: int, every: int, root: Path) -> dict:
@@ -79,11 +74,10 @@ def train(arm: str, seed: int, steps: int, every: int, root: Path) -> dict:
                             cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         raise SystemExit(f"{arm} seed {seed}: matpo train exited {rc}; see {log}")
-    curve = eval_curve(run_dir)
-    last = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train_acc = [m["reward/accuracy"] for m in last if "reward/accuracy" in m]
-    return {"arm": arm, "seed": seed, "curve": {str(k): v for k, v in sorted(curve.items())},
-            "train_accuracy": train_acc, "wall_s": time.perf_counter() - t0}
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"arm": arm, "seed": seed, "curve": {str(k): v for k, v in sorted(eval_curve(records).items())},
+            "train_accuracy": [m["reward/accuracy"] for m in records if "reward/accuracy" in m],
+            "wall_s": time.perf_counter() - t0}
 
 
 def summarize(runs: list[dict]) -> dict:

@@ -293,7 +293,7 @@ class TrainConfig:
                      f"{lim.max_tokens_per_turn} > max_context_tokens={lim.max_context_tokens}")
                 need(0 <= lim.summary_reserve_tokens < lim.max_context_tokens, f"{key}.summary_reserve_tokens",
                      f"must be in [0, max_context_tokens={lim.max_context_tokens}), got {lim.summary_reserve_tokens}")
-            temperature, top_p, prefix = wf.temperature, wf.top_p, "rollout.workflow"
+            top_p, prefix = wf.top_p, "rollout.workflow"
         else:
             d, prefix = self.maporl.discussion, "maporl.discussion"
             need(d.n_agents >= 1, f"{prefix}.n_agents", f"must be >= 1, got {d.n_agents}")
@@ -301,8 +301,8 @@ class TrainConfig:
                 positive(f"{prefix}.{name}", getattr(d, name))
             need(d.max_tokens_per_turn <= d.max_context_tokens, f"{prefix}.max_tokens_per_turn",
                  f"{d.max_tokens_per_turn} > max_context_tokens={d.max_context_tokens}")
-            temperature, top_p = d.temperature, d.top_p
-        positive(f"{prefix}.temperature", temperature, strict=False)
+            top_p = d.top_p
+        positive(f"{prefix}.temperature", self.sampling_temperature(), strict=False)
         need(0.0 < top_p <= 1.0, f"{prefix}.top_p", f"must be in (0, 1], got {top_p}")
 
     def _check_loss(self, need, positive) -> None:
