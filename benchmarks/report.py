@@ -87,7 +87,8 @@ def weight_sync(d: dict) -> str:
                      int(r["buckets"] or 0), f"{r['sync_s']:.3f}", f"{r['sync_s'] / (r['bytes'] / 1e9):.2f}",
                      f"{r['baseline_s'] / (r['bytes'] / 1e9):.2f}", f"**{r['ratio']:.3f}**",
                      " / ".join(f"{p.get(k, 0.0):.3f}" for k in ("produce_s", "send_s", "flush_s")),
-                     " / ".join(f"{p[k]:.3f}" for k in ("engine_wait_s", "engine_load_s")) if p.get("engine_load_s")
+                     " / ".join(f"{p[k]:.3f}" for k in ("engine_wait_s", "engine_load_s"))
+                     + (f" · {p['engine_direct_mib']:.1f}" if "engine_direct_mib" in p else "") if p.get("engine_load_s")
                      else "-",
                      f"{r['export_s']:.3f}", " / ".join(f"{x / MiB:.2f}" for x in by_rank), tgt,
                      _ok(r["memory_target_met"]), f"{r['peak_extra_engine_bytes'] / MiB:.2f}"])
@@ -103,7 +104,7 @@ def weight_sync(d: dict) -> str:
         lines.append(f"{export}: bucketed ratio {min(ratios):.3f}–{max(ratios):.3f} — "
                      f"{_ok(min(ratios) >= d['targets']['ratio'])} (target ≥ {d['targets']['ratio']}); peak extra "
                      f"memory ≤ 1 bucket + largest tensor on every rank: {met}/{len(bucketed)} bucketed variants.")
-    for before in ("reshard-per-bucket", "megatron_bridge"):  # interleaved in the same run: the steadier figure
+    for before in ("reshard-loaded", "reshard-per-bucket", "megatron_bridge"):  # interleaved: the steadier figure
         pairs = {(r["layout"], r["mode"], r["bucket_mb"]): r for r in d["rows"] if r.get("export") == before}
         speed = [pairs[k]["sync_s"] / r["sync_s"] for r in d["rows"] if r.get("export") == "reshard"
                  and (k := (r["layout"], r["mode"], r["bucket_mb"])) in pairs]
@@ -112,7 +113,7 @@ def weight_sync(d: dict) -> str:
     return "\n\n".join([
         head,
         _table(["layout", "path", "export", "bucket MiB", "buckets", "sync s", "sync s/GB", "baseline s/GB",
-                f"ratio (target ≥ {d['targets']['ratio']})", "produce / send / flush s", "engine wait / load s", "export-only s",
+                f"ratio (target ≥ {d['targets']['ratio']})", "produce / send / flush s", "engine wait / load s · direct MiB", "export-only s",
                 "peak extra MiB rank 0 / 1", "target MiB", "memory", "engine extra MiB"], rows),
         " ".join(lines), _provenance(d["meta"])])
 

@@ -41,8 +41,13 @@ RATIO_TARGET = 0.5
 # a variant's label -> (sync.export, sync.stream): "reshard" is the sync as it runs (our resharded export, the
 # whole sync in one engine call); "reshard-per-bucket" the same export with one engine call per bucket plus the
 # session and flush calls (the sync before 2026-12-07); "megatron_bridge" its export, one call per bucket
-LABELS = {"reshard": ("reshard", True), "reshard-per-bucket": ("reshard", False),
-          "megatron_bridge": ("megatron_bridge", False)}
+# label: (sync.export, sync.stream, other SyncConfig fields). "reshard" is the sync as it runs; the others are
+# the sync before a change, run interleaved with it: "reshard-loaded" receives every broadcast bucket into
+# the engine's receive buffer and loads it (no tensor straight into its parameter: before 2026-12-08),
+# "reshard-per-bucket" makes one engine call per bucket (before 2026-12-07), "megatron_bridge" gathers
+# every full tensor (before 2026-12-04)
+LABELS = {"reshard": ("reshard", True, {}), "reshard-loaded": ("reshard", True, {"direct_min_kib": 2.0 ** 40}),
+          "reshard-per-bucket": ("reshard", False, {}), "megatron_bridge": ("megatron_bridge", False, {})}
 LAYOUTS = {"tp2": {"tp": 2}, "pp2": {"pp": 2}}
 
 
@@ -185,9 +190,9 @@ def world(model_dir: str, engine_url: str, engine_pids: list[int], layouts: list
         res = {"bytes": total, "tensors": len(sizes), "largest_tensor_bytes": largest,
                "first_export_s": first_export_s, "variants": []}
         for mode, bucket_mb, label in variants:
-            export, stream = LABELS[label]
+            export, stream, fields = LABELS[label]
             cfg = SyncConfig(mode=mode, bucket_mb=bucket_mb or 64.0, disk_dir=disk_dir, timeout_s=300, export=export,
-                             stream=stream)
+                             stream=stream, **fields)
             ws = WeightSync(cfg, built, [engine_url])
             try:
                 t0 = time.perf_counter()
@@ -245,7 +250,8 @@ def ensure_model(args) -> Path:
 
 
 # WeightSync's profile of one sync (bridge/sync.py); engine_*: the engine's own, streamed syncs only
-PARTS = ("produce_s", "send_s", "session_s", "flush_s", "engine_wait_s", "engine_load_s", "engine_flush_s")
+PARTS = ("produce_s", "send_s", "session_s", "flush_s", "engine_wait_s", "engine_load_s", "engine_flush_s",
+         "engine_direct_mib")
 
 
 def summarize(layout: str, r: dict) -> list[dict]:
@@ -288,7 +294,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--buckets", default="1,3", help="bucket sizes (MiB) for broadcast and tensor (at the default "
                     "model both give >= 16 buckets per sync, as production's ~28 GB in 512 MiB buckets)")
-    ap.add_argument("--exports", default="reshard,reshard-per-bucket",
+    ap.add_argument("--exports", default="reshard,reshard-loaded,reshard-per-bucket",
                     help=f"variants of the sync ({', '.join(LABELS)}), each run at every mode, bucket and layout "
                     "(interleaved: after vs before)")
     ap.add_argument("--modes", default="broadcast,tensor,disk")
@@ -318,8 +324,10 @@ def main() -> None:
         ap.error(f"--exports: unknown {sorted(unknown)}; expected some of {', '.join(LABELS)}")
     for mode in args.modes.split(","):
         for export in args.exports.split(","):
-            if mode == "disk" and export == "reshard-per-bucket":
+            if mode == "disk" and export in ("reshard-per-bucket", "reshard-loaded"):
                 continue  # disk makes one engine call either way
+            if mode == "tensor" and export == "reshard-loaded":
+                continue  # the engine loads from the shared buffer either way
             variants += [(mode, None, export)] if mode == "disk" else [(mode, b, export) for b in buckets]
     layouts = [x for x in args.layouts.split(",") if x]
     model = ensure_model(args)

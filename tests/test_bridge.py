@@ -25,9 +25,12 @@ SMALL_BUCKET_MB = 0.05  # ~52 KB: many buckets, and the 360 KB embedding/lm_head
 # reuses its WeightSync: the broadcast group is formed once for steps 0 and 1, and later groups coexist with
 # it. Every path on our resharded export (each rank's slices into shared memory), then its p2p collection
 # and megatron-bridge's export (the reference path), then one engine call per bucket (sync.stream=false; the
-# others stream the whole sync through one call)
+# others stream the whole sync through one call). A streamed broadcast receives each tensor of at least
+# `direct_min_kib` (default 64: the embedding and lm_head here) straight into its engine parameter; step 5's
+# 8 KiB sends every matrix that way, so the fused QKV and gate/up slices are written in place too
 PLAN = [("broadcast", SMALL_BUCKET_MB, 1, {}), ("broadcast", SMALL_BUCKET_MB, 2, {}),
-        ("tensor", SMALL_BUCKET_MB, 3, {}), ("disk", 64.0, 4, {}), ("broadcast", 64.0, 5, {}), ("tensor", 64.0, 6, {}),
+        ("tensor", SMALL_BUCKET_MB, 3, {}), ("disk", 64.0, 4, {}), ("broadcast", 64.0, 5, {"direct_min_kib": 8}),
+        ("tensor", 64.0, 6, {}),
         ("broadcast", SMALL_BUCKET_MB, 7, {"collect": "p2p"}), ("tensor", SMALL_BUCKET_MB, 8, {"collect": "p2p"}),
         ("tensor", SMALL_BUCKET_MB, 9, {"export": "megatron_bridge"}),
         ("broadcast", SMALL_BUCKET_MB, 10, {"export": "megatron_bridge"}),
@@ -322,6 +325,11 @@ def test_sync_streams_every_tensor_in_bounded_buckets(worlds, world, tiny_models
         assert s["streamed"] == (mode != "disk" and s["resharded"] == 1 and fields.get("stream", True)), (step, s)
         if s["streamed"]:  # the engine's own profile came back with its answer
             assert s["engine_load_s"] > 0 and s["engine_wait_s"] > 0, (step, s)
+            # broadcast: every tensor of >= direct_min_kib landed straight in its parameter (a TP=1 engine's
+            # loader copies each whole into one slice: the layer norms stay below the threshold and are loaded)
+            direct_min = SyncConfig(**fields).direct_min_bytes
+            direct = sum(n for n in sizes if n >= direct_min) if mode == "broadcast" else 0
+            assert abs(s["engine_direct_mib"] - direct / 2**20) < 0.006, (step, s, direct)
         assert s["seconds"] > 0 and s["bytes_per_s"] > 0
         if mode == "disk":
             assert s["buckets"] == 1  # one safetensors shard
@@ -357,3 +365,76 @@ def test_ring_starts_by_hand():
     assert ring_starts([10, 10], 10) == [(0, True), (0, False)]  # a full-size bucket waits for its predecessor
     with pytest.raises(ValueError, match="does not fit"):
         ring_starts([11], 10)
+
+
+def test_stream_plan_and_segments_by_hand():
+    from megatron_matpo.rollout.sglang_weights import parse_plan, segments, stream_format
+
+    assert parse_plan(stream_format([3, 1, 2], 4096)) == ([3, 1, 2], 4096)
+    with pytest.raises(ValueError, match=">= 1 tensor"):
+        parse_plan(stream_format([2, 0]))
+    # (index, dtype, shape, start, end): bytes 10, 100, 5, 5, 200, 3 with a 50-byte threshold: the large ones
+    # alone, each run of small ones together (a small one after a large one starts a new run)
+    sizes = [10, 100, 5, 5, 200, 3]
+    spans, off = [], 0
+    for j, n in enumerate(sizes):
+        spans.append((j, torch.uint8, (n,), off, off + n))
+        off += n
+    assert [[sp[0] for sp in seg] for seg in segments(spans, 50)] == [[0], [1], [2, 3], [4], [5]]
+    assert [[sp[0] for sp in seg] for seg in segments(spans, 1000)] == [[0, 1, 2, 3, 4, 5]]
+
+
+def test_direct_targets_are_the_loaders_own_single_whole_copies():
+    """The probe asks the model's own `load_weights` where each tensor would go: only a loader that copies
+    the whole tensor, unchanged, into one contiguous slice of a parameter of its dtype gives a target, and
+    probing writes nothing (the parameters stay 1)."""
+    from megatron_matpo.rollout.sglang_weights import direct_targets
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = torch.nn.Parameter(torch.ones(12, 4))  # fused: q rows 0-7, k 8-9, v 10-11
+            self.head = torch.nn.Parameter(torch.ones(6, 4))  # 5 rows + a padding row
+            self.other = torch.nn.Parameter(torch.ones(5, 4))
+            self.sq = torch.nn.Parameter(torch.ones(4, 4))
+            self.bf = torch.nn.Parameter(torch.ones(4, 4, dtype=torch.bfloat16))
+
+        def load_weights(self, weights):
+            for name, w in weights:
+                if name in ("q", "k", "v"):  # as SGLang's QKV loader at TP=1: narrows both, the loaded one fully
+                    off, n = {"q": (0, 8), "k": (8, 2), "v": (10, 2)}[name]
+                    self.qkv.data.narrow(0, off, n).copy_(w.narrow(0, 0, n))
+                elif name == "head":  # as the vocabulary loader: rows, then zero the padding
+                    self.head.data[:5].copy_(w)
+                    self.head.data[5:].fill_(0)
+                elif name == "tied":  # two destinations
+                    self.head.data[:5].copy_(w)
+                    self.other.data.copy_(w)
+                elif name == "shard":  # a TP=2 loader: half of the tensor
+                    self.sq.data[:2].copy_(w.narrow(0, 2, 2))
+                elif name == "transposed":
+                    self.sq.data.copy_(w.t())
+                elif name == "scaled":
+                    self.sq.data.copy_(w * 2)
+                elif name == "cast":
+                    self.bf.data.copy_(w)
+                elif name == "columns":  # a strided slice of the parameter
+                    self.qkv.data[:, :2].copy_(w)
+                elif name == "in_place":
+                    self.sq.data.add_(w)
+                elif name == "fails":
+                    raise KeyError(name)
+
+    m = Model()
+    spec = {"q": (8, 4), "k": (2, 4), "v": (2, 4), "head": (5, 4), "tied": (5, 4), "shard": (4, 4),
+            "transposed": (4, 4), "scaled": (4, 4), "cast": (4, 4), "columns": (12, 2), "in_place": (4, 4),
+            "fails": (4, 4)}
+    names = list(spec)
+    out = direct_targets(m, names, ["float32"] * len(names), [list(s) for s in spec.values()], range(len(names)))
+    assert sorted(names[j] for j in out) == ["head", "k", "q", "v"]
+    for name, param, row in (("q", m.qkv, 0), ("k", m.qkv, 8), ("v", m.qkv, 10), ("head", m.head, 0)):
+        t = out[names.index(name)]
+        assert t.shape == spec[name] and t.data_ptr() == param[row].data_ptr()
+    assert all(bool((p[:5] == 1).all()) for p in (m.qkv, m.head, m.other, m.sq, m.bf))  # nothing written
+    out[names.index("k")].fill_(7)  # a target is the parameter's own memory
+    assert bool((m.qkv[8:10] == 7).all()) and bool((m.qkv[:8] == 1).all())

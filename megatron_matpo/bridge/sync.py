@@ -159,7 +159,26 @@ def _slowest_engine(answers: list[dict]) -> dict[str, float]:
     from megatron_matpo.rollout.sglang_weights import read_profile
 
     profiles = [read_profile(a.get("message", "")) for a in answers if isinstance(a, dict)]
-    return {k: max(p.get(k, 0.0) for p in profiles) for k in ("wait_s", "load_s", "flush_s")} if profiles else {}
+    if not profiles:
+        return {}
+    out = {k: max(p.get(k, 0.0) for p in profiles) for k in ("wait_s", "load_s", "flush_s")}
+    out["direct_mib"] = min(p.get("direct_mib", 0.0) for p in profiles)  # received into parameters, every engine
+    return out
+
+
+class _AllOf:
+    """Several collectives' works awaited as one (a bucket's segments)."""
+
+    def __init__(self, works: list) -> None:
+        self.works = works
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self.works)
+
+    def wait(self) -> bool:
+        for w in self.works:
+            w.wait()
+        return True
 
 
 def _explain(exc: BaseException) -> str:
@@ -218,7 +237,8 @@ class WeightSync:
         produce_s (export + fill), send_s (transport + engine load), session_s, flush_s (bucketed
         paths; a streamed sync has neither: its one engine call opens and flushes), streamed (1 when
         the whole sync was one engine call) and then the engine's own profile (engine_wait_s: waiting
-        for buckets, engine_load_s: loading them, engine_flush_s; the slowest engine's); other ranks {}."""
+        for buckets, engine_load_s: loading them, engine_flush_s; the slowest engine's; engine_direct_mib:
+        MiB every engine received straight into its parameters, broadcast only); other ranks {}."""
         if self._closed:
             raise RuntimeError("WeightSync.sync() after close()")
         t0 = time.perf_counter()
@@ -378,7 +398,7 @@ class WeightSync:
         a barrier once the engines have loaded it). Neither is waited for here: the bucket's `release`
         waits, and the collection calls it only before it reuses those bytes, so the next bucket is
         filled while this one is sent and loaded."""
-        from megatron_matpo.rollout.sglang_weights import stream_format
+        from megatron_matpo.rollout.sglang_weights import bucket_spans, segments, stream_format
 
         if self._group is None:  # the tensor path uses the group for its doorbells only
             self._init_group()
@@ -389,7 +409,7 @@ class WeightSync:
                 names.append(t.name)
                 dtypes.append(str(t.dtype).removeprefix("torch."))
                 shapes.append(list(t.shape))
-        fmt = stream_format(counts)
+        fmt = stream_format(counts, self.cfg.direct_min_bytes)
         if self.cfg.mode == "broadcast":
             calls = [c.update_weights_from_distributed(names, dtypes, shapes, self._group_name, load_format=fmt,
                                                        flush_cache=True) for c in self._clients]
@@ -432,7 +452,12 @@ class WeightSync:
                     break
                 with self._clock("send_s"):
                     if self.cfg.mode == "broadcast":
-                        work = torch.distributed.broadcast(bucket.flat, src=0, group=self._group, async_op=True)
+                        # one broadcast per segment, cut as the engine cuts it: large tensors alone, so
+                        # each can land straight in its parameter there
+                        spans = bucket_spans(bucket.dtypes, bucket.shapes, [len(bucket.names)])[0]
+                        work = _AllOf([torch.distributed.broadcast(bucket.flat[seg[0][3]:seg[-1][4]], src=0,
+                                                                   group=self._group, async_op=True)
+                                       for seg in segments(spans, self.cfg.direct_min_bytes)])
                     else:
                         bell = torch.tensor([n], dtype=torch.int64)
                         self._await(torch.distributed.broadcast(bell, src=0, group=self._group, async_op=True),

@@ -29,6 +29,10 @@ class SyncConfig:
     # broadcast/tensor with export=reshard: the whole sync is one call per engine, the buckets streamed
     # through it (rollout/sglang_weights.py); false: one call per bucket plus session and flush calls
     stream: bool = True
+    # streamed broadcast: a tensor of at least this many KiB travels in its own broadcast, which the engine
+    # receives straight into its parameter where its loader would only copy it there; smaller tensors
+    # share one broadcast per run (each collective has a fixed cost) and are loaded as before
+    direct_min_kib: float = 64.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -43,6 +47,8 @@ class SyncConfig:
             raise ValueError(f"sync.parity_every: must be >= 0 (0 disables the check), got {self.parity_every}")
         if self.parity_rows < 1:
             raise ValueError(f"sync.parity_rows: must be >= 1, got {self.parity_rows}")
+        if not self.direct_min_kib > 0:
+            raise ValueError(f"sync.direct_min_kib: must be > 0, got {self.direct_min_kib}")
         if not self.timeout_s > 0:
             raise ValueError(f"sync.timeout_s: must be > 0, got {self.timeout_s}")
         if not self.group_name:
@@ -53,3 +59,7 @@ class SyncConfig:
     @property
     def bucket_bytes(self) -> int:
         return max(1, int(self.bucket_mb * 1024 * 1024))
+
+    @property
+    def direct_min_bytes(self) -> int:
+        return max(1, int(self.direct_min_kib * 1024))

@@ -6,21 +6,31 @@ cache flush is one more call. Each call crosses HTTP → tokenizer manager → Z
 ~5-10 ms on a CPU host, more than moving a bucket of tens of MiB (benchmarks/weight_sync.py).
 
 Here one call carries the plan of the whole sync (every tensor's name, dtype and shape, and how many
-tensors each bucket holds, in `load_format` = "matpo_stream:<n0>,<n1>,..."). The scheduler opens the
-session, then for each bucket, in order:
-- distributed: receives the bucket's flat bytes by one broadcast from group rank 0 into a receive
-  ring (`ring_starts`) and loads views of it into the model, receiving the next bucket meanwhile;
+tensors each bucket holds, in `load_format` = "matpo_stream:<n0>,<n1>,...;direct_min=<bytes>"). The
+scheduler opens the session, then for each bucket, in order:
+- distributed: receives the bucket by broadcasts from group rank 0, one per `segments` (each tensor
+  of >= `sync.direct_min_kib` alone, each run of smaller ones together): a tensor whose whole load is one
+  copy into a contiguous slice of a parameter of its dtype (`direct_targets`) is received straight
+  into that slice, the rest into a receive ring (`ring_starts`) whose views are loaded into the model,
+  receiving the next bucket meanwhile;
 - tensor: waits for rank 0's doorbell (a one-element broadcast: the bucket is in the shared-memory
   buffer the call mapped once), loads views of the shared buffer in place, then a barrier tells rank 0
   it may refill it.
 It then flushes the cache and closes the session, and appends its profile to the answer (`read_profile`:
-seconds waiting for buckets, loading them, flushing). The actor side is `bridge/sync.py` (`sync.stream`).
+seconds waiting for buckets, loading them, flushing; MiB received straight into parameters). The actor side is `bridge/sync.py` (`sync.stream`).
 A call it cannot start (no such group, a bad plan) is refused before the first bucket, so rank 0 stops
 at once; a failed load does not stop the receiving (rank 0 keeps sending the plan to its end): the rest
 is drained and the call answers the first error. Either way the scheduler never sees an exception.
 
 Written against SGLang 0.5.23's `SchedulerWeightUpdaterManager` (its session, runner selection, cache
 flush and weight-version bookkeeping are called, not copied); tests/test_bridge.py syncs through it.
+
+Why straight into the parameters: on the broadcast path SGLang's load is one more full copy of every
+byte (a third of a sync's CPU time at 982 MiB on 2 cores, docs/benchmarks.md); where the model's own
+loader would only copy the tensor into a slice of a parameter, receiving into that slice is the same
+result without the copy. Which tensors qualify is asked of the model's `load_weights` itself, per sync
+inside the session (a parameter may be re-created between syncs): each candidate is loaded as a
+storage-less probe and the writes it would make are recorded instead of done (`direct_targets`).
 
 Memory on the engine: the receive ring (distributed: the largest bucket) or none (tensor: the shared
 buffer is the actor's). Layout: tensors back to back in a bucket, no padding
@@ -37,25 +47,33 @@ import time
 import torch
 
 STREAM = "matpo_stream:"
-PROFILE = " [matpo_stream wait_s={wait_s:.4f} load_s={load_s:.4f} flush_s={flush_s:.4f}]"
+PROFILE = " [matpo_stream wait_s={wait_s:.4f} load_s={load_s:.4f} flush_s={flush_s:.4f} direct_mib={direct_mib:.2f}]"
+# the default of sync.direct_min_kib: a tensor this large travels in its own broadcast (so it can land in a
+# parameter); smaller ones share one per run: a collective costs ~0.1-1 ms on gloo, more than copying 64 KiB
+DIRECT_MIN_BYTES = 1 << 16
 SCHEDULER = "sglang.srt.managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager"
 
 
-def stream_format(counts: list[int]) -> str:
-    """The `load_format` naming a streamed sync of buckets holding `counts` tensors each."""
-    return STREAM + ",".join(str(int(c)) for c in counts)
+def stream_format(counts: list[int], direct_min_bytes: int = DIRECT_MIN_BYTES) -> str:
+    """The `load_format` naming a streamed sync of buckets holding `counts` tensors each, tensors of
+    `direct_min_bytes` or more travelling alone (`segments`)."""
+    return f"{STREAM}{','.join(str(int(c)) for c in counts)};direct_min={int(direct_min_bytes)}"
 
 
 def is_stream(load_format: str | None) -> bool:
     return bool(load_format) and load_format.startswith(STREAM)
 
 
-def parse_counts(load_format: str) -> list[int]:
-    """Tensors per bucket of a streamed sync."""
-    counts = [int(x) for x in load_format[len(STREAM):].split(",") if x]
+def parse_plan(load_format: str) -> tuple[list[int], int]:
+    """Tensors per bucket of a streamed sync, and its `direct_min_bytes`."""
+    body, _, opt = load_format[len(STREAM):].partition(";direct_min=")
+    counts = [int(x) for x in body.split(",") if x]
     if not counts or min(counts) < 1:
         raise ValueError(f"load_format {load_format!r}: every bucket needs >= 1 tensor")
-    return counts
+    direct_min = int(opt) if opt else DIRECT_MIN_BYTES
+    if direct_min < 1:
+        raise ValueError(f"load_format {load_format!r}: direct_min must be >= 1")
+    return counts, direct_min
 
 
 def bucket_spans(dtypes: list, shapes: list, counts: list[int]) -> list[list[tuple[int, torch.dtype, tuple, int, int]]]:
@@ -100,6 +118,64 @@ def ring_starts(sizes: list[int], capacity: int) -> list[tuple[int, bool]]:
     return out
 
 
+def segments(spans, min_bytes: int) -> list[list[tuple]]:
+    """A bucket's broadcasts (both ends cut it the same way): each span of >= `min_bytes` alone, each run
+    of smaller ones together; a segment's bytes are [first span's start, last span's end)."""
+    out: list[list[tuple]] = []
+    for sp in spans:
+        if sp[4] - sp[3] >= min_bytes:
+            out.append([sp])
+        elif out and out[-1][-1][4] - out[-1][-1][3] < min_bytes:
+            out[-1].append(sp)
+        else:
+            out.append([sp])
+    return out
+
+
+class _Probe(torch.Tensor):
+    """A storage-less (meta) stand-in for a received tensor: `copy_` from it into a real tensor is
+    recorded, not done; every other in-place write that involves it is recorded as `None`, not done."""
+    writes: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if func is torch.Tensor.copy_ and len(args) >= 2 and not isinstance(args[0], _Probe):
+            cls.writes.append((args[0], args[1]))
+            return args[0]
+        if name == "__setitem__" or (name.endswith("_") and not name.startswith("_")):
+            cls.writes.append(None)
+            return args[0] if args else None
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def direct_targets(model, names: list[str], dtypes: list, shapes: list, indices) -> dict[int, torch.Tensor]:
+    """For each tensor index in `indices` whose load by `model.load_weights` is exactly one copy of the
+    whole tensor (no narrowing, cast, transpose or second destination, e.g. a tied head) into a
+    contiguous slice of one parameter of its dtype: that slice, shaped as the tensor. Nothing is
+    written to the model; a tensor whose probe raises is simply not direct."""
+    out: dict[int, torch.Tensor] = {}
+    for j in indices:
+        dt = dtypes[j] if isinstance(dtypes[j], torch.dtype) else getattr(torch, dtypes[j])
+        probe = torch.empty(tuple(shapes[j]), dtype=dt, device="meta").as_subclass(_Probe)
+        _Probe.writes = []
+        try:
+            model.load_weights([(names[j], probe)])
+        except Exception:  # noqa: BLE001 (the tensor is loaded the usual way)
+            continue
+        finally:
+            writes, _Probe.writes = _Probe.writes, []
+        if len(writes) != 1 or writes[0] is None:
+            continue
+        dst, src = writes[0]
+        whole = (isinstance(src, _Probe) and src.untyped_storage()._cdata == probe.untyped_storage()._cdata
+                 and src.shape == probe.shape and src.stride() == probe.stride() and src.storage_offset() == 0)
+        if (whole and isinstance(dst, torch.Tensor) and not isinstance(dst, _Probe) and dst.dtype == dt
+                and dst.is_contiguous() and dst.numel() == probe.numel() and dst.device.type != "meta"):
+            out[j] = dst.view(probe.shape)
+    return out
+
+
 def _group(updater, name: str):
     groups = updater._model_update_group
     if name not in groups:
@@ -116,9 +192,10 @@ def views(flat: torch.Tensor, names: list[str], spans) -> list[tuple[str, torch.
     return [(names[j], flat[a:b].view(dt).view(shape)) for j, dt, shape, a, b in spans]
 
 
-def _streamed(manager, recv_req, source: str, buckets, out_cls):
+def _streamed(manager, recv_req, source: str, buckets, out_cls, direct: list | None = None):
     """Open the session, load every bucket `buckets` yields (an iterator of named tensor lists that
-    receives as it goes), flush, close; drain the rest after a failure. Returns `out_cls`."""
+    receives as it goes), flush, close; drain the rest after a failure. Returns `out_cls`. `direct`:
+    where `buckets` counts the bytes it received straight into parameters (for the profile)."""
     from sglang.srt.managers.io_struct import BeginWeightUpdateReqInput, EndWeightUpdateReqInput
 
     opened = manager._session is None
@@ -162,14 +239,17 @@ def _streamed(manager, recv_req, source: str, buckets, out_cls):
     if success:
         t0 = time.perf_counter()
         success, message = manager.flush_cache_after_weight_update(recv_req, success, message)
-        message += PROFILE.format(wait_s=wait_s, load_s=load_s, flush_s=time.perf_counter() - t0)
+        message += PROFILE.format(wait_s=wait_s, load_s=load_s, flush_s=time.perf_counter() - t0,
+                                  direct_mib=sum(direct or []) / 2**20)
     return out_cls(success=success, message=message)
 
 
 def read_profile(message: str) -> dict[str, float]:
-    """The engine's profile a streamed call appends to its answer: wait_s, load_s, flush_s."""
-    m = re.search(r"\[matpo_stream wait_s=([0-9.]+) load_s=([0-9.]+) flush_s=([0-9.]+)\]", message or "")
-    return {"wait_s": float(m[1]), "load_s": float(m[2]), "flush_s": float(m[3])} if m else {}
+    """The engine's profile a streamed call appends to its answer: wait_s, load_s, flush_s, direct_mib."""
+    m = re.search(r"\[matpo_stream wait_s=([0-9.]+) load_s=([0-9.]+) flush_s=([0-9.]+) direct_mib=([0-9.]+)\]",
+                  message or "")
+    return {"wait_s": float(m[1]), "load_s": float(m[2]), "flush_s": float(m[3]),
+            "direct_mib": float(m[4])} if m else {}
 
 
 def update_from_distributed(original, manager, recv_req):
@@ -181,13 +261,23 @@ def update_from_distributed(original, manager, recv_req):
     try:  # refused before any bucket: rank 0 sees the failed call and stops sending
         target = manager.tp_worker.model_runner.weight_updater
         group = _group(target, recv_req.group_name)
-        plan = bucket_spans(recv_req.dtypes, recv_req.shapes, parse_counts(recv_req.load_format))
+        counts, direct_min = parse_plan(recv_req.load_format)
+        plan = bucket_spans(recv_req.dtypes, recv_req.shapes, counts)
         sizes = [spans[-1][4] for spans in plan]
         buf = torch.empty(max(sizes), dtype=torch.uint8, device=target.device)  # SGLang's own receive size
     except Exception as e:  # noqa: BLE001 (answered to the caller, never raised into the scheduler)
         return UpdateWeightsFromDistributedReqOutput(success=False, message=_refused(e))
 
+    received_direct: list[int] = []
+
     def buckets():
+        # runs inside the session: the parameters asked for are the ones this sync loads into
+        solo = [seg[0][0] for spans in plan for seg in segments(spans, direct_min) if len(seg) == 1
+                and seg[0][4] - seg[0][3] >= direct_min]
+        try:
+            direct = direct_targets(target.get_model(), recv_req.names, recv_req.dtypes, recv_req.shapes, solo)
+        except Exception:  # noqa: BLE001 (every tensor is then received into the ring and loaded)
+            direct = {}
         # the receive buffer as a ring: bucket k+1 is received (gloo's background thread) while the caller
         # loads bucket k where it fits beside it, else k is loaded first
         pending = None
@@ -196,15 +286,26 @@ def update_from_distributed(original, manager, recv_req):
                 yield pending
                 pending = None
             flat = buf[start:start + spans[-1][4]]
-            work = torch.distributed.broadcast(flat, src=0, group=group, async_op=True)
+            works, loads = [], []
+            for seg in segments(spans, direct_min):
+                into = direct.get(seg[0][0]) if len(seg) == 1 else None
+                if into is not None:
+                    received_direct.append(seg[0][4] - seg[0][3])
+                    into = into.view(-1).view(torch.uint8)
+                else:
+                    into = flat[seg[0][3]:seg[-1][4]]
+                    loads += views(flat, recv_req.names, seg)
+                works.append(torch.distributed.broadcast(into, src=0, group=group, async_op=True))
             if pending is not None:
                 yield pending
-            work.wait()
-            pending = views(flat, recv_req.names, spans)
+            for work in works:
+                work.wait()
+            pending = loads
         if pending is not None:
             yield pending
 
-    return _streamed(manager, recv_req, "distributed", buckets(), UpdateWeightsFromDistributedReqOutput)
+    return _streamed(manager, recv_req, "distributed", buckets(), UpdateWeightsFromDistributedReqOutput,
+                     received_direct)
 
 
 def update_from_tensor(original, manager, recv_req):
@@ -219,7 +320,7 @@ def update_from_tensor(original, manager, recv_req):
         payload = manager.tp_worker.deserialize_own_rank(recv_req.serialized_named_tensors)
         group = _group(manager.tp_worker.model_runner.weight_updater, payload["group"])
         shared = payload["buffer"]
-        plan = bucket_spans(payload["dtypes"], payload["shapes"], parse_counts(recv_req.load_format))
+        plan = bucket_spans(payload["dtypes"], payload["shapes"], parse_plan(recv_req.load_format)[0])
     except Exception as e:  # noqa: BLE001 (answered to the caller, never raised into the scheduler)
         torch.distributed.barrier(group=manager.tp_cpu_group)
         return UpdateWeightsFromTensorReqOutput(success=False, message=_refused(e))
