@@ -276,7 +276,10 @@ def update_from_distributed(original, manager, recv_req):
         solo = [seg[0][0] for spans in plan for seg in segments(spans, direct_min) if len(seg) == 1
                 and seg[0][4] - seg[0][3] >= direct_min]
         try:
-            direct = direct_targets(target.get_model(), recv_req.names, recv_req.dtypes, recv_req.shapes, solo)
+            # one model only: a tensor received into the target's parameter would never reach a draft model
+            runners = manager._select_runners(recv_req.selector)
+            direct = (direct_targets(runners[0][1].weight_updater.get_model(), recv_req.names, recv_req.dtypes,
+                                     recv_req.shapes, solo) if len(runners) == 1 else {})
         except Exception:  # noqa: BLE001 (every tensor is then received into the ring and loaded)
             direct = {}
         # the receive buffer as a ring: bucket k+1 is received (gloo's background thread) while the caller
