@@ -172,7 +172,7 @@ def direct_targets(model, names: list[str], dtypes: list, shapes: list, indices)
                  and src.shape == probe.shape and src.stride() == probe.stride() and src.storage_offset() == 0)
         if (whole and isinstance(dst, torch.Tensor) and not isinstance(dst, _Probe) and dst.dtype == dt
                 and dst.is_contiguous() and dst.numel() == probe.numel() and dst.device.type != "meta"):
-            out[j] = dst.view(probe.shape)
+            out[j] = dst.detach().view(probe.shape)  # the same memory, outside autograd (written by a collective)
     return out
 
 
