@@ -38,9 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, bench_env, median, meta, write_result  # noqa: E402
 
 RATIO_TARGET = 0.5
-# a variant's label -> (sync.export, sync.stream): "reshard" is the sync as it runs (our resharded export, the
-# whole sync in one engine call); "reshard-per-bucket" the same export with one engine call per bucket plus the
-# session and flush calls (the sync before 2026-12-07); "megatron_bridge" its export, one call per bucket
 # label: (sync.export, sync.stream, other SyncConfig fields). "reshard" is the sync as it runs; the others are
 # the sync before a change, run interleaved with it: "reshard-loaded" receives every broadcast bucket into
 # the engine's receive buffer and loads it (no tensor straight into its parameter: before 2026-12-08),

@@ -128,7 +128,8 @@ def test_caller_buffer_is_reused():
 
 @pytest.mark.parametrize("kwargs,match", [({"mode": "nccl"}, "sync.mode"), ({"bucket_mb": 0}, "bucket_mb"),
                                           ({"parity_every": -1}, "parity_every"), ({"parity_rows": 0}, "parity_rows"),
-                                          ({"timeout_s": 0}, "timeout_s"), ({"master_port": 70000}, "master_port")])
+                                          ({"timeout_s": 0}, "timeout_s"), ({"master_port": 70000}, "master_port"),
+                                          ({"direct_min_kib": 0}, "direct_min_kib")])
 def test_sync_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SyncConfig(**kwargs)
