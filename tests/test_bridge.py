@@ -286,7 +286,9 @@ def bridge_world(hf_dir: str, engine_url: str, layouts: dict[str, L], disk_dir: 
 
 
 @pytest.fixture(scope="module")
-def worlds(tiny_models, engine, tmp_path_factory) -> dict[str, dict]:
+def sync_worlds(tiny_models, engine, tmp_path_factory) -> dict[str, dict]:
+    # (not named `worlds`: that would override conftest's autouse session fixture in this module and make
+    # every test here, the unit tests too, wait for these worlds)
     """TP=2 and PP=2 actors (one 2-process world), then TP=2 x PP=2 (a 4-process world), synced into the
     shared engine."""
     from megatron_matpo.dist import launch_local
@@ -301,15 +303,15 @@ def worlds(tiny_models, engine, tmp_path_factory) -> dict[str, dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("world", ["tp2", "pp2", "tp2pp2"])
-def test_engine_scores_like_actor_after_sync(worlds, world, step):
-    r = worlds[world]["steps"][step]
+def test_engine_scores_like_actor_after_sync(sync_worlds, world, step):
+    r = sync_worlds[world]["steps"][step]
     assert r["before"]["max_abs"] > STALE_MIN, r  # the engine really was stale
     assert r["after"]["max_abs"] <= PARITY_TOL, r
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", ["tp2", "pp2", "tp2pp2"])
-def test_sync_streams_every_tensor_in_bounded_buckets(worlds, world, tiny_models):
+def test_sync_streams_every_tensor_in_bounded_buckets(sync_worlds, world, tiny_models):
     from safetensors.torch import load_file
 
     hf = load_file(f"{tiny_models['qwen3']}/model.safetensors")
@@ -318,7 +320,7 @@ def test_sync_streams_every_tensor_in_bounded_buckets(worlds, world, tiny_models
     small = int(SMALL_BUCKET_MB * 1024 * 1024)
     alone = [n for n in sizes if n > small]  # embedding and lm_head travel as their own buckets
     min_buckets = len(alone) + -(-(total - sum(alone)) // small)
-    steps = worlds[world]["steps"]
+    steps = sync_worlds[world]["steps"]
     for step, (mode, bucket_mb, _, fields) in zip(STEPS, PLAN):
         s = steps[step]["stats"]
         assert s["bytes"] == total and s["tensors"] == len(hf), (step, s)
@@ -343,8 +345,8 @@ def test_sync_streams_every_tensor_in_bounded_buckets(worlds, world, tiny_models
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", ["tp2", "pp2", "tp2pp2"])
-def test_streamed_sync_refused_fails_fast_then_recovers(worlds, world):
-    lost = worlds[world]["lost_group"]
+def test_streamed_sync_refused_fails_fast_then_recovers(sync_worlds, world):
+    lost = sync_worlds[world]["lost_group"]
     assert lost["error"] and "no weight-update group" in lost["error"], lost
     assert lost["failed_s"] < 30  # not the 120 s timeout: the refusal ends the wait
     assert lost["stats"]["streamed"] == 1 and lost["groups_formed"] == 2, lost
@@ -353,8 +355,8 @@ def test_streamed_sync_refused_fails_fast_then_recovers(worlds, world):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", ["tp2", "pp2", "tp2pp2"])
-def test_engine_weights_restored(worlds, world):
-    assert worlds[world]["restored"]["max_abs"] <= 1e-6
+def test_engine_weights_restored(sync_worlds, world):
+    assert sync_worlds[world]["restored"]["max_abs"] <= 1e-6
 
 
 def test_ring_starts_by_hand():
