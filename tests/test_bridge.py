@@ -403,6 +403,7 @@ def test_direct_targets_are_the_loaders_own_single_whole_copies():
             self.bf = torch.nn.Parameter(torch.ones(4, 4, dtype=torch.bfloat16))
 
         def load_weights(self, weights):
+            self.calls = getattr(self, "calls", 0) + 1
             for name, w in weights:
                 if name in ("q", "k", "v"):  # as SGLang's QKV loader at TP=1: narrows both, the loaded one fully
                     off, n = {"q": (0, 8), "k": (8, 2), "v": (10, 2)}[name]
@@ -433,8 +434,14 @@ def test_direct_targets_are_the_loaders_own_single_whole_copies():
             "transposed": (4, 4), "scaled": (4, 4), "cast": (4, 4), "columns": (12, 2), "in_place": (4, 4),
             "fails": (4, 4)}
     names = list(spec)
-    out = direct_targets(m, names, ["float32"] * len(names), [list(s) for s in spec.values()], range(len(names)))
+    dtypes, shapes = ["float32"] * len(names), [list(s) for s in spec.values()]
+    out = direct_targets(m, names, dtypes, shapes, range(len(names)))
+    assert m.calls == 1 + len(names)  # "fails" raises (and "scaled" writes a computed tensor): asked per tensor
     assert sorted(names[j] for j in out) == ["head", "k", "q", "v"]
+    some = [j for j, n in enumerate(names) if n not in ("fails", "scaled")]
+    again = direct_targets(m, names, dtypes, shapes, some)
+    assert m.calls == 2 + len(names)  # one loader call for all of them, with the same answer
+    assert {j: t.data_ptr() for j, t in again.items()} == {j: t.data_ptr() for j, t in out.items()}
     for name, param, row in (("q", m.qkv, 0), ("k", m.qkv, 8), ("v", m.qkv, 10), ("head", m.head, 0)):
         t = out[names.index(name)]
         assert t.shape == spec[name] and t.data_ptr() == param[row].data_ptr()

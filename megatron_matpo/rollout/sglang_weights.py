@@ -132,45 +132,74 @@ def segments(spans, min_bytes: int) -> list[list[tuple]]:
     return out
 
 
+def _sid(t: torch.Tensor) -> int:
+    """Identifies a tensor's storage (a view of a probe shares its probe's)."""
+    return t.untyped_storage()._cdata
+
+
 class _Probe(torch.Tensor):
-    """A storage-less (meta) stand-in for a received tensor: `copy_` from it into a real tensor is
-    recorded, not done; every other in-place write that involves it is recorded as `None`, not done."""
+    """A storage-less (meta) stand-in for a received tensor. A `copy_` from it into a real tensor is
+    recorded as (probe storage, destination, source), not done; any other in-place write involving it is
+    recorded with destination None, not done."""
     writes: list = []
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        if func is torch.Tensor.copy_ and len(args) >= 2 and not isinstance(args[0], _Probe):
-            cls.writes.append((args[0], args[1]))
+        if (func is torch.Tensor.copy_ and len(args) >= 2 and isinstance(args[1], _Probe)
+                and not isinstance(args[0], _Probe)):
+            cls.writes.append((_sid(args[1]), args[0], args[1]))
             return args[0]
         if name == "__setitem__" or (name.endswith("_") and not name.startswith("_")):
-            cls.writes.append(None)
+            for a in (*args, *(kwargs or {}).values()):
+                if isinstance(a, _Probe):
+                    cls.writes.append((_sid(a), None, a))
             return args[0] if args else None
         return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def _probe_writes(model, named: list[tuple[str, torch.Tensor]]) -> list:
+    _Probe.writes = []
+    try:
+        model.load_weights(named)
+        return _Probe.writes
+    finally:
+        _Probe.writes = []
 
 
 def direct_targets(model, names: list[str], dtypes: list, shapes: list, indices) -> dict[int, torch.Tensor]:
     """For each tensor index in `indices` whose load by `model.load_weights` is exactly one copy of the
     whole tensor (no narrowing, cast, transpose or second destination, e.g. a tied head) into a
     contiguous slice of one parameter of its dtype: that slice, shaped as the tensor. Nothing is
-    written to the model; a tensor whose probe raises is simply not direct."""
-    out: dict[int, torch.Tensor] = {}
+    written to the model. One call of the loader for all of them (it rebuilds its parameter table per
+    call); if that raises, one call per tensor, and a tensor whose own call raises is not direct."""
+    probes: dict[int, torch.Tensor] = {}
     for j in indices:
         dt = dtypes[j] if isinstance(dtypes[j], torch.dtype) else getattr(torch, dtypes[j])
-        probe = torch.empty(tuple(shapes[j]), dtype=dt, device="meta").as_subclass(_Probe)
-        _Probe.writes = []
-        try:
-            model.load_weights([(names[j], probe)])
-        except Exception:  # noqa: BLE001 (the tensor is loaded the usual way)
+        probes[j] = torch.empty(tuple(shapes[j]), dtype=dt, device="meta").as_subclass(_Probe)
+    owner = {_sid(p): j for j, p in probes.items()}
+    by_j: dict[int, list] = {j: [] for j in probes}
+    try:
+        writes = _probe_writes(model, [(names[j], p) for j, p in probes.items()])
+        if any(w[0] not in owner for w in writes):  # from a tensor computed from a probe: whose is unknown
+            raise LookupError("a write from a derived tensor")
+        for w in writes:
+            by_j[owner[w[0]]].append(w)
+    except Exception:  # noqa: BLE001 (ask per tensor)
+        for j, p in probes.items():
+            try:
+                by_j[j] = _probe_writes(model, [(names[j], p)])
+            except Exception:  # noqa: BLE001 (this tensor is loaded the usual way)
+                by_j[j] = [None, None]
+    out: dict[int, torch.Tensor] = {}
+    for j, writes in by_j.items():
+        if len(writes) != 1 or writes[0] is None or writes[0][1] is None:
             continue
-        finally:
-            writes, _Probe.writes = _Probe.writes, []
-        if len(writes) != 1 or writes[0] is None:
-            continue
-        dst, src = writes[0]
-        whole = (isinstance(src, _Probe) and src.untyped_storage()._cdata == probe.untyped_storage()._cdata
-                 and src.shape == probe.shape and src.stride() == probe.stride() and src.storage_offset() == 0)
-        if (whole and isinstance(dst, torch.Tensor) and not isinstance(dst, _Probe) and dst.dtype == dt
+        _, dst, src = writes[0]
+        probe = probes[j]
+        whole = (_sid(src) == _sid(probe) and src.shape == probe.shape and src.stride() == probe.stride()
+                 and src.storage_offset() == 0)
+        if (whole and isinstance(dst, torch.Tensor) and not isinstance(dst, _Probe) and dst.dtype == probe.dtype
                 and dst.is_contiguous() and dst.numel() == probe.numel() and dst.device.type != "meta"):
             out[j] = dst.detach().view(probe.shape)  # the same memory, outside autograd (written by a collective)
     return out
@@ -276,10 +305,13 @@ def update_from_distributed(original, manager, recv_req):
         solo = [seg[0][0] for spans in plan for seg in segments(spans, direct_min) if len(seg) == 1
                 and seg[0][4] - seg[0][3] >= direct_min]
         try:
-            # one model only: a tensor received into the target's parameter would never reach a draft model
+            # one model only (a tensor received into the target's parameter would never reach a draft model),
+            # and not quantized (its loaders keep state across shards that a probe must not disturb)
             runners = manager._select_runners(recv_req.selector)
+            plain = len(runners) == 1 and getattr(getattr(runners[0][1], "model_config", None), "quantization",
+                                                   None) is None
             direct = (direct_targets(runners[0][1].weight_updater.get_model(), recv_req.names, recv_req.dtypes,
-                                     recv_req.shapes, solo) if len(runners) == 1 else {})
+                                     recv_req.shapes, solo) if plain else {})
         except Exception:  # noqa: BLE001 (every tensor is then received into the ring and loaded)
             direct = {}
         # the receive buffer as a ring: bucket k+1 is received (gloo's background thread) while the caller
