@@ -398,7 +398,7 @@ class WeightSync:
         a barrier once the engines have loaded it). Neither is waited for here: the bucket's `release`
         waits, and the collection calls it only before it reuses those bytes, so the next bucket is
         filled while this one is sent and loaded."""
-        from megatron_matpo.rollout.sglang_weights import bucket_spans, segments, stream_format
+        from megatron_matpo.rollout.sglang_weights import segments, stream_format
 
         if self._group is None:  # the tensor path uses the group for its doorbells only
             self._init_group()
@@ -454,10 +454,9 @@ class WeightSync:
                     if self.cfg.mode == "broadcast":
                         # one broadcast per segment, cut as the engine cuts it: large tensors alone, so
                         # each can land straight in its parameter there
-                        spans = bucket_spans(bucket.dtypes, bucket.shapes, [len(bucket.names)])[0]
                         work = _AllOf([torch.distributed.broadcast(bucket.flat[seg[0][3]:seg[-1][4]], src=0,
                                                                    group=self._group, async_op=True)
-                                       for seg in segments(spans, self.cfg.direct_min_bytes)])
+                                       for seg in segments(bucket.spans(), self.cfg.direct_min_bytes)])
                     else:
                         bell = torch.tensor([n], dtype=torch.int64)
                         self._await(torch.distributed.broadcast(bell, src=0, group=self._group, async_op=True),

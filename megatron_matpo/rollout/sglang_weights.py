@@ -178,7 +178,7 @@ def direct_targets(model, names: list[str], dtypes: list, shapes: list, indices)
         dt = dtypes[j] if isinstance(dtypes[j], torch.dtype) else getattr(torch, dtypes[j])
         probes[j] = torch.empty(tuple(shapes[j]), dtype=dt, device="meta").as_subclass(_Probe)
     owner = {_sid(p): j for j, p in probes.items()}
-    by_j: dict[int, list] = {j: [] for j in probes}
+    by_j: dict[int, list | None] = {j: [] for j in probes}  # None: its loader raised
     try:
         writes = _probe_writes(model, [(names[j], p) for j, p in probes.items()])
         if any(w[0] not in owner for w in writes):  # from a tensor computed from a probe: whose is unknown
@@ -190,10 +190,10 @@ def direct_targets(model, names: list[str], dtypes: list, shapes: list, indices)
             try:
                 by_j[j] = _probe_writes(model, [(names[j], p)])
             except Exception:  # noqa: BLE001 (this tensor is loaded the usual way)
-                by_j[j] = [None, None]
+                by_j[j] = None
     out: dict[int, torch.Tensor] = {}
     for j, writes in by_j.items():
-        if len(writes) != 1 or writes[0] is None or writes[0][1] is None:
+        if writes is None or len(writes) != 1 or writes[0][1] is None:  # raised; none or several writes; in place
             continue
         _, dst, src = writes[0]
         probe = probes[j]
@@ -293,6 +293,7 @@ def update_from_distributed(original, manager, recv_req):
         group = _group(target, recv_req.group_name)
         counts, direct_min = parse_plan(recv_req.load_format)
         plan = bucket_spans(recv_req.dtypes, recv_req.shapes, counts)
+        cuts = [segments(spans, direct_min) for spans in plan]  # each bucket's broadcasts
         sizes = [spans[-1][4] for spans in plan]
         buf = torch.empty(max(sizes), dtype=torch.uint8, device=target.device)  # SGLang's own receive size
     except Exception as e:  # noqa: BLE001 (answered to the caller, never raised into the scheduler)
@@ -302,8 +303,7 @@ def update_from_distributed(original, manager, recv_req):
 
     def buckets():
         # runs inside the session: the parameters asked for are the ones this sync loads into
-        solo = [seg[0][0] for spans in plan for seg in segments(spans, direct_min) if len(seg) == 1
-                and seg[0][4] - seg[0][3] >= direct_min]
+        solo = [seg[0][0] for segs in cuts for seg in segs if len(seg) == 1 and seg[0][4] - seg[0][3] >= direct_min]
         try:
             # one model only (a tensor received into the target's parameter would never reach a draft model),
             # and not quantized (its loaders keep state across shards that a probe must not disturb)
@@ -317,13 +317,13 @@ def update_from_distributed(original, manager, recv_req):
         # the receive buffer as a ring: bucket k+1 is received (gloo's background thread) while the caller
         # loads bucket k where it fits beside it, else k is loaded first
         pending = None
-        for spans, (start, clear) in zip(plan, ring_starts(sizes, buf.numel())):
+        for spans, segs, (start, clear) in zip(plan, cuts, ring_starts(sizes, buf.numel())):
             if pending is not None and not clear:
                 yield pending
                 pending = None
             flat = buf[start:start + spans[-1][4]]
             works, loads = [], []
-            for seg in segments(spans, direct_min):
+            for seg in segs:
                 into = direct.get(seg[0][0]) if len(seg) == 1 else None
                 if into is not None:
                     received_direct.append(seg[0][4] - seg[0][3])
